@@ -1,0 +1,354 @@
+"""Pure-functional Flax (linen) decoder for the Qwen2 / Qwen3 / Llama 3 families.
+
+The model is `(config, params)`: `params` is a plain pytree of arrays, `apply` a pure function. Layers
+are stacked with `nn.scan`, so every layer parameter has a leading `layers` axis and a 28-layer model
+compiles like a 1-layer one. Every parameter carries logical axis names (see `param_logical_axes`) that
+`rwml_jax.sharding` maps onto a device mesh.
+
+Shapes: B batch, T new tokens, S key/value slots, E hidden, H query heads, K key/value heads,
+G = H / K query heads per kv head, D head_dim, F SwiGLU width, V vocabulary, L layers.
+
+KV cache (for the sampler): a dict
+    k, v:  [L, B, S, K, D]   cached keys / values (`cache_dtype`)
+    mask:  [B, S] bool       which slots hold a real (non-pad) token
+    pos:   [B] int32         RoPE position the next real token of each row gets
+    index: [] int32          the first free slot (all rows advance together)
+`apply` writes the T new tokens into slots [index, index + T) and returns the updated cache. The cache
+is carried through the layer scan and updated with `dynamic_update_slice`, so XLA updates it in place
+when the caller donates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.rope import apply_rope, rope_tables
+
+Params = Any  # nested dict of jax.Array
+Cache = dict[str, jax.Array]
+
+_NEG_INF = -1e30
+_KERNEL_INIT = nn.initializers.normal(0.02)
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, accumulated in float32, returned in `x.dtype`."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            _dtype(self.config.param_dtype),
+        )
+        return rms_norm(x, scale, self.config.rms_norm_eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
+
+    config: ModelConfig
+
+    def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...], bias: bool):
+        c = self.config
+        kernel = self.param(
+            f"{name}_kernel", nn.with_logical_partitioning(_KERNEL_INIT, axes), shape, _dtype(c.param_dtype)
+        )
+        b = None
+        if bias:
+            out_axes = axes[1:] if name != "o" else axes[-1:]
+            out_shape = shape[1:] if name != "o" else shape[-1:]
+            b = self.param(
+                f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), out_shape,
+                _dtype(c.param_dtype),
+            )
+        return kernel, b
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, k_cache, v_cache, layer, index):
+        """x [B, T, E] -> ([B, T, E], k_cache, v_cache).
+
+        allowed: [B, T, S] bool, which key slots each query may attend to.
+        k_cache, v_cache: [L, B, S, K, D] or None (no cache: S == T and keys are this call's tokens).
+        """
+        c = self.config
+        cdt = _dtype(c.compute_dtype)
+        E, H, K, D = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        wq, bq = self._proj("q", (E, H, D), ("embed", "q_heads", "head_dim"), c.qkv_bias)
+        wk, bk = self._proj("k", (E, K, D), ("embed", "kv_heads", "head_dim"), c.qkv_bias)
+        wv, bv = self._proj("v", (E, K, D), ("embed", "kv_heads", "head_dim"), c.qkv_bias)
+        wo, bo = self._proj("o", (H, D, E), ("q_heads", "head_dim", "embed"), c.o_bias)
+
+        def dense(w, b, spec):
+            y = jnp.einsum(spec, x, w.astype(cdt))
+            return y if b is None else y + b.astype(cdt)
+
+        q = dense(wq, bq, "bte,ehd->bthd")
+        k = dense(wk, bk, "bte,ekd->btkd")
+        v = dense(wv, bv, "bte,ekd->btkd")
+        if c.qk_norm:
+            q = RMSNorm(c, axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(c, axis_name="head_dim", name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        if k_cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, index, zero, zero)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            k = k_cache[layer].astype(cdt)
+            v = v_cache[layer].astype(cdt)
+
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, H // K, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (D**-0.5)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+        y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+        if bo is not None:
+            y = y + bo.astype(cdt)
+        return y, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        cdt, pdt = _dtype(c.compute_dtype), _dtype(c.param_dtype)
+        E, F = c.hidden_size, c.intermediate_size
+
+        def dense(name, inp, shape, axes):
+            w = self.param(f"{name}_kernel", nn.with_logical_partitioning(_KERNEL_INIT, axes), shape, pdt)
+            y = inp @ w.astype(cdt)
+            if c.mlp_bias:
+                b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                               shape[1:], pdt)
+                y = y + b.astype(cdt)
+            return y
+
+        gate = dense("gate", x, (E, F), ("embed", "mlp"))
+        up = dense("up", x, (E, F), ("embed", "mlp"))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense("down", h, (F, E), ("mlp", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block; the scan body. carry = (x, k_cache, v_cache, layer)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, allowed, index):
+        x, k_cache, v_cache, layer = carry
+        c = self.config
+        h, k_cache, v_cache = Attention(c, name="attn")(
+            RMSNorm(c, name="input_norm")(x), cos, sin, allowed, k_cache, v_cache, layer, index
+        )
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return (x, k_cache, v_cache, layer + 1), None
+
+
+class Decoder(nn.Module):
+    """Token ids -> final-norm hidden states [B, T, E] (and the updated KV cache)."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed = self.param(
+            "embed",
+            nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            _dtype(c.param_dtype),
+        )
+        layer_cls = DecoderLayer
+        if c.remat != "none":
+            policy = None if c.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
+        self.layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        self.final_norm = RMSNorm(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size),
+                _dtype(c.param_dtype),
+            )
+
+    def __call__(self, input_ids, positions, allowed, k_cache, v_cache, index):
+        c = self.config
+        x = jnp.take(self.embed, input_ids, axis=0).astype(_dtype(c.compute_dtype))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = rope_tables(c, positions)
+        (x, k_cache, v_cache, _), _ = self.layers(
+            (x, k_cache, v_cache, jnp.zeros((), jnp.int32)), cos, sin, allowed, index
+        )
+        return self.final_norm(x), k_cache, v_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden [..., E] -> float32 logits [..., V]."""
+        c = self.config
+        cdt = _dtype(c.compute_dtype)
+        w = self.embed.T if c.tie_word_embeddings else self.lm_head
+        return jnp.matmul(hidden.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functional API
+# ---------------------------------------------------------------------------------------------------
+
+def _module(config: ModelConfig) -> Decoder:
+    return Decoder(config)
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
+    """RoPE positions [B, T] int32 that skip padding: the n-th real token of a row gets start + n."""
+    mask = attention_mask.astype(jnp.int32)
+    pos = jnp.cumsum(mask, axis=-1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms, zero biases) as a plain pytree."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = _module(config).init(rng, ids, ids, jnp.ones((1, 1, 1), bool), None, None, jnp.zeros((), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> Params:
+    """Pytree matching `params` whose leaves are `jax.sharding.PartitionSpec`s of logical axis names."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda r: _module(config).init(
+            r, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool),
+            None, None, jnp.zeros((), jnp.int32),
+        ),
+        jax.random.key(0),
+    )
+    del ids
+    return nn.get_partition_spec(abstract["params"])
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """Pytree of `jax.ShapeDtypeStruct` for the parameters, without allocating them."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.dtype | None = None) -> Cache:
+    """An empty KV cache with `max_len` slots per row (see module docstring for the layout)."""
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return dict(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, max_len), bool),
+        pos=jnp.zeros((batch,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def apply(
+    config: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    cache: Cache | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Cache | None]:
+    """Run the decoder on `input_ids` [B, T].
+
+    attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). Defaults to all ones.
+    positions: [B, T] RoPE positions; by default the count of real tokens before each one (plus the
+      cache's `pos` when a cache is given), so left-padded rows start at position 0.
+    cache: a KV cache from `init_cache`; the new tokens go to slots [index, index + T).
+    Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`;
+    the updated cache or None).
+    """
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), bool)
+    attention_mask = attention_mask.astype(bool)
+    model = _module(config)
+    if cache is None:
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        slot = jnp.arange(T)
+        allowed = (slot[None, :] <= slot[:, None])[None] & attention_mask[:, None, :]
+        k_cache = v_cache = None
+        index = jnp.zeros((), jnp.int32)
+    else:
+        index = cache["index"]
+        if positions is None:
+            positions = positions_from_mask(attention_mask, cache["pos"])
+        kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (jnp.zeros((), jnp.int32), index))
+        S = kv_mask.shape[1]
+        q_slot = index + jnp.arange(T)
+        allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
+        k_cache, v_cache = cache["k"], cache["v"]
+
+    hidden, k_cache, v_cache = model.apply(
+        {"params": params}, input_ids, positions, allowed, k_cache, v_cache, index
+    )
+    new_cache = None
+    if cache is not None:
+        new_cache = dict(
+            k=k_cache,
+            v=v_cache,
+            mask=kv_mask,
+            pos=cache["pos"] + attention_mask.sum(-1, dtype=jnp.int32),
+            index=index + T,
+        )
+    if return_hidden:
+        return hidden, new_cache
+    return lm_logits(config, params, hidden), new_cache
+
+
+def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Final-norm hidden states [..., E] -> float32 logits [..., V] (tied or untied head)."""
+    return _module(config).apply({"params": params}, hidden, method=Decoder.logits)
+
+
+def forward(
+    config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Logits [B, T, V] (float32) for a right- or left-padded batch; see `apply`."""
+    logits, _ = apply(config, params, jnp.asarray(input_ids), None if attention_mask is None else jnp.asarray(attention_mask))
+    return logits

@@ -1,0 +1,264 @@
+"""Hugging Face checkpoint folders <-> decoder parameter pytrees, without torch.
+
+`load_pretrained` reads `config.json` and `model.safetensors` (or the shards listed in
+`model.safetensors.index.json`) through memory maps and places each parameter directly into its
+sharding: with a mesh, every device receives only its own slice, so a checkpoint is never fully
+materialised on one device. `save_pretrained` writes a folder `transformers.AutoModelForCausalLM`
+loads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwml_jax.models import decoder
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.safetensors_io import SafetensorsFile, save_file
+
+# One entry per parameter leaf: (path in the params pytree, HF name template ({i} = layer), to_ours,
+# to_hf). to_ours maps the HF tensor of one layer to our layout; to_hf is its inverse.
+Converter = Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+def _t(x: np.ndarray, c: ModelConfig) -> np.ndarray:
+    return x.T
+
+
+def _heads(n_attr: str) -> tuple[Converter, Converter]:
+    """[n*D, E] (torch Linear) <-> [E, n, D]."""
+
+    def to_ours(x, c):
+        return x.T.reshape(c.hidden_size, getattr(c, n_attr), c.head_dim)
+
+    def to_hf(x, c):
+        return x.reshape(c.hidden_size, -1).T
+
+    return to_ours, to_hf
+
+
+def _head_bias(n_attr: str) -> tuple[Converter, Converter]:
+    return (lambda x, c: x.reshape(getattr(c, n_attr), c.head_dim)), (lambda x, c: x.reshape(-1))
+
+
+def _o_proj() -> tuple[Converter, Converter]:
+    """[E, H*D] <-> [H, D, E]."""
+    return (
+        lambda x, c: x.T.reshape(c.num_attention_heads, c.head_dim, c.hidden_size),
+        lambda x, c: x.reshape(-1, c.hidden_size).T,
+    )
+
+
+_ID: tuple[Converter, Converter] = (lambda x, c: x, lambda x, c: x)
+_T: tuple[Converter, Converter] = (_t, _t)
+
+_LAYER = "model.layers.{i}."
+_TABLE: list[tuple[tuple[str, ...], str, tuple[Converter, Converter]]] = [
+    (("embed",), "model.embed_tokens.weight", _ID),
+    (("final_norm", "scale"), "model.norm.weight", _ID),
+    (("lm_head",), "lm_head.weight", _T),
+    (("layers", "input_norm", "scale"), _LAYER + "input_layernorm.weight", _ID),
+    (("layers", "post_attention_norm", "scale"), _LAYER + "post_attention_layernorm.weight", _ID),
+    (("layers", "attn", "q_kernel"), _LAYER + "self_attn.q_proj.weight", _heads("num_attention_heads")),
+    (("layers", "attn", "k_kernel"), _LAYER + "self_attn.k_proj.weight", _heads("num_key_value_heads")),
+    (("layers", "attn", "v_kernel"), _LAYER + "self_attn.v_proj.weight", _heads("num_key_value_heads")),
+    (("layers", "attn", "o_kernel"), _LAYER + "self_attn.o_proj.weight", _o_proj()),
+    (("layers", "attn", "q_bias"), _LAYER + "self_attn.q_proj.bias", _head_bias("num_attention_heads")),
+    (("layers", "attn", "k_bias"), _LAYER + "self_attn.k_proj.bias", _head_bias("num_key_value_heads")),
+    (("layers", "attn", "v_bias"), _LAYER + "self_attn.v_proj.bias", _head_bias("num_key_value_heads")),
+    (("layers", "attn", "o_bias"), _LAYER + "self_attn.o_proj.bias", _ID),
+    (("layers", "attn", "q_norm", "scale"), _LAYER + "self_attn.q_norm.weight", _ID),
+    (("layers", "attn", "k_norm", "scale"), _LAYER + "self_attn.k_norm.weight", _ID),
+    (("layers", "mlp", "gate_kernel"), _LAYER + "mlp.gate_proj.weight", _T),
+    (("layers", "mlp", "up_kernel"), _LAYER + "mlp.up_proj.weight", _T),
+    (("layers", "mlp", "down_kernel"), _LAYER + "mlp.down_proj.weight", _T),
+    (("layers", "mlp", "gate_bias"), _LAYER + "mlp.gate_proj.bias", _ID),
+    (("layers", "mlp", "up_bias"), _LAYER + "mlp.up_proj.bias", _ID),
+    (("layers", "mlp", "down_bias"), _LAYER + "mlp.down_proj.bias", _ID),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing a tensor, or a tensor has the wrong shape."""
+
+
+def _leaf_paths(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield tuple(k.key for k in path), leaf
+
+
+def _entries(config: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[Converter, Converter], Any]]:
+    """The table rows that exist for this config, with the expected ShapeDtypeStruct of each leaf."""
+    shapes = dict(_leaf_paths(decoder.param_shapes(config)))
+    rows = [(p, n, conv, shapes[p]) for p, n, conv in _TABLE if p in shapes]
+    missing = set(shapes) - {r[0] for r in rows}
+    assert not missing, f"no HF name for parameters {missing}"
+    return rows
+
+
+class _TensorIndex:
+    """Name -> array lookup across the single file or all shards of a checkpoint folder."""
+
+    def __init__(self, path: str):
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
+            self._where = {name: files[fn] for name, fn in weight_map.items()}
+        elif os.path.isfile(single):
+            f = SafetensorsFile(single)
+            self._where = {name: f for name in f}
+        else:
+            found = sorted(os.listdir(path))
+            raise FileNotFoundError(
+                f"no weights in {path!r}: expected model.safetensors or model.safetensors.index.json "
+                f"(found: {', '.join(found) or 'nothing'}); PyTorch .bin checkpoints are not read, convert "
+                "them with transformers' save_pretrained(safe_serialization=True)"
+            )
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        return self._where[name][name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    compute_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    **config_overrides: Any,
+) -> tuple[ModelConfig, Any]:
+    """Load an HF decoder folder -> (config, params).
+
+    dtype: the parameter dtype ("float32", "bfloat16", "float16"). compute_dtype: matmul dtype
+    (defaults to `dtype`). mesh / rules: place every parameter directly into its sharding on `mesh`
+    (rules default to `rwml_jax.sharding.DEFAULT_RULES`); without a mesh, parameters go to the default
+    device. Extra keyword arguments override config fields (e.g. remat="full").
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model path {path!r} is not a folder; expected a Hugging Face model folder with config.json and "
+            "*.safetensors (on a machine with internet: `huggingface-cli download Qwen/Qwen3-0.6B --local-dir DIR`)"
+        )
+    config = ModelConfig.from_pretrained(
+        path, param_dtype=dtype, compute_dtype=compute_dtype or dtype, **config_overrides
+    )
+    tensors = _TensorIndex(path)
+    shardings = None
+    if mesh is not None:
+        from rwml_jax import sharding as sh
+
+        shardings = dict(_leaf_paths(sh.param_shardings(config, mesh, rules or sh.DEFAULT_RULES)))
+    target = np.dtype(jnp.dtype(dtype))
+
+    leaves: dict[tuple[str, ...], jax.Array] = {}
+    for p, name, conv, spec in _entries(config):
+        if p[0] == "layers":
+            per_layer = []
+            for i in range(config.num_hidden_layers):
+                per_layer.append(_convert(tensors, name.format(i=i), conv, config, spec.shape[1:]))
+            host = np.stack(per_layer)
+        else:
+            host = _convert(tensors, name, conv, config, spec.shape)
+        host = host.astype(target, copy=False)
+        if shardings is not None:
+            leaves[p] = jax.make_array_from_callback(host.shape, shardings[p], lambda idx, h=host: h[idx])
+        else:
+            leaves[p] = jnp.asarray(host)
+    return config, _unflatten(leaves)
+
+
+def _convert(tensors: _TensorIndex, name: str, conv: tuple[Converter, Converter], config: ModelConfig,
+             shape: tuple[int, ...]) -> np.ndarray:
+    """Read HF tensor `name` and map it to our layout, checking it against the expected `shape`."""
+    to_ours, to_hf = conv
+    raw = np.asarray(tensors.get(name))
+    try:
+        x = to_ours(raw, config)
+    except ValueError:
+        x = None
+    if x is None or x.shape != tuple(shape):
+        expected = tuple(to_hf(np.zeros(shape, np.float32), config).shape)
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(raw.shape)}, but config.json implies {expected}")
+    return x
+
+
+def _unflatten(leaves: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in leaves.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def save_pretrained(
+    config: ModelConfig,
+    params: Any,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 4 << 30,
+    tokenizer: Any = None,
+) -> None:
+    """Write `params` as an HF folder (config.json + safetensors, sharded above `max_shard_bytes`).
+
+    Parameters are fetched to the host one at a time (multi-host arrays must be fully addressable or
+    gathered first). The files are written under temporary names and renamed into place, so a crash
+    never leaves a half-written checkpoint that looks complete.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    flat = dict(_leaf_paths(params))
+    out: dict[str, np.ndarray] = {}
+    for p, name, (_, to_hf), _spec in _entries(config):
+        host = np.asarray(jax.device_get(flat[p]))
+        if p[0] == "layers":
+            for i in range(config.num_hidden_layers):
+                out[name.format(i=i)] = np.ascontiguousarray(to_hf(host[i], config))
+        else:
+            out[name] = np.ascontiguousarray(to_hf(host, config))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in out.items():
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"))
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, fn))
+            weight_map.update({name: fn for name in shard})
+        total = sum(a.nbytes for a in out.values())
+        _write_json(os.path.join(path, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(path, "config.json"), config.to_hf_dict())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

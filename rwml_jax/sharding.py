@@ -1,0 +1,136 @@
+"""Device mesh, logical-axis rules and multi-host start-up.
+
+Sharding is data, not code: parameters and activations carry logical axis names ("embed", "mlp",
+"q_heads", "vocab", "layers", "activation_batch", ...), and a rules table maps each to mesh axes. The
+mesh always has the three axes ("data", "fsdp", "tensor"); a size-1 axis costs nothing, so the same
+rules serve one CPU, 8 forced CPU devices, a GPU and a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes, or None = replicated). Parameters shard their "embed" dimension
+# over fsdp (ZeRO-3 style) and head / mlp / vocab dimensions over tensor; activations shard the batch
+# over data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+) -> bool:
+    """Call `jax.distributed.initialize` when asked to by arguments or the environment.
+
+    Explicit arguments win; otherwise RWML_COORDINATOR / RWML_NUM_PROCESSES / RWML_PROCESS_ID are read.
+    On TPU pods and SLURM/GPU clusters JAX auto-detects everything: set RWML_DISTRIBUTED=1 there.
+    Returns True when JAX runs multi-process afterwards.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("RWML_COORDINATOR")
+    if num_processes is None and "RWML_NUM_PROCESSES" in env:
+        num_processes = int(env["RWML_NUM_PROCESSES"])
+    if process_id is None and "RWML_PROCESS_ID" in env:
+        process_id = int(env["RWML_PROCESS_ID"])
+    auto = env.get("RWML_DISTRIBUTED") == "1"
+    if coordinator_address is None and not auto:
+        return False
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    kwargs: dict[str, Any] = {}
+    if coordinator_address is not None:
+        kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    if local_device_ids is not None:
+        kwargs["local_device_ids"] = list(local_device_ids)
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (all devices by default).
+
+    One axis may be -1: it takes whatever the others leave. Raises ValueError naming the sizes when the
+    product does not match the device count.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if len(devices) % rest:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} devices, "
+            f"but {len(devices)} are available"
+        )
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # CPU / odd topologies: plain order is fine
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_sharding(logical: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical, mesh, list(rules))
+
+
+def named(mesh: Mesh, *axes: Any) -> NamedSharding:
+    """Shorthand: NamedSharding(mesh, PartitionSpec(*axes))."""
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(config: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a decoder's parameters (see `rwml_jax.models.decoder.param_logical_axes`)."""
+    from rwml_jax.models.decoder import param_logical_axes
+
+    return logical_to_sharding(param_logical_axes(config), mesh, rules)
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """Context manager that activates the rules for `nn.with_logical_constraint` inside traced code."""
+    return nn.logical_axis_rules(list(rules))
