@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.triplets.val_fraction = 0.1  # validation split (paper: 10 %; trains the filter, held-out reward)
     c.triplets.mask_tool_schema = True  # τ²: replace tool-response JSON by its schema
     c.triplets.seed = 0  # split seed
+    c.triplets.split_by = "triplet"  # "triplet" (paper: 10 % of triplets) | "task" (whole tasks on one side, no leakage)
 
     # ---- stage: filter (easy-sample filtering) --------------------------------------------------------
     c.filter = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ import sys
 
 # (subcommand module, one-line help). Order is the order `--help` lists them in.
 SUBCOMMANDS: list[str] = [
+    "rwml_jax.cli_run",
     "rwml_jax.cli_generate",
     "rwml_jax.envs.cli",
 ]

@@ -310,8 +310,8 @@ def coerce_value(key: str, raw: str | None, current: Any) -> Any:
         if isinstance(current, bool):
             return True
         raise ConfigError(f"config override --config.{key} needs a value (--config.{key}=VALUE)")
-    if raw.strip().lower() in _NONE:
-        return None
+    if raw.strip().lower() in _NONE and not isinstance(current, str):
+        return None  # a string field keeps the text: "none" is a valid value of e.g. model.remat
     if isinstance(current, bool):
         return _coerce_scalar(key, raw, bool)
     if isinstance(current, int):
@@ -542,6 +542,7 @@ def validate_config(config: ConfigDict) -> None:
     c.positive_int("filter.max_new_tokens")
     c.number("filter.top_p", lo=0.0, hi=1.0, lo_open=True)
     c.positive_int("filter.batch_prompts")
+    c.one_of("triplets.split_by", ("triplet", "task"))
     # rewards
     c.one_of("rewards.kind", REWARD_KINDS)
     c.number("rewards.threshold_observation", lo=0.0, hi=2.0, lo_open=True)

@@ -1,0 +1,110 @@
+"""Stage 1, `collect`: the policy rolls out N trajectories per training task in the real environment.
+
+All live episodes are generated together each turn (batched multi-turn generation) while the
+environments step in worker processes. Output: `collect/trajectories.jsonl` (one `Trajectory` per
+line, with provenance: model, config hash, seed) and the rollout statistics in DONE.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from rwml_jax.envs.base import TaskSpec
+from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.stage_io import Stage, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict[str, Any]]:
+    """(tasks, env factory import path, factory kwargs) for the recipe's environment and split."""
+    c = rt.config
+    e = c.env
+    if e.name == "alfworld":
+        from rwml_jax.envs.alfworld_data import list_games
+
+        data_dir = e.data_dir
+        if data_dir == "generated":
+            from rwml_jax.envs.alfworld_gen import generate_games
+
+            data_dir = os.fspath(stage.file("games"))
+            if not os.path.exists(os.path.join(data_dir, "generation.json")):
+                generate_games(data_dir, e.num_generated_games, seed=c.seed,
+                               task_types=list(e.task_types) or None)
+        games = list_games(data_dir or None, e.split, tuple(e.task_types) or None)
+        ids = [g.task_id for g in games]
+        kwargs = {"data_dir": data_dir or None, "max_steps": e.max_steps}
+        factory = "rwml_jax.envs.alfworld_env:AlfworldEnv"
+        tasks = [TaskSpec("alfworld", e.split, t, seed=c.seed) for t in ids]
+    elif e.name == "tau2":
+        from rwml_jax.envs.tau2_env import list_task_ids
+
+        tasks = [TaskSpec("tau2", e.split, t, seed=c.seed, options=(("domain", d),))
+                 for d in e.domains for t in list_task_ids(d, e.split)]
+        factory = "rwml_jax.train.stages.collect:make_tau2_env"
+        kwargs = {"user": e.user, "max_steps": e.max_steps}
+    else:
+        raise ValueError(f"unknown env.name {e.name!r}; expected 'alfworld' or 'tau2'")
+    if c.collect.num_tasks >= 0 and c.collect.num_tasks < len(tasks):
+        pick = np.random.default_rng(c.seed).choice(len(tasks), c.collect.num_tasks, replace=False)
+        tasks = [tasks[i] for i in sorted(pick)]
+    if not tasks:
+        raise ValueError(f"no training tasks found for env {e.name!r} (split {e.split!r}, data_dir {e.data_dir!r})")
+    return tasks, factory, kwargs
+
+
+def make_tau2_env(user: str, max_steps: int):
+    """τ² env factory for worker processes. user: "litellm:<model>" (the official simulator)."""
+    from rwml_jax.envs.tau2_env import Tau2Env
+    from rwml_jax.envs.tau2_users import LiteLLMUser
+
+    if user.startswith("litellm:"):
+        return Tau2Env(LiteLLMUser(model=user.split(":", 1)[1]), max_steps=max_steps)
+    raise ValueError(
+        f"env.user={user!r}: the collect stage drives τ² users in worker processes and supports "
+        "'litellm:<model>' there; a local-model or scripted user is used through rwml_jax.agent.rollout directly"
+    )
+
+
+def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
+    from rwml_jax.agent.rollout import rollout
+    from rwml_jax.config import config_hash, config_to_dict
+    from rwml_jax.envs.pool import EnvPool
+    from rwml_jax.train.metrics_log import progress
+    from rwml_jax.train.policy import PolicySampler
+
+    c = rt.config
+    stage = Stage(rt.work_dir, "collect")
+    if stage.begin(c, force=force) == "done":
+        return stage.read_done().get("summary", {})
+    tasks, factory, kwargs = training_tasks(rt, stage)
+    source = rt.policy_source()
+    model_config, params = rt.load_model(source)
+    policy = PolicySampler(model_config, rt.tokenizer(), rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,
+                           max_new_tokens=c.collect.max_new_tokens)
+    n_eps = len(tasks) * c.collect.trajectories_per_task
+    width = max(1, min(c.collect.max_live_episodes, n_eps))
+    workers = min(width, c.env.num_workers or os.cpu_count() or 1)
+    bar = progress(None, "collect", unit="turn")
+    with EnvPool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
+                 step_timeout=c.env.step_timeout_s) as pool:
+        result = rollout(
+            pool, tasks, policy.generate_fn(params, temperature=c.collect.temperature, top_p=c.collect.top_p, seed=c.seed),
+            trajectories_per_task=c.collect.trajectories_per_task, history_length=c.collect.history_length,
+            max_turns=c.env.max_steps, record_prompts=c.env.name == "alfworld",
+            provenance={"model": source, "config_hash": config_hash(config_to_dict(c)), "seed": c.seed, "stage": "collect"},
+            on_turn=lambda stats, live: (bar.update(1), bar.set_postfix(live=live, success=f"{stats.success_rate:.2f}")),
+        )
+    bar.close()
+    if result.stats.crashed == result.stats.episodes:
+        errors = sorted({t.error for t in result.trajectories if t.error})
+        raise RuntimeError(f"collect: every one of the {result.stats.episodes} episodes crashed; first errors: {errors[:3]}")
+    write_jsonl(stage.file("trajectories.jsonl"), [t.to_dict() for t in result.trajectories])
+    summary = {"tasks": len(tasks), **result.stats.as_dict()}
+    stage.finish(c, summary=summary, outputs=["trajectories.jsonl"])
+    log.info("collect: %s", summary)
+    return summary

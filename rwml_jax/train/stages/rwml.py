@@ -1,0 +1,185 @@
+"""Stage 4, `rwml`: world-model GRPO with the sim-to-real reward (the paper's method).
+
+Each step takes `batch_prompts` filtered triplets in the cursor's order, samples G predictions of each
+with the current policy, scores them against the realised next states (embedded once per dataset and
+cached on disk), and applies one GRPO update with group-normalised advantages, the clipped ratio
+against the sampler's log-probs and a k3 KL to the start model. Every `eval_every` steps (and at step 0
+and the end) the held-out world-model reward is measured on the validation split. Checkpoints hold the
+train state, the data cursor and the RNG; `eval.jsonl`, `metrics.jsonl` and tensorboard are cut back to
+the restored step on resume. Output: `rwml/model` (HF folder), `rwml/eval.jsonl`, `rwml/reward_curve.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def eval_subset(rt: Runtime, size: int):
+    """The validation triplets of the held-out reward (a fixed, seeded subset when `size` >= 0)."""
+    from rwml_jax.train.stages.triplets import load_split
+
+    val = load_split(rt, "val")
+    if 0 <= size < len(val):
+        pick = np.random.default_rng(rt.config.seed + 17).choice(len(val), size, replace=False)
+        val = [val[i] for i in sorted(pick)]
+    return val
+
+
+class Evaluator:
+    """Held-out reward of a stage's model, appended to `<stage>/eval.jsonl` and logged."""
+
+    def __init__(self, rt: Runtime, stage: Stage, policy: Any, logger: Any, section: Any):
+        from rwml_jax.train.wm_eval import reward_config
+
+        self.rt, self.stage, self.policy, self.logger, self.section = rt, stage, policy, logger, section
+        self.val = eval_subset(rt, section.eval_size)
+        self.cfg = reward_config(rt.config)
+        self.path = stage.file("eval.jsonl")
+
+    def records(self, upto: int | None = None) -> list[dict[str, Any]]:
+        recs = read_jsonl(self.path) if self.path.exists() else []
+        return [r for r in recs if upto is None or r["step"] <= upto]
+
+    def truncate(self, step: int) -> None:
+        if self.path.exists():
+            write_jsonl(self.path, self.records(step))
+
+    def __call__(self, step: int, params: Any) -> dict[str, Any]:
+        from rwml_jax.train.wm_eval import evaluate
+
+        s = self.section
+        res = evaluate(self.policy, params, self.val, self.rt.embedder, self.cfg, samples=s.eval_samples,
+                       temperature=s.eval_temperature, seed=self.rt.config.seed,
+                       num_examples=self.rt.config.logging.num_sample_texts)
+        examples = res.pop("examples")
+        append_jsonl(self.path, [{"step": step, **res}])
+        self.logger.scalars(step, {k: v for k, v in res.items() if isinstance(v, float)}, prefix="eval/")
+        if examples:
+            self.logger.samples_table(step, "eval/predictions", examples)
+        log.info("%s step %d: held-out world-model reward %.3f (unparsable %.2f)", self.stage.name, step,
+                 res["mean_reward"], res["unparsable"])
+        return res
+
+
+def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
+    from rwml_jax.models.hf_io import save_pretrained
+    from rwml_jax.rl.batch import pack, with_grpo_fields
+    from rwml_jax.rl.grpo import group_advantages
+    from rwml_jax.rl.train_state import OptimizerConfig
+    from rwml_jax.rl.update import GRPOConfig, make_grpo_step
+    from rwml_jax.rwml.embed_cache import EmbeddingCache
+    from rwml_jax.rwml.rewards import compute_rewards
+    from rwml_jax.rwml.wm_prompts import wm_messages
+    from rwml_jax.train.encode import round_up
+    from rwml_jax.train.loop import TrainLoop, host_scalars, num_steps
+    from rwml_jax.train.metrics_log import MetricsLogger, progress
+    from rwml_jax.train.plots import plot_reward_curve
+    from rwml_jax.train.policy import PolicySampler
+    from rwml_jax.train.stages.filter import final_train_set
+    from rwml_jax.train.wm_eval import pad_logprobs, reward_config
+
+    c = rt.config
+    r = c.rwml
+    G = r.group_size
+    stage = Stage(rt.work_dir, "rwml")
+    if stage.begin(c, force=force) == "done":
+        return stage.read_done().get("summary", {})
+    train = final_train_set(rt)
+    source = rt.policy_source()
+    model_config, start_params = rt.load_model(source)
+    tokenizer = rt.tokenizer()
+    policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=r.max_prompt_tokens,
+                           max_new_tokens=r.max_new_tokens)
+    cfg = reward_config(c)
+    realized = EmbeddingCache.beside(rt.work_dir / "triplets", rt.embedder)
+    realized.warm([t.next_state for t in train])
+
+    total = num_steps(len(train), r.batch_prompts, r.epochs, r.max_steps)
+    opt = OptimizerConfig(learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
+                          max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps)
+    loop = TrainLoop(stage.path, rt.mesh, model_config, opt, len(train), r.batch_prompts, total, c.seed,
+                     every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
+    grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
+                          kl_estimator=r.kl_estimator, loss_agg=r.loss_agg,
+                          micro_batch_size=r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
+    step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh)
+    ref_params = start_params if grpo_cfg.uses_reference else None
+
+    state, cursor, first = loop.start(lambda: start_params)
+    logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard, resume_step=first or None)
+    evaluator = Evaluator(rt, stage, policy, logger, r)
+    evaluator.truncate(first)
+    if first == 0:
+        evaluator(0, state.params)
+    bar = progress(total, "rwml", initial=first)
+    try:
+        for step, idx, key in loop.steps(cursor, first):
+            t0 = time.perf_counter()
+            batch_t = [train[i] for i in idx]
+            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+            prompt_ids, comps = policy.sample(state.params, [wm_messages(t) for t in batch_t], n=G,
+                                              temperature=r.temperature, top_p=r.top_p, seed=seed)
+            t_gen = time.perf_counter() - t0
+            flat = [x for cs in comps for x in cs]
+            realized_texts = [t.next_state for t in batch_t for _ in range(G)]
+            kinds = [t.kind for t in batch_t for _ in range(G)]
+            rb = compute_rewards([x.text for x in flat], realized_texts, kinds, rt.embedder, cfg,
+                                 realized_embeddings=realized.embed(realized_texts))
+            t_reward = time.perf_counter() - t0 - t_gen
+            adv = np.asarray(group_advantages(rb.rewards, G, normalize_std=r.normalize_std))
+            prompts = [p for p in prompt_ids for _ in range(G)]
+            c_len = r.max_new_tokens
+            batch = pack(prompts, [x.ids for x in flat], prompt_len=round_up(max(map(len, prompts)), 128),
+                         completion_len=c_len, layout="split", pad_id=tokenizer.pad_token_id)
+            batch = with_grpo_fields(batch, adv, pad_logprobs([x.logprobs for x in flat], c_len))
+            state, m = step_fn(state, batch, ref_params) if ref_params is not None else step_fn(state, batch)
+            metrics = host_scalars(m)
+            groups = rb.rewards.reshape(-1, G)
+            lengths = np.array([len(x.ids) for x in flat])
+            dt = time.perf_counter() - t0
+            metrics.update({
+                "reward_mean": float(rb.rewards.mean()), "reward_std": float(rb.rewards.std()),
+                "frac_groups_any_correct": float((groups.max(1) > 0).mean()),
+                "frac_groups_all_correct": float((groups.min(1) >= 1).mean()),
+                "frac_groups_no_signal": float((groups.std(1) == 0).mean()),
+                "unparsable": float(rb.stats["unparsable"] / rb.stats["n"]),
+                "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+                "tokens_per_s": float(lengths.sum() / max(t_gen, 1e-9)),
+                "time/generate_s": t_gen, "time/reward_s": t_reward, "time/step_s": dt,
+            })
+            if (step + 1) % c.logging.log_every == 0:
+                logger.scalars(step + 1, metrics, prefix="train/")
+            done = step + 1
+            if done % r.eval_every == 0 or done == total:
+                evaluator(done, state.params)
+            loop.maybe_save(done, state, cursor, force=done == total)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics.get('ref_kl', 0.0):.3f}")
+    finally:
+        bar.close()
+        loop.close()
+        logger.flush()
+
+    save_pretrained(model_config, state.params, stage.file("model"), tokenizer=tokenizer)
+    evals = evaluator.records()
+    plot_reward_curve(stage.file("reward_curve.png"),
+                      {"rwml": ([e["step"] for e in evals], [e["mean_reward"] for e in evals])},
+                      title=f"{c.name}: held-out world-model reward")
+    logger.close()
+    summary = {
+        "steps": total, "train_triplets": len(train), "eval_triplets": len(evaluator.val),
+        "reward_before": evals[0]["mean_reward"], "reward_after": evals[-1]["mean_reward"],
+        "eval_curve": [(e["step"], e["mean_reward"]) for e in evals],
+    }
+    stage.finish(c, summary=summary, outputs=["model/config.json", "eval.jsonl", "reward_curve.png"])
+    return summary

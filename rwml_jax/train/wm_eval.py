@@ -1,0 +1,85 @@
+"""World-model data and evaluation shared by the filter, RWML and WM-SFT stages.
+
+The held-out world-model reward is the mean sim-to-real reward (training thresholds) of the model's
+predictions on validation triplets, greedy by default, so numbers before and after a stage compare the
+same model outputs on the same states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rwml_jax.rwml.rewards import RewardConfig, compute_rewards
+from rwml_jax.rwml.triplets import Triplet
+from rwml_jax.rwml.wm_prompts import wm_messages, wm_sft_target
+from rwml_jax.train.encode import encode_completion
+from rwml_jax.train.sft_loop import Example, truncate_example
+
+
+def reward_config(config: Any, *, strict: bool = False) -> RewardConfig:
+    """The recipe's training thresholds, or the easy-sample filter's stricter ones (`strict`)."""
+    r = config.rewards
+    if strict:
+        return RewardConfig(threshold_observation=config.filter.threshold_observation,
+                            threshold_user_reply=config.filter.threshold_user_reply, rouge_grid=r.rouge_grid)
+    return RewardConfig(threshold_observation=r.threshold_observation, threshold_user_reply=r.threshold_user_reply,
+                        rouge_grid=r.rouge_grid)
+
+
+def sft_examples(policy: Any, triplets: Sequence[Triplet], max_new_tokens: int) -> list[Example]:
+    """Next-state SFT pairs: world-model prompt -> `<think> </think><next_state>s'</next_state>` + EOS."""
+    out = []
+    for t in triplets:
+        prompt = policy.encode(wm_messages(t))
+        target = encode_completion(policy.tokenizer, wm_sft_target(t.next_state), max_new_tokens)
+        out.append(truncate_example(prompt, target, policy.max_prompt_tokens + max_new_tokens))
+    return out
+
+
+def score(outputs: Sequence[str], triplets: Sequence[Triplet], embedder: Any, cfg: RewardConfig,
+          repeat: int = 1) -> Any:
+    """Rewards of `outputs` (len(triplets) * repeat, grouped by triplet) against the realised states."""
+    realized = [t.next_state for t in triplets for _ in range(repeat)]
+    kinds = [t.kind for t in triplets for _ in range(repeat)]
+    return compute_rewards(list(outputs), realized, kinds, embedder, cfg)
+
+
+def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: Any, cfg: RewardConfig, *,
+             samples: int = 1, temperature: float = 0.0, seed: int = 0, batch_prompts: int = 64,
+             num_examples: int = 0) -> dict[str, Any]:
+    """Held-out reward of `params` on `triplets`: {"mean_reward", "std", per-kind means, "unparsable",
+    "examples": up to `num_examples` (prompt state, action, prediction, real, reward) rows}."""
+    outputs: list[str] = []
+    for lo in range(0, len(triplets), batch_prompts):
+        chunk = triplets[lo:lo + batch_prompts]
+        _, comps = policy.sample(params, [wm_messages(t) for t in chunk], n=samples, temperature=temperature,
+                                 seed=seed + lo)
+        outputs.extend(c.text for cs in comps for c in cs)
+    rb = score(outputs, triplets, embedder, cfg, repeat=samples)
+    result: dict[str, Any] = {
+        "mean_reward": float(rb.rewards.mean()),
+        "std_reward": float(rb.rewards.std()),
+        "unparsable": float(rb.stats["unparsable"] / max(rb.stats["n"], 1)),
+        "n": len(triplets),
+    }
+    for k, v in rb.stats.items():
+        if k.endswith("/mean_reward"):
+            result[k] = v
+    rows = []
+    for i, t in enumerate(triplets[:num_examples]):
+        rows.append({"action": t.action, "real": t.next_state, "prediction": outputs[i * samples],
+                     "reward": float(rb.rewards[i * samples])})
+    result["examples"] = rows
+    return result
+
+
+def pad_logprobs(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Ragged per-token log-probs -> [len(rows), width] float32, zeros after each row's end."""
+    out = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        n = min(len(r), width)
+        out[i, :n] = r[:n]
+    return out
