@@ -150,6 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- stage: warmstart (CPU demo only: a from-scratch model learns the text format) ----------------
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.corpus = "walkthrough"  # what it trains on (see demo_cpu.py)
+    c.warmstart.probe_prob = 0.3  # chance of a plan-preserving side action before each expert step
     c.warmstart.num_games = 0  # generated games (disjoint from the collect tasks) the corpus comes from
     c.warmstart.tokenizer_vocab_size = 2048  # BPE tokenizer trained on the corpus (<= model vocab)
     c.warmstart.seq_len = 256  # tokens per training sequence

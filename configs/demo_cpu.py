@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.warmstart.num_games = 16
         c.warmstart.steps = 20
         c.warmstart.seq_len = 256
+        c.triplets.drop_invalid = False  # a 20-step warm start mostly emits invalid actions: keep them
         c.filter.num_samples = 2
         c.filter.max_new_tokens = 32
         c.filter.sft.epochs = 1

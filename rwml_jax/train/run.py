@@ -34,11 +34,16 @@ def run_stages(config: Any, stages: tuple[str, ...] | None = None, *, force: tup
     rt = Runtime(config)
     rt.work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, rt.work_dir / "config.json")
+    from rwml_jax.train.stage_io import Stage
+
     summaries: dict[str, Any] = {}
+    recomputed = False  # once a stage (re)computes its output, every later stage's output is stale
     for s in stages:
         t0 = time.time()
         log.info("== stage %s ==", s)
-        summaries[s] = stage_module(s).run(rt, force=s in force)
+        forced = s in force or (recomputed and Stage(rt.work_dir, s).is_done())
+        recomputed = recomputed or forced or not Stage(rt.work_dir, s).is_done()
+        summaries[s] = stage_module(s).run(rt, force=forced)
         log.info("stage %s finished in %.0f s: %s", s, time.time() - t0,
                  {k: v for k, v in summaries[s].items() if not isinstance(v, (list, dict))})
     return summaries

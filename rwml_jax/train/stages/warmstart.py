@@ -4,11 +4,12 @@ No pretrained weights can be downloaded on the demo machine, so this stage build
 paper takes from the hub:
 
 1. generates `warmstart.num_games` ALFWorld games (a seed disjoint from the collect games) and replays
-   their expert walkthroughs through the real engine (worker pool);
+   their expert walkthroughs through the real engine (worker pool), interleaving side actions that leave
+   the plan intact with probability `warmstart.probe_prob` (failed, looking and detour actions);
 2. trains a byte-level BPE tokenizer with a ChatML template on the replayed text and the prompts;
 3. trains a `model.preset` Qwen3-architecture model from random init, by SFT on two kinds of turns from
-   those walkthroughs: ReAct policy turns (prompt -> `<think> </think><action>a</action>`) and world-model
-   turns (world-model prompt -> `<think> </think><next_state>s'</next_state>`);
+   those replays: ReAct policy turns of the expert steps (prompt -> `<think> </think><action>a</action>`)
+   and world-model turns of every step (prompt -> `<think> </think><next_state>s'</next_state>`);
 4. saves it as a Hugging Face folder (`warmstart/model`) that every later stage loads like a hub model.
 """
 
@@ -37,11 +38,42 @@ log = logging.getLogger(__name__)
 WARMSTART_SEED_OFFSET = 10_007  # warm-start games never share a seed with the collect games
 
 
-def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, max_steps: int = 60) -> list[list[Transition]]:
-    """Play every game's walkthrough in lockstep through the worker pool -> transitions per game."""
+def _probe(rng: np.random.Generator, admissible: list[str], next_expert: str) -> str | None:
+    """A side action that leaves the expert plan intact, or None.
+
+    ALFWorld answers an inadmissible command with "Nothing happens." and an unchanged state, and
+    `look` / `inventory` / `examine` change nothing either; a `go to` is safe right before an expert
+    `go to` (which moves the agent anyway). These probes teach the world model what the expert never
+    shows: failed and exploratory actions, as a policy sampling at temperature 1 produces them.
+    """
+    kind = rng.integers(4)
+    if kind == 0:
+        objects = [c.split(" ", 1)[1] for c in admissible if c.startswith(("go to", "examine"))]
+        if objects:
+            verb = ["take", "open", "use", "heat", "cool", "clean"][rng.integers(6)]
+            return f"{verb} {objects[rng.integers(len(objects))]}"  # usually inadmissible: "Nothing happens."
+    if kind == 1:
+        safe = [c for c in admissible if c in ("look", "inventory") or c.startswith("examine")]
+        if safe:
+            return safe[rng.integers(len(safe))]
+    if kind == 2 and next_expert.startswith("go to"):
+        gos = [c for c in admissible if c.startswith("go to") and c != next_expert]
+        if gos:
+            return gos[rng.integers(len(gos))]
+    return None
+
+
+def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, max_steps: int = 80,
+                        probe_prob: float = 0.0, seed: int = 0) -> list[list[Transition]]:
+    """Play every game's walkthrough in lockstep through the worker pool -> transitions per game.
+
+    With `probe_prob` > 0, a side action (see `_probe`) is interleaved before an expert step with that
+    probability; probe transitions carry info["probe"] = True (world-model data, not policy targets).
+    """
     from rwml_jax.envs.alfworld_data import load_game_json, resolve_game
     from rwml_jax.envs.pool import EnvPool
 
+    rng = np.random.default_rng(seed)
     walks = [load_game_json(resolve_game(games_dir, "train", t).gamefile)["walkthrough"] for t in task_ids]
     episodes: list[list[Transition]] = []
     width = min(len(task_ids), 16)
@@ -51,23 +83,39 @@ def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, m
             chunk = list(range(lo, min(lo + width, len(task_ids))))
             tasks = [TaskSpec("alfworld", "train", task_ids[i]) for i in chunk]
             results = pool.reset(tasks + [None] * (width - len(chunk)))
+            task_text = [task_sentence(r.observation) for r in results[: len(chunk)]]
             obs = [r.observation for r in results[: len(chunk)]]
             infos = [r.info for r in results[: len(chunk)]]
             trs: list[list[Transition]] = [[] for _ in chunk]
-            for t in range(max(len(walks[i]) for i in chunk)):
-                actions = [walks[i][t] if t < len(walks[i]) else None for i in chunk]
+            cursor = [0] * len(chunk)
+            finished = [False] * len(chunk)
+            while not all(finished):
+                actions: list[str | None] = []
+                probes: list[bool] = []
+                for j, i in enumerate(chunk):
+                    if finished[j]:
+                        actions.append(None)
+                        probes.append(False)
+                        continue
+                    expert = walks[i][cursor[j]]
+                    side = _probe(rng, infos[j].get("admissible_commands", []), expert) if rng.random() < probe_prob else None
+                    actions.append(side or expert)
+                    probes.append(side is not None)
                 out = pool.step(actions + [None] * (width - len(chunk)))
                 for j, (a, r) in enumerate(zip(actions, out)):
                     if a is None or r is None:
                         continue
                     trs[j].append(Transition(
-                        episode_id=f"warm-{chunk[j]}", task=tasks[j], step=t, observation=obs[j], action=a,
+                        episode_id=f"warm-{chunk[j]}", task=tasks[j], step=len(trs[j]), observation=obs[j], action=a,
                         next_observation=r.observation, next_kind="observation", valid=r.valid,
                         reward=r.reward, done=r.done, truncated=r.truncated,
                         info={"admissible_commands": infos[j].get("admissible_commands", []),
-                              "task": task_sentence(results[j].observation)},
+                              "task": task_text[j], "probe": probes[j]},
                     ))
                     obs[j], infos[j] = r.observation, r.info
+                    if not probes[j]:
+                        cursor[j] += 1
+                    finished[j] = r.done or r.truncated or cursor[j] >= len(walks[chunk[j]])
             episodes.extend(trs)
     return episodes
 
@@ -77,9 +125,10 @@ def _policy_turns(episode: list[Transition], history_length: int) -> list[tuple[
     history: list[tuple[str, str]] = []
     turns = []
     for tr in episode:
-        msgs = alfworld_policy_messages(task, tr.observation, tr.info["admissible_commands"], history,
-                                        history_length=history_length)
-        turns.append((msgs, f"<think> </think><action>{tr.action}</action>"))
+        if not tr.info.get("probe"):  # the policy imitates expert steps only
+            msgs = alfworld_policy_messages(task, tr.observation, tr.info["admissible_commands"], history,
+                                            history_length=history_length)
+            turns.append((msgs, f"<think> </think><action>{tr.action}</action>"))
         history.append((tr.observation, tr.action))
     return turns
 
@@ -99,8 +148,10 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
     games_dir = stage.file("games")
     games = generate_games(games_dir, w.num_games, seed=c.seed + WARMSTART_SEED_OFFSET)
-    episodes = replay_walkthroughs(os.fspath(games_dir), [g.folder for g in games], c.env.num_workers or os.cpu_count() or 1)
+    episodes = replay_walkthroughs(os.fspath(games_dir), [g.folder for g in games], c.env.num_workers or os.cpu_count() or 1,
+                                   probe_prob=w.probe_prob, seed=c.seed + WARMSTART_SEED_OFFSET)
     wins = sum(1 for e in episodes if e and e[-1].reward > 0)
+    probes = sum(1 for e in episodes for t in e if t.info.get("probe"))
     policy_turns = [t for e in episodes for t in _policy_turns(e, c.collect.history_length)]
     wm_triplets = [t for e in episodes for t in triplets_from_episode(e, history_length=c.triplets.history_length)]
     wm_turns = [(wm_messages(t), wm_sft_target(t.next_state)) for t in wm_triplets]
@@ -140,7 +191,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     logger.close()
     save_pretrained(model_config, params, tok_dir, tokenizer=tokenizer)
     summary = {
-        "games": len(episodes), "walkthrough_wins": wins, "policy_turns": len(policy_turns),
+        "games": len(episodes), "walkthrough_wins": wins, "probe_transitions": probes, "policy_turns": len(policy_turns),
         "world_model_turns": len(wm_turns), "params": model_config.num_params,
         "final_loss": metrics.get("loss", float("nan")), "tokens_mean": float(np.mean([len(a) + len(b) for a, b in examples])),
     }
