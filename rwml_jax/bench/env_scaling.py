@@ -1,0 +1,125 @@
+"""Environment throughput of the worker pool: ALFWorld steps/s with 1 vs N worker processes.
+
+Workload: a rollout batch of `--envs` ALFWorld environments (default 8) replays the walkthroughs of `--games`
+games (default 16, spread over the task types of the offline valid_seen split) through `EnvPool`, stepped in
+lockstep rounds as a policy would step them; a slot whose game ends starts the next game in the same round.
+Only the number of worker processes hosting the batch changes between configurations. Wall time covers
+resets (game loading) and steps; pool start-up (process spawn, imports) is excluded and reported
+separately. Each configuration starts fresh worker processes, so the engine caches start cold everywhere.
+
+Two throughputs per configuration: wall (steps / elapsed seconds) and "dedicated cores" (steps / the sum over
+rounds of the busiest worker's CPU seconds, from `EnvPool.cpu_stats`): on a shared machine the scheduler's
+per-session fair share (autogroup) caps what a session gets however many processes it runs, so the wall
+figure cannot scale while other sessions are busy, while the CPU critical path still shows how well the
+pool splits the work.
+
+Rows (every figure a ratio against a peer measured in the same run):
+- workers = 1, 2, ..., up to the core count, and 2x the core count (oversubscription): steps/s and the
+  ratio vs 1 worker (peer: the same pool with 1 worker). Near-linear scaling up to the core count is the
+  target; past it the ratio should flatten, not collapse.
+- 1 worker with the unmodified engine (`memoize=False`): the ratio of the memoised engine vs it.
+
+    python -m rwml_jax.bench.env_scaling [--data ../shared/data/alfworld] [--games 12] [--workers 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from rwml_jax.envs.alfworld_data import list_games
+from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.replay import ALFWORLD_FACTORY, REPLAY_MAX_STEPS, replay_games
+
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "alfworld")
+
+
+def run_config(data: str, games: list, envs: int, workers: int, memoize: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    kwargs = {"data_dir": data, "max_steps": REPLAY_MAX_STEPS, "memoize": memoize}
+    envs = max(envs, workers)
+    with EnvPool(ALFWORLD_FACTORY, num_envs=envs, num_workers=workers, factory_kwargs=kwargs) as pool:
+        startup = time.perf_counter() - t0
+        report = replay_games(pool, games, games[0].split)
+        cpu = pool.cpu_stats()
+    if report.wins != len(games):
+        raise RuntimeError(f"benchmark replay lost games: {[g.task_id for g in report.games if not g.won]}")
+    return {"workers": workers, "envs": envs, "memoize": memoize, "games": len(games),
+            "env_steps": report.env_steps,
+            "resets": report.resets, "seconds": report.seconds, "startup_seconds": startup,
+            "steps_per_s": report.env_steps / report.seconds, "games_per_s": len(games) / report.seconds,
+            "worker_cpu_seconds": cpu["cpu_seconds"], "critical_cpu_seconds": cpu["critical_cpu_seconds"],
+            "dedicated_steps_per_s": report.env_steps / cpu["critical_cpu_seconds"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cores = os.cpu_count() or 1
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.normpath(DEFAULT_DATA),
+                   help="ALFWorld data folder with valid_seen (default ../shared/data/alfworld)")
+    p.add_argument("--split", default="valid_seen", help="split to take the games from")
+    p.add_argument("--games", type=int, default=16, help="games replayed per configuration (default 16)")
+    p.add_argument("--envs", type=int, default=8, help="environments in the rollout batch (default 8)")
+    p.add_argument("--workers", type=int, nargs="+", default=sorted({1, cores, 2 * cores}),
+                   help=f"worker counts to measure (default 1, cores={cores}, 2*cores)")
+    p.add_argument("--no-plain", action="store_true", help="skip the unmodified-engine peer row")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if 1 not in args.workers:
+        args.workers = [1] + args.workers
+
+    games = list_games(args.data, args.split)
+    stride = max(1, len(games) // args.games)
+    games = games[::stride][: args.games]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# env_scaling: ALFWorld walkthrough replay of {len(games)} {args.split} games per configuration, "
+          f"batch of {args.envs} envs; "
+          f"{cores} cores ({platform.machine()}); load average at start {load:.2f}", flush=True)
+
+    results = []
+    for w in sorted(set(args.workers)):
+        r = run_config(args.data, games, args.envs, w, memoize=True)
+        results.append(r)
+        print(f"  workers={w}: {r['steps_per_s']:.2f} steps/s ({r['env_steps']} steps + {r['resets']} resets "
+              f"in {r['seconds']:.1f} s; start-up {r['startup_seconds']:.1f} s)", file=sys.stderr, flush=True)
+    plain = None
+    if not args.no_plain:
+        plain = run_config(args.data, games, args.envs, 1, memoize=False)
+        print(f"  workers=1 unmodified engine: {plain['steps_per_s']:.2f} steps/s ({plain['seconds']:.1f} s)",
+              file=sys.stderr, flush=True)
+
+    base = next(r for r in results if r["workers"] == 1)
+    print("\n| workload | workers | env steps/s (wall) | ratio vs 1 worker | env steps/s (dedicated cores) "
+          "| ratio vs 1 worker |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        note = " (oversubscribed)" if r["workers"] > cores else ""
+        print(f"| ALFWorld replay, {len(games)} {args.split} games, {r['envs']} envs | {r['workers']}{note} | "
+              f"{r['steps_per_s']:.2f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
+              f"{r['dedicated_steps_per_s']:.2f} | "
+              f"{r['dedicated_steps_per_s'] / base['dedicated_steps_per_s']:.2f}x |")
+    print("\n(dedicated cores: steps / sum over rounds of the busiest worker's CPU seconds, i.e. the round times the "
+          "workers would need with a core each; on a shared machine the kernel's per-session fair share caps the "
+          f"wall figure. Load average at the end: {os.getloadavg()[0]:.2f}.)")
+    if plain is not None:
+        print("\n| workload | engine | env steps/s | ratio vs unmodified engine |")
+        print("|---|---|---:|---:|")
+        peer = plain["steps_per_s"]
+        label = f"ALFWorld replay, {args.envs} envs, 1 worker"
+        print(f"| {label} | unmodified textworld/alfworld | {peer:.2f} | 1.00x |")
+        print(f"| {label} | memoised (rwml_jax.envs.alfworld_memo) | "
+              f"{base['steps_per_s']:.2f} | {base['steps_per_s'] / peer:.2f}x |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"cores": cores, "load_average_start": load, "results": results, "plain": plain}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

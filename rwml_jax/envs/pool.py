@@ -1,0 +1,596 @@
+"""A pool of text environments living in worker processes, stepped as one batch.
+
+The pool owns `num_envs` *slots*. Slot `i` is hosted by worker `i % num_workers`; each worker process holds
+the environments of its slots and steps them one after another, while the workers run concurrently. The
+caller sees a batch API:
+
+    with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=8, num_workers=2,
+                 factory_kwargs={"data_dir": "..."}) as pool:
+        first = pool.reset([TaskSpec("alfworld", "valid_seen", gid) for gid in game_ids])  # 8 StepResults
+        nxt = pool.step(["go to desk 1", None, ...])   # None: slot idle / finished -> result None
+
+Failure handling (the point of running the engines out of process):
+- an environment that *raises* during `step` ends its episode: the result is `truncated=True` with
+  `info["error"]` holding the exception, and that slot's environment is rebuilt; other slots are untouched.
+- a worker that *dies* (segfault, OOM kill, SIGKILL) or does not answer within the timeout (a hung engine) is
+  killed and restarted with fresh environments. Every episode it hosted is truncated: the slots in the
+  failing call get a truncated result now, its other running slots get one on their next `step`.
+  `info["error"]` says what happened. Nothing is dropped silently.
+- `reset` errors caused by bad input (unknown task id, missing data) are raised in the caller.
+
+Workers are started with the "spawn" start method by default (set `mp_context="forkserver"` to share the
+import cost; either way a script using the pool needs an `if __name__ == "__main__":` guard), ignore SIGINT
+(Ctrl-C reaches the parent, whose context manager shuts them down), are daemonic, die with their parent
+(PR_SET_PDEATHSIG on Linux for spawned workers of a pool made on the main thread; EOF on the pipe otherwise)
+and are closed at interpreter exit, so no orphan processes remain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
+
+# An environment factory: an import path "package.module:callable" (recommended: always importable in a
+# fresh worker), or a picklable module-level callable. Called as factory(**factory_kwargs) -> TextEnv.
+EnvFactory = str | Callable[..., TextEnv]
+
+_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
+
+
+def resolve_factory(factory: EnvFactory) -> Callable[..., TextEnv]:
+    """Turn an import path "pkg.mod:name" (or "pkg.mod.name") into the callable it names."""
+    if callable(factory):
+        return factory
+    if not isinstance(factory, str) or not factory:
+        raise TypeError(f"env factory must be a callable or an import path string, got {factory!r}")
+    mod_name, sep, attr = factory.partition(":")
+    if not sep:
+        mod_name, _, attr = factory.rpartition(".")
+    if not mod_name or not attr:
+        raise ValueError(f"env factory import path {factory!r} must look like 'package.module:callable'")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import env factory {factory!r}: {e}") from e
+    if not callable(obj):
+        raise TypeError(f"env factory {factory!r} is not callable")
+    return obj
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a hung env never reads its pipe's EOF)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _error_result(message: str) -> StepResult:
+    return StepResult(observation="", done=False, truncated=True, valid=False, info={"error": message})
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory,
+                 factory_kwargs: dict[str, Any], slots: list[int], die_with_parent: bool) -> None:
+    """Worker loop: build one env per slot, then answer ("batch", [(slot, "reset" | "step" | "call", arg)])
+    messages with ("ok", [(slot, StepResult | _RemoteError), ...], CPU seconds spent) in request order.
+    Exits on ("close", None) or when the parent's end of the pipe closes (EOF).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if die_with_parent:
+        _set_parent_death_signal()
+    envs: dict[int, TextEnv] = {}
+    try:
+        make = resolve_factory(factory)
+        for slot in slots:
+            envs[slot] = make(**factory_kwargs)
+    except BaseException as e:  # report and exit: the parent raises it
+        conn.send(("fail", _RemoteError.capture(e)))
+        conn.close()
+        return
+    conn.send(("ready", os.getpid()))
+
+    def env_for(slot: int) -> TextEnv:
+        if slot not in envs:  # rebuilt after an exception
+            envs[slot] = make(**factory_kwargs)
+        return envs[slot]
+
+    def drop(slot: int) -> None:
+        env = envs.pop(slot, None)
+        if env is not None:
+            try:
+                env.close()
+            except Exception:
+                pass
+
+    while True:
+        try:
+            cmd, payload = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            break
+        if cmd == "close":
+            break
+        cpu0 = time.process_time()
+        out: list[tuple[int, Any]] = []
+        for slot, op, arg in payload:  # cmd == "batch"
+            try:
+                if op == "reset":
+                    res: Any = env_for(slot).reset(arg)
+                elif op == "step":
+                    res = env_for(slot).step(arg)
+                elif op == "call":  # test / debugging hook: (method name, args)
+                    res = getattr(env_for(slot), arg[0])(*arg[1])
+                else:
+                    raise ValueError(f"unknown pool operation {op!r}")
+            except Exception as e:
+                res = _RemoteError.capture(e)
+                drop(slot)
+            out.append((slot, res))
+        try:
+            conn.send(("ok", out, time.process_time() - cpu0))
+        except (BrokenPipeError, OSError):
+            break
+    for slot in list(envs):
+        drop(slot)
+    conn.close()
+
+
+@dataclasses.dataclass
+class _RemoteError:
+    """An exception raised in a worker, carried back with its traceback (the exception itself if picklable)."""
+
+    type_name: str
+    message: str
+    traceback: str
+    exc: BaseException | None
+
+    @classmethod
+    def capture(cls, e: BaseException) -> _RemoteError:
+        import pickle
+
+        try:
+            pickle.loads(pickle.dumps(e))
+            exc: BaseException | None = e
+        except Exception:
+            exc = None
+        return cls(type(e).__name__, str(e), traceback.format_exc(), exc)
+
+    def describe(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+class EnvWorkerError(RuntimeError):
+    """A worker could not be started (bad factory, import error) or keeps failing."""
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    slots: list[int]
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    pid: int = -1
+
+
+@dataclasses.dataclass
+class _Slot:
+    task: TaskSpec | None = None
+    episode_id: str | None = None
+    step: int = 0
+    running: bool = False
+    lost: str | None = None  # why the running episode was lost (its worker was restarted)
+
+
+class EnvPool:
+    """`num_envs` text environments in `num_workers` processes, reset and stepped as a batch.
+
+    Args:
+      factory: import path "pkg.mod:callable" or a picklable module-level callable returning a `TextEnv`.
+      num_envs: number of slots (parallel episodes).
+      num_workers: worker processes (default min(num_envs, os.cpu_count())). Slot i lives in worker
+        i % num_workers, so a worker hosts ceil(num_envs / num_workers) envs.
+      factory_kwargs: keyword arguments for the factory (must be picklable).
+      step_timeout: seconds one env may take for one `step` before its worker counts as hung; a worker
+        stepping k of its envs in one call gets k * step_timeout.
+      reset_timeout: the same for `reset` (loading a game is slower than stepping it).
+      start_timeout: seconds a worker may take to start and build its envs.
+      mp_context: multiprocessing start method, "spawn" (default) or "forkserver".
+    """
+
+    def __init__(self, factory: EnvFactory, num_envs: int, num_workers: int | None = None, *,
+                 factory_kwargs: Mapping[str, Any] | None = None, step_timeout: float = 60.0,
+                 reset_timeout: float = 120.0, start_timeout: float = 300.0,
+                 mp_context: str = "spawn") -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        num_workers = min(num_envs, os.cpu_count() or 1) if num_workers is None else num_workers
+        if not 1 <= num_workers <= num_envs:
+            raise ValueError(f"num_workers must be in [1, num_envs={num_envs}], got {num_workers}")
+        if mp_context not in ("spawn", "forkserver"):
+            raise ValueError(f"mp_context must be 'spawn' or 'forkserver' (fork is unsafe with threads), "
+                             f"got {mp_context!r}")
+        if isinstance(factory, str):
+            resolve_factory(factory)  # fail fast here, with a clear message, rather than in every worker
+        self.factory = factory
+        self.factory_kwargs = dict(factory_kwargs or {})
+        self.num_envs = num_envs
+        self.num_workers = num_workers
+        self.step_timeout = float(step_timeout)
+        self.reset_timeout = float(reset_timeout)
+        self.start_timeout = float(start_timeout)
+        self._ctx = multiprocessing.get_context(mp_context)
+        # PR_SET_PDEATHSIG fires when the *thread* that started the worker exits, so only use it for pools
+        # made on the main thread (spawned workers are direct children; forkserver ones are not).
+        self._die_with_parent = (mp_context == "spawn" and threading.current_thread() is threading.main_thread())
+        self._slots = [_Slot() for _ in range(num_envs)]
+        self._workers: list[_Worker | None] = [None] * num_workers
+        self._episode_counter = itertools.count()
+        self._run_tag = uuid.uuid4().hex[:6]
+        self.restarts = 0  # how many times a worker was restarted (crash or hang)
+        self.rounds = 0  # concurrent rounds (reset / step / advance calls that reached a worker)
+        self.cpu_seconds = 0.0  # CPU time the workers spent on requests, summed over workers
+        self.critical_cpu_seconds = 0.0  # per round the largest worker CPU time, summed over rounds
+        self._closed = False
+        slots_of = [[s for s in range(num_envs) if s % num_workers == w] for w in range(num_workers)]
+        try:
+            self._start_workers(list(range(num_workers)), slots_of)
+        except BaseException:
+            self.close()
+            raise
+        # Runs when the pool is garbage-collected or at interpreter exit, whichever comes first (it holds
+        # the worker list, not the pool).
+        self._finalizer = weakref.finalize(self, EnvPool._close_workers, self._workers)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spawn(self, index: int, slots: list[int]) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main, name=f"rwml-env-worker-{index}", daemon=True,
+            args=(child_conn, self.factory, self.factory_kwargs, slots, self._die_with_parent))
+        proc.start()
+        child_conn.close()
+        return _Worker(index=index, slots=slots, process=proc, conn=parent_conn)
+
+    def _start_workers(self, indices: list[int], slots_of: list[list[int]]) -> None:
+        """Start the given workers concurrently and wait until each has built its envs."""
+        started = {i: self._spawn(i, slots_of[i]) for i in indices}
+        deadline = time.monotonic() + self.start_timeout
+        waiting = dict(started)
+        error: str | None = None
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                error = f"worker(s) {sorted(waiting)} did not start within {self.start_timeout:.0f} s"
+                break
+            ready = multiprocessing.connection.wait(
+                [w.conn for w in waiting.values()] + [w.process.sentinel for w in waiting.values()],
+                timeout=remaining)
+            for i, w in list(waiting.items()):
+                if w.conn in ready or w.conn.poll():
+                    try:
+                        kind, payload = w.conn.recv()
+                    except (EOFError, OSError):
+                        kind, payload = "dead", None
+                    if kind == "ready":
+                        w.pid = int(payload)
+                        del waiting[i]
+                        continue
+                    if kind == "fail":
+                        error = f"worker {i} could not build its environments: {payload.describe()}\n" \
+                                f"{payload.traceback}"
+                    else:
+                        error = self._startup_death(i, w)
+                    break
+                if w.process.sentinel in ready:
+                    w.process.join(1)
+                    error = self._startup_death(i, w)
+                    break
+            if error:
+                break
+        for i, w in started.items():
+            self._workers[i] = w
+        if error:
+            raise EnvWorkerError(error)
+
+    def _startup_death(self, i: int, w: _Worker) -> str:
+        msg = f"worker {i} exited during start-up (exit code {w.process.exitcode}); see its traceback above."
+        if self._ctx.get_start_method() in ("spawn", "forkserver"):
+            msg += (f" With the {self._ctx.get_start_method()!r} start method the worker re-imports your main "
+                    f"script: guard its top-level code with `if __name__ == '__main__':`.")
+        return msg
+
+    def _restart(self, index: int, why: str) -> None:
+        """Kill worker `index` (if alive) and start a fresh one; its running episodes become lost."""
+        old = self._workers[index]
+        assert old is not None
+        self._kill(old)
+        self.restarts += 1
+        for s in old.slots:
+            if self._slots[s].running:
+                self._slots[s].lost = why
+        self._start_workers([index], [old.slots if i == index else [] for i in range(self.num_workers)])
+
+    @staticmethod
+    def _kill(w: _Worker) -> None:
+        try:
+            if w.process.is_alive():
+                w.process.kill()
+            w.process.join(5)
+        except (AssertionError, ValueError):  # not started / already closed
+            pass
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def _close_workers(workers: list[_Worker | None]) -> None:
+        for w in workers:
+            if w is None:
+                continue
+            try:
+                w.conn.send(("close", None))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 5.0
+        for w in workers:
+            if w is None:
+                continue
+            try:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+                if w.process.is_alive():
+                    w.process.terminate()
+                    w.process.join(2)
+                if w.process.is_alive():
+                    w.process.kill()
+                    w.process.join(2)
+            except (AssertionError, ValueError):
+                pass
+            try:
+                w.conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop every worker (polite close, then terminate, then kill). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # calls _close_workers once
+        else:
+            EnvPool._close_workers(self._workers)
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ introspection
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes, by worker index."""
+        return [w.pid if w is not None else -1 for w in self._workers]
+
+    def cpu_stats(self) -> dict[str, float]:
+        """Worker CPU accounting: "cpu_seconds" (all workers), "critical_cpu_seconds" (per round the busiest
+        worker's CPU time, summed: the wall time the rounds would take on dedicated cores) and "rounds"."""
+        return {"rounds": self.rounds, "cpu_seconds": self.cpu_seconds,
+                "critical_cpu_seconds": self.critical_cpu_seconds}
+
+    def worker_of(self, slot: int) -> int:
+        """Index of the worker hosting `slot`."""
+        return slot % self.num_workers
+
+    def episode_id(self, slot: int) -> str | None:
+        """Id of the episode currently (or last) run in `slot`."""
+        return self._slots[slot].episode_id
+
+    # ------------------------------------------------------------------ batch API
+
+    def reset(self, tasks: Sequence[TaskSpec | None]) -> list[StepResult | None]:
+        """Start `tasks[i]` in slot i (None: leave slot i alone; its result is None).
+
+        Returns the first observation of every started episode; each result's info carries "episode_id",
+        "slot" and "step". Raises the adapter's exception (e.g. ValueError for an unknown task id) if a slot
+        cannot be reset; a worker crash or hang during reset gives that slot a truncated result instead.
+        """
+        for i, t in enumerate(tasks):
+            if t is not None and not isinstance(t, TaskSpec):
+                raise TypeError(f"tasks[{i}] must be a TaskSpec or None, got {type(t).__name__}")
+        return self.advance(tasks)
+
+    def step(self, actions: Sequence[str | None]) -> list[StepResult | None]:
+        """Step slot i with `actions[i]` (None: idle, result None). All workers step concurrently.
+
+        A slot whose episode was lost to a worker restart answers truncated=True with info["error"].
+        Stepping a slot with no running episode (never reset, or already done) raises ValueError.
+        """
+        for i, a in enumerate(actions):
+            if a is not None and not isinstance(a, str):
+                raise TypeError(f"actions[{i}] must be a str or None, got {type(a).__name__}")
+        return self.advance(actions)
+
+    def advance(self, items: Sequence[TaskSpec | str | None]) -> list[StepResult | None]:
+        """One concurrent round: slot i is reset if items[i] is a TaskSpec, stepped if it is an action
+        string, left idle (result None) if None. Lets a rollout restart finished slots while the others
+        step, instead of waiting for the resets in a separate round. Same rules as `reset` and `step`.
+        """
+        self._check_open()
+        if len(items) > self.num_envs:
+            raise ValueError(f"got {len(items)} items for a pool of {self.num_envs} envs")
+        out: list[StepResult | None] = [None] * len(items)
+        requests: dict[int, tuple[str, Any]] = {}
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            if isinstance(item, TaskSpec):
+                requests[i] = ("reset", item)
+                continue
+            if not isinstance(item, str):
+                raise TypeError(f"items[{i}] must be a TaskSpec, a str or None, got {type(item).__name__}")
+            slot = self._slots[i]
+            if slot.lost is not None:
+                out[i] = self._annotate(i, _error_result(slot.lost))
+                slot.running, slot.lost = False, None
+                continue
+            if not slot.running:
+                state = "was never reset" if slot.task is None else "has finished its episode"
+                raise ValueError(f"env slot {i} {state}; pass None for idle slots or reset it first")
+            requests[i] = ("step", item)
+        raw = self._exchange(requests)
+        bad: list[tuple[int, _RemoteError]] = []
+        for i, res in raw.items():
+            slot = self._slots[i]
+            cmd, arg = requests[i]
+            if cmd == "reset":
+                slot.task, slot.step, slot.lost = arg, 0, None
+                slot.episode_id = f"{self._run_tag}-{next(self._episode_counter):07d}"
+                if isinstance(res, _RemoteError):
+                    slot.running = False
+                    bad.append((i, res))
+                    continue
+            else:
+                slot.step += 1
+                if isinstance(res, _RemoteError):
+                    res = _error_result(f"environment raised during step: {res.describe()}\n{res.traceback}")
+            slot.running = not (res.done or res.truncated)
+            out[i] = self._annotate(i, res)
+        if bad:
+            i, err = bad[0]
+            if err.exc is not None:
+                err.exc.add_note(f"(raised in the pool worker of env slot {i} resetting {requests[i][1]}; "
+                                 f"remote traceback:)\n{err.traceback}")
+                raise err.exc
+            raise RuntimeError(f"env slot {i} could not reset task {requests[i][1]}: {err.describe()}\n"
+                               f"{err.traceback}")
+        return out
+
+    def call(self, slot: int, method: str, *args: Any) -> Any:
+        """Call `env.method(*args)` on the env of `slot` in its worker (debugging / tests)."""
+        self._check_open()
+        res = self._exchange({slot: ("call", (method, args))})[slot]
+        if isinstance(res, _RemoteError):
+            raise RuntimeError(f"env slot {slot}.{method} raised {res.describe()}\n{res.traceback}")
+        return res
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("EnvPool is closed")
+
+    def _annotate(self, i: int, res: StepResult) -> StepResult:
+        slot = self._slots[i]
+        res.info.setdefault("episode_id", slot.episode_id)
+        res.info.setdefault("slot", i)
+        res.info.setdefault("step", slot.step)
+        return res
+
+    def _timeout(self, cmd: str) -> float:
+        return self.reset_timeout if cmd == "reset" else self.step_timeout
+
+    def _exchange(self, requests: Mapping[int, tuple[str, Any]]) -> dict[int, Any]:
+        """Send each worker its share of `requests` (slot -> (command, argument)), gather the answers
+        concurrently, restart crashed / hung workers.
+
+        A worker's deadline is the sum of its items' timeouts. Returns slot -> StepResult | _RemoteError
+        (| anything for "call"); slots of a crashed / hung worker get a truncated StepResult with
+        info["error"].
+        """
+        by_worker: dict[int, list[tuple[int, str, Any]]] = {}
+        for i, (cmd, arg) in requests.items():
+            by_worker.setdefault(self.worker_of(i), []).append((i, cmd, arg))
+        results: dict[int, Any] = {}
+        pending: dict[int, float] = {}
+        limits: dict[int, float] = {}
+        round_cpu: list[float] = []
+        now = time.monotonic()
+        for w_idx, items in by_worker.items():
+            w = self._workers[w_idx]
+            assert w is not None
+            limits[w_idx] = sum(self._timeout(cmd) for _, cmd, _ in items)
+            try:
+                w.conn.send(("batch", items))
+                pending[w_idx] = now + limits[w_idx]
+            except (BrokenPipeError, OSError):
+                w.process.join(1)
+                self._fail_worker(w_idx, items, f"{self._death_reason(w)} before the request", results)
+        while pending:
+            timeout = max(0.0, min(pending.values()) - time.monotonic())
+            watch: list[Any] = []
+            for w_idx in pending:
+                w = self._workers[w_idx]
+                assert w is not None
+                watch += [w.conn, w.process.sentinel]
+            ready = multiprocessing.connection.wait(watch, timeout=timeout)
+            for w_idx in list(pending):
+                w = self._workers[w_idx]
+                assert w is not None
+                items = by_worker[w_idx]
+                if w.conn in ready or (w.process.sentinel in ready and w.conn.poll()):
+                    del pending[w_idx]
+                    try:
+                        _kind, payload, cpu = w.conn.recv()
+                    except (EOFError, OSError):
+                        w.process.join(1)
+                        self._fail_worker(w_idx, items, self._death_reason(w), results)
+                        continue
+                    results.update(dict(payload))
+                    round_cpu.append(cpu)
+                elif w.process.sentinel in ready:
+                    del pending[w_idx]
+                    w.process.join(1)
+                    self._fail_worker(w_idx, items, self._death_reason(w), results)
+                elif time.monotonic() >= pending[w_idx]:
+                    del pending[w_idx]
+                    self._fail_worker(w_idx, items, f"did not answer within {limits[w_idx]:.1f} s (hung); killed",
+                                      results)
+        if by_worker:
+            self.rounds += 1
+            self.cpu_seconds += sum(round_cpu)
+            self.critical_cpu_seconds += max(round_cpu, default=0.0)
+        return results
+
+    @staticmethod
+    def _death_reason(w: _Worker) -> str:
+        code = w.process.exitcode
+        if code is not None and code < 0:
+            return f"died from signal {_SIGNAL_NAMES.get(-code, -code)}"
+        return f"exited unexpectedly (exit code {code})"
+
+    def _fail_worker(self, w_idx: int, items: list[tuple[int, str, Any]], reason: str,
+                     results: dict[int, Any]) -> None:
+        w = self._workers[w_idx]
+        assert w is not None
+        cmds = "/".join(sorted({cmd for _, cmd, _ in items}))
+        why = (f"env worker {w_idx} (pid {w.pid}, slots {w.slots}) {reason} during {cmds}; "
+               f"it was restarted and its episodes truncated")
+        for i, _, _ in items:
+            results[i] = _error_result(why)
+        self._restart(w_idx, why)
+        for i, _, _ in items:  # reported now; not again on the next step
+            self._slots[i].lost = None

@@ -1,0 +1,216 @@
+"""The env worker pool with real ALFWorld engines in its workers: batching, crash / hang recovery, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from alfworld_testdata import REPO, generated_games, require_alfworld
+from rwml_jax.envs.alfworld_data import list_games
+from rwml_jax.envs.base import TaskSpec
+from rwml_jax.envs.pool import EnvPool, EnvWorkerError
+from rwml_jax.envs.recorder import TransitionRecorder
+
+require_alfworld()
+
+FACTORY = "rwml_jax.envs.alfworld_env:AlfworldEnv"
+
+
+@pytest.fixture(scope="module")
+def games():
+    data = generated_games()
+    gs = list_games(data, "train")
+    walks = {g.task_id: json.loads(Path(g.gamefile).read_text())["walkthrough"] for g in gs}
+    return data, gs, walks
+
+
+def task(g) -> TaskSpec:
+    return TaskSpec("alfworld", "train", g.task_id)
+
+
+def process_gone(pid: int) -> bool:
+    """True when `pid` no longer runs (reaped, or a zombie waiting for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids, timeout=15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(process_gone(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_batch_reset_step_and_transitions(games):
+    data, gs, walks = games
+    with EnvPool(FACTORY, num_envs=3, num_workers=2, factory_kwargs={"data_dir": str(data)}) as pool:
+        assert len(set(pool.worker_pids())) == 2
+        chosen = gs[:3]
+        rec = TransitionRecorder()
+        first = pool.reset([task(g) for g in chosen])
+        rec.on_reset([task(g) for g in chosen], first)
+        ids = [r.info["episode_id"] for r in first]
+        assert len(set(ids)) == 3 and [r.info["slot"] for r in first] == [0, 1, 2]
+        assert all(r.info["task_id"] == g.task_id for r, g in zip(first, chosen))
+        pos = [0, 0, 0]
+        won = [False] * 3
+        prev_obs = [r.observation for r in first]
+        while not all(won):
+            actions = [None if won[i] else walks[g.task_id][pos[i]] for i, g in enumerate(chosen)]
+            results = pool.step(actions)
+            new = rec.on_step(actions, results)
+            assert len(new) == sum(a is not None for a in actions)
+            for i, (a, r) in enumerate(zip(actions, results)):
+                if a is None:
+                    assert r is None  # idle slot
+                    continue
+                t = next(t for t in new if t.episode_id == ids[i])
+                assert (t.observation, t.action, t.next_observation) == (prev_obs[i], a, r.observation)
+                assert t.step == pos[i] and t.valid and t.next_kind == "observation"
+                assert r.info["episode_id"] == ids[i]
+                prev_obs[i] = r.observation
+                pos[i] += 1
+                if r.done:
+                    assert r.reward == 1.0 and pos[i] == len(walks[chosen[i].task_id])
+                    won[i] = True
+        assert len(rec.transitions) == sum(len(walks[g.task_id]) for g in chosen)
+        stats = pool.cpu_stats()  # worker CPU accounting used by the scaling benchmark
+        assert stats["rounds"] >= max(len(walks[g.task_id]) for g in chosen) + 1
+        assert 0 < stats["critical_cpu_seconds"] <= stats["cpu_seconds"]
+        assert rec.open_slots() == []
+        with pytest.raises(ValueError, match="finished its episode"):
+            pool.step(["look", None, None])
+        # an adapter exception ends only that episode: close slot 1's engine behind the pool's back
+        pool.reset([task(chosen[0]), task(chosen[1])])
+        pool.call(1, "close")
+        res = pool.step(["look", "look"])
+        assert not res[0].truncated and res[0].valid
+        assert res[1].truncated and "RuntimeError" in res[1].info["error"]
+        # bad input at reset is raised to the caller, and the pool keeps working
+        with pytest.raises(ValueError, match="unknown ALFWorld task id"):
+            pool.reset([TaskSpec("alfworld", "train", "no-such-task/trial_0")])
+        assert pool.reset([task(chosen[2])])[0].info["task_id"] == chosen[2].task_id
+        # one round that restarts slot 0 while slot 1 steps (rollouts refill finished slots this way)
+        pool.reset([None, task(chosen[1])])
+        mixed = pool.advance([task(chosen[0]), walks[chosen[1].task_id][0], None])
+        assert mixed[0].info["step"] == 0 and mixed[0].observation.startswith("-= Welcome")
+        assert mixed[0].info["episode_id"] not in ids and mixed[2] is None
+        assert mixed[1].info["step"] == 1 and mixed[1].valid
+        with pytest.raises(TypeError, match="items\\[1\\]"):
+            pool.advance([None, 3])
+        assert pool.restarts == 0
+        pids = pool.worker_pids()
+    assert wait_gone(pids, 5), "workers still alive after the pool closed"
+
+
+def test_killed_worker_is_restarted_and_its_episodes_truncated(games):
+    data, gs, walks = games
+    chosen = gs[:4]
+    with EnvPool(FACTORY, num_envs=4, num_workers=2, factory_kwargs={"data_dir": str(data)}) as pool:
+        pool.reset([task(g) for g in chosen])
+        first_step = pool.step([walks[g.task_id][0] for g in chosen])
+        assert all(r.valid and not r.truncated for r in first_step)
+        victim = pool.worker_pids()[0]  # hosts slots 0 and 2
+        assert pool.worker_of(0) == pool.worker_of(2) == 0
+        os.kill(victim, signal.SIGKILL)
+        # slot 2 idles this round: its lost episode must be reported on its next step
+        res = pool.step([walks[chosen[0].task_id][1], walks[chosen[1].task_id][1], None,
+                         walks[chosen[3].task_id][1]])
+        assert res[0].truncated and not res[0].done and "SIGKILL" in res[0].info["error"]
+        assert "restarted" in res[0].info["error"] and res[0].info["episode_id"]
+        assert res[2] is None
+        for i in (1, 3):  # the other worker's episodes carry on
+            assert not res[i].truncated and res[i].valid
+        assert pool.restarts == 1 and pool.worker_pids()[0] != victim and process_gone(victim)
+        lost = pool.step([None, None, walks[chosen[2].task_id][1], None])
+        assert lost[2].truncated and "SIGKILL" in lost[2].info["error"]
+        # slots 1 and 3 play on to a win; the restarted worker plays a fresh episode to a win
+        pool.reset([task(chosen[0])])
+        pos = {0: 0, 1: 2, 3: 2}
+        finished = set()
+        while len(finished) < 3:
+            actions = [None] * 4
+            for i, p in pos.items():
+                if i not in finished:
+                    actions[i] = walks[chosen[i].task_id][p]
+            for i, r in enumerate(pool.step(actions)):
+                if r is None:
+                    continue
+                assert not r.truncated, r.info
+                pos[i] += 1
+                if r.done:
+                    assert r.reward == 1.0
+                    finished.add(i)
+
+
+def test_hung_worker_times_out_and_is_restarted(games):
+    data, gs, walks = games
+    chosen = gs[:2]
+    with EnvPool(FACTORY, num_envs=2, num_workers=2, factory_kwargs={"data_dir": str(data)},
+                 step_timeout=8.0) as pool:
+        pool.reset([task(g) for g in chosen])
+        stuck = pool.worker_pids()[1]
+        os.kill(stuck, signal.SIGSTOP)  # the worker stops answering, like an engine stuck in a loop
+        t0 = time.monotonic()
+        res = pool.step([walks[g.task_id][0] for g in chosen])
+        assert time.monotonic() - t0 < 60
+        assert not res[0].truncated and res[0].valid
+        assert res[1].truncated and "did not answer within 8.0 s" in res[1].info["error"]
+        assert pool.restarts == 1 and wait_gone([stuck], 5)
+        # the fresh worker hosts a working env again
+        again = pool.reset([None, task(chosen[1])])
+        assert again[0] is None and again[1].info["task_id"] == chosen[1].task_id
+        r = pool.step([None, walks[chosen[1].task_id][0]])
+        assert r[1].valid and not r[1].truncated
+
+
+def test_bad_factory_fails_fast_with_a_clear_error():
+    with pytest.raises(ValueError, match="cannot import env factory"):
+        EnvPool("rwml_jax.envs.no_such_module:Env", num_envs=1)
+    with pytest.raises(EnvWorkerError, match="could not build its environments.*max_steps"):
+        EnvPool(FACTORY, num_envs=1, factory_kwargs={"max_steps": 0}, start_timeout=120)
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from rwml_jax.envs.pool import EnvPool
+    if __name__ == "__main__":
+        with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=2, num_workers=2) as pool:
+            print(" ".join(map(str, pool.worker_pids())), flush=True)
+            time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "parent-killed"])
+def test_no_orphan_workers(tmp_path, sig):
+    """Ctrl-C in the parent shuts the workers down; a SIGKILLed parent takes them with it."""
+    script = tmp_path / "pool_script.py"
+    script.write_text(_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert not any(process_gone(p) for p in pids)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert wait_gone(pids, 15), f"orphan workers left after {sig.name}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
