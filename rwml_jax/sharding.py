@@ -8,9 +8,10 @@ rules serve one CPU, 8 forced CPU devices, a GPU and a TPU pod slice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -134,3 +135,118 @@ def param_shardings(config: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
 def axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
     """Context manager that activates the rules for `nn.with_logical_constraint` inside traced code."""
     return nn.logical_axis_rules(list(rules))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config-driven mesh and rules
+# ---------------------------------------------------------------------------------------------------
+
+def mesh_from_config(cfg: Mapping[str, Any] | Any | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from a config with `data`, `fsdp`, `tensor` entries (mapping or attribute style).
+
+    Missing entries default to data=-1 (all remaining devices), fsdp=1, tensor=1; None gives that default.
+    """
+    def get(name: str, default: int) -> int:
+        if cfg is None:
+            return default
+        value = cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
+        return default if value is None else int(value)
+
+    unknown = set(cfg) - set(MESH_AXES) if isinstance(cfg, Mapping) else set()
+    if unknown:
+        raise ValueError(f"unknown mesh config keys {sorted(unknown)}; expected {MESH_AXES}")
+    return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), devices=devices)
+
+
+def rules_from_config(
+    overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+    base: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> tuple[tuple[str, Any], ...]:
+    """DEFAULT_RULES with some logical axes remapped, e.g. {"vocab": None, "embed": ["fsdp", "tensor"]}.
+
+    Values are a mesh axis name, a list of names, or None (replicated). Raises ValueError naming an
+    unknown logical axis or mesh axis.
+    """
+    table = dict(base)
+    items = overrides.items() if isinstance(overrides, Mapping) else (overrides or ())
+    for logical, target in items:
+        if logical not in table:
+            raise ValueError(f"unknown logical axis {logical!r} in sharding rules; known: {sorted(table)}")
+        names = [] if target is None else [target] if isinstance(target, str) else list(target)
+        bad = [n for n in names if n not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {logical!r} -> {target!r}: unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+        table[logical] = None if not names else names[0] if len(names) == 1 else tuple(names)
+    return tuple(table.items())
+
+
+@contextlib.contextmanager
+def tracing_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Iterator[None]:
+    """Use inside a traced (jitted) function: activates the rules and `mesh` for the logical sharding
+    constraints of the model (`nn.with_logical_constraint`)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+        yield
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over (data x fsdp)."""
+    del mesh
+    return ("data", "fsdp")
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """Global batch sizes must be a multiple of this (the data x fsdp device count)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Creating arrays directly in their shardings
+# ---------------------------------------------------------------------------------------------------
+
+def init_params_sharded(
+    config: Any, rng: jax.Array, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> Any:
+    """Random decoder parameters created on the mesh: each device computes only its own shards
+    (`jit` with `out_shardings`), so the full model never exists on one device."""
+    from rwml_jax.models.decoder import init_params
+
+    shardings = param_shardings(config, mesh, rules)
+    return jax.jit(lambda r: init_params(config, r), out_shardings=shardings)(rng)
+
+
+def shard_batch(batch: Any, mesh: Mesh, sharding: NamedSharding | None = None) -> Any:
+    """Global host batch (a pytree of NumPy arrays, identical on every process) -> global jax.Arrays
+    split over data x fsdp along axis 0. Each process transfers only the rows its devices hold."""
+    sharding = sharding or NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    multiple = batch_size_multiple(mesh)
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.make_array_from_callback((), NamedSharding(mesh, PartitionSpec()), lambda _: x)
+        if x.shape[0] % multiple:
+            raise ValueError(
+                f"batch dimension {x.shape[0]} is not a multiple of data x fsdp = {multiple} devices"
+            )
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, batch)
+
+
+def shard_local_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Process-local rows (each process loaded its own part of the batch) -> global jax.Arrays whose
+    axis 0 concatenates the processes' rows in process order."""
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Fetch a pytree of (possibly multi-host sharded) arrays as full NumPy arrays on every process."""
+    def get(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)

@@ -9,13 +9,20 @@ Shapes: B batch, T new tokens, S key/value slots, E hidden, H query heads, K key
 G = H / K query heads per kv head, D head_dim, F SwiGLU width, V vocabulary, L layers.
 
 KV cache (for the sampler): a dict
-    k, v:  [L, B, S, K, D]   cached keys / values (`cache_dtype`)
+    k, v:  [L, B, K, S, D]   cached keys / values (`cache_dtype`); or, in the per-layer form, tuples of
+                             L arrays [B, K, S, D]
     mask:  [B, S] bool       which slots hold a real (non-pad) token
     pos:   [B] int32         RoPE position the next real token of each row gets
     index: [] int32          the first free slot (all rows advance together)
-`apply` writes the T new tokens into slots [index, index + T) and returns the updated cache. The cache
-is carried through the layer scan and updated with `dynamic_update_slice`, so XLA updates it in place
-when the caller donates it.
+`apply` writes the T new tokens into slots [index, index + T) and returns the updated cache, updated with
+`dynamic_update_slice`, so XLA updates it in place when the caller donates it. Keys are stored heads-major
+([.., K, S, D]) so the attention dots read the cache without transposing it.
+
+Layer-unrolled form (for decoding): `unstack_layers(params)` turns the stacked `layers` subtree into a
+tuple of per-layer subtrees, and `init_cache(..., per_layer=True)` gives per-layer cache arrays. `apply`
+then runs the layers as straight-line code instead of a scan. Inside a decode loop this matters: a scan
+slices every layer's weights (and cache) out of the stacked arrays on each step, and XLA materialises
+those slices as copies (on CPU that copy traffic was about a quarter of a decode step).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class Attention(nn.Module):
         """x [B, T, E] -> ([B, T, E], k_cache, v_cache).
 
         allowed: [B, T, S] bool, which key slots each query may attend to.
-        k_cache, v_cache: [L, B, S, K, D] or None (no cache: S == T and keys are this call's tokens).
+        k_cache, v_cache: [L, B, K, S, D] or None (no cache: S == T and keys are this call's tokens).
         """
         c = self.config
         cdt = _dtype(c.compute_dtype)
@@ -110,22 +117,34 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        if k_cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            start = (layer, zero, index, zero, zero)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-            k = k_cache[layer].astype(cdt)
-            v = v_cache[layer].astype(cdt)
-
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        if k_cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, zero, index, zero)
+            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)[None]  # [1, B, K, T, D]
+            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)[None]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)
+            k = k_cache[layer].astype(cdt)  # [B, K, S, D]
+            v = v_cache[layer].astype(cdt)
+            kv_spec = "bksd"
+        else:
+            kv_spec = "bskd"
+        scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (D**-0.5)
         scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
-        y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+        if k_cache is not None and T == 1:
+            # One-token decode step: probs @ V as multiply-and-reduce over the slots (a batched [G, S] x
+            # [S, D] dot per (row, kv head) is tiny and slow on CPU), and the output projection as one
+            # [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
+            p = probs[:, :, :, 0, :].astype(jnp.float32)  # [B, K, G, S]
+            out = jnp.sum(p[..., None] * v.astype(jnp.float32)[:, :, None], axis=3).astype(cdt)  # [B, K, G, D]
+            y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
+        else:
+            out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v).reshape(B, T, H, D)
+            y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
         if bo is not None:
             y = y + bo.astype(cdt)
         return y, k_cache, v_cache
@@ -270,17 +289,64 @@ def param_shapes(config: ModelConfig) -> Params:
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.dtype | None = None) -> Cache:
-    """An empty KV cache with `max_len` slots per row (see module docstring for the layout)."""
+def init_cache(
+    config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.dtype | None = None, *, per_layer: bool = False
+) -> Cache:
+    """An empty KV cache with `max_len` slots per row (see module docstring for the layout).
+
+    per_layer: k / v as tuples of L arrays [B, K, S, D] (for `unstack_layers` params) instead of one
+    stacked [L, B, K, S, D] array each.
+    """
     dtype = jnp.dtype(dtype or config.compute_dtype)
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    L, K, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    if per_layer:
+        k = tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L))
+        v = tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L))
+    else:
+        k = jnp.zeros((L, batch, K, max_len, D), dtype)
+        v = jnp.zeros((L, batch, K, max_len, D), dtype)
     return dict(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=k,
+        v=v,
         mask=jnp.zeros((batch, max_len), bool),
         pos=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def unstack_layers(params: Params) -> Params:
+    """`params` with the stacked `layers` subtree split into a tuple of L per-layer subtrees.
+
+    `apply` accepts either form; the per-layer form runs the layers unrolled (no per-step weight slicing
+    inside decode loops). Under jit this is L slices per leaf, i.e. one copy of the layer weights.
+    """
+    if isinstance(params["layers"], (tuple, list)):
+        return params
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    out = dict(params)
+    out["layers"] = tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n))
+    return out
+
+
+def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache, v_cache, index):
+    """Decoder.__call__ for per-layer params / caches: the same DecoderLayer, as straight-line code."""
+    c = config
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(_dtype(c.compute_dtype))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    cos, sin = rope_tables(c, positions)
+    layer = DecoderLayer(c)
+    new_k, new_v = [], []
+    for i, layer_params in enumerate(params["layers"]):
+        kc = None if k_cache is None else k_cache[i][None]  # [1, B, K, S, D]: layer index 0 is free
+        vc = None if v_cache is None else v_cache[i][None]
+        (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, 0), cos, sin, allowed, index)
+        if kc is not None:
+            new_k.append(kc[0])
+            new_v.append(vc[0])
+    hidden = rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps)
+    if k_cache is None:
+        return hidden, None, None
+    return hidden, tuple(new_k), tuple(new_v)
 
 
 def apply(
@@ -299,6 +365,8 @@ def apply(
     positions: [B, T] RoPE positions; by default the count of real tokens before each one (plus the
       cache's `pos` when a cache is given), so left-padded rows start at position 0.
     cache: a KV cache from `init_cache`; the new tokens go to slots [index, index + T).
+    params may be stacked (from `init_params` / `load_pretrained`) or per-layer (`unstack_layers`); a
+    per-layer params tree needs a per-layer cache (`init_cache(..., per_layer=True)`) and vice versa.
     Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`;
     the updated cache or None).
     """
@@ -324,9 +392,20 @@ def apply(
         allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
         k_cache, v_cache = cache["k"], cache["v"]
 
-    hidden, k_cache, v_cache = model.apply(
-        {"params": params}, input_ids, positions, allowed, k_cache, v_cache, index
-    )
+    unrolled = isinstance(params["layers"], (tuple, list))
+    if cache is not None and unrolled != isinstance(k_cache, (tuple, list)):
+        raise ValueError(
+            "params and cache disagree on the layer layout: per-layer params (unstack_layers) need "
+            "init_cache(..., per_layer=True), stacked params need a stacked cache"
+        )
+    if unrolled:
+        hidden, k_cache, v_cache = _run_layers_unrolled(
+            config, params, input_ids, positions, allowed, k_cache, v_cache, index
+        )
+    else:
+        hidden, k_cache, v_cache = model.apply(
+            {"params": params}, input_ids, positions, allowed, k_cache, v_cache, index
+        )
     new_cache = None
     if cache is not None:
         new_cache = dict(
@@ -343,7 +422,8 @@ def apply(
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states [..., E] -> float32 logits [..., V] (tied or untied head)."""
-    return _module(config).apply({"params": params}, hidden, method=Decoder.logits)
+    head = {k: params[k] for k in ("embed", "lm_head") if k in params}
+    return _module(config).apply({"params": head}, hidden, method=Decoder.logits)
 
 
 def forward(

@@ -1,0 +1,245 @@
+"""Generation throughput: the jitted sampler vs Hugging Face `transformers` generate, in the same run.
+
+Workload (../shared/bench/workloads.md, "Generation (rollout)"): batch 16, prompt 128 random token ids each,
+128 new tokens, no early stop; greedy, then temperature 1.0 / top-p 1.0 sampling. Qwen3-architecture
+models with random (seeded) weights in the shapes `tiny`, `small` (and `qwen3-0.6b` on request).
+Figure: generated tokens per second (16 x 128 / wall time of one generate call, prompt processing
+included), median over `--repeats` calls after one warm-up call; the JAX compile time is reported
+separately. Peer: `transformers` generate (PyTorch, KV cache on, the same number of threads), timed
+interleaved with ours so both see the same machine load. Also printed: the measured float32 matmul peak
+and the decode MFU (2 x params x tokens/s / peak).
+
+    python -m rwml_jax.bench.generate_bench                       # tiny + small on CPU, with the peer
+    python -m rwml_jax.bench.generate_bench --shapes qwen3-0.6b --repeats 1
+    python -m rwml_jax.bench.generate_bench --device gpu          # qwen3-0.6b, bfloat16, HBM bandwidth
+
+GPU mode (`--device gpu`): qwen3-0.6b in bfloat16 (bfloat16 KV cache), no peer. Besides tokens/s it
+reports the decode step time (t(128 new tokens) - t(1 new token), over 127 steps) and the fraction of
+peak memory bandwidth it reaches: bytes read per decode step (all parameters + the whole KV cache, which
+every step attends over) / step time / `--peak-bw` (default 4.8e12 B/s, an H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+SHAPES: dict[str, dict[str, int]] = {  # workloads.md, "Model shapes"
+    "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=64, intermediate_size=704),
+    "small": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, intermediate_size=2048),
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072),
+}
+MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0, top_p=1.0)}
+
+
+def shape_config(name: str, dtype: str = "float32"):
+    from rwml_jax.models.config import ModelConfig
+
+    return ModelConfig(model_type="qwen3", qk_norm=True, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=40960, param_dtype=dtype, compute_dtype=dtype, **SHAPES[name])
+
+
+def matmul_peak_gflops(seconds: float = 3.0) -> float:
+    """Measured float32 2048^3 matmul GFLOP/s (JAX), best of several runs."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
+class Ours:
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int):
+        import jax
+        import numpy as np
+
+        from rwml_jax import sampling
+        from rwml_jax.models import decoder
+
+        self.config, self.new_tokens = config, new_tokens
+        self.params = decoder.init_params(config, jax.random.key(seed))
+        rng = np.random.default_rng(seed)
+        self.prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+        self.sampler = sampling.Sampler(config, max_new_tokens=new_tokens)
+        self.params = self.sampler.prepare(self.params)
+
+    def __call__(self, mode: str, new_tokens: int | None = None) -> float:
+        t = time.perf_counter()
+        out = self.sampler.generate(self.params, self.prompts, max_new_tokens=new_tokens or self.new_tokens, seed=1,
+                                    stop_at_eos=False, **MODES[mode])
+        dt = time.perf_counter() - t
+        expected = len(self.prompts) * (new_tokens or self.new_tokens)
+        assert out.num_generated == expected, (out.num_generated, expected)
+        return dt
+
+
+class Peer:
+    """transformers generate on the same shapes (its own random weights; only shapes matter for speed)."""
+
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        d = config.to_hf_dict()
+        d.pop("architectures")
+        d.pop("model_type")
+        d.update(eos_token_id=None, bos_token_id=None, pad_token_id=0)
+        self.model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**d)).eval()
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen)
+        self.new_tokens = new_tokens
+        self.torch = torch
+
+    def __call__(self, mode: str) -> float:
+        kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        t = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(input_ids=self.ids, attention_mask=self.torch.ones_like(self.ids), use_cache=True,
+                                      max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, eos_token_id=None,
+                                      pad_token_id=0, **kw)
+        dt = time.perf_counter() - t
+        assert out.shape[1] == self.ids.shape[1] + self.new_tokens
+        return dt
+
+
+def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+
+    peak = matmul_peak_gflops()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+          f"({jax.devices()[0].platform}), matmul peak {peak:.1f} GFLOP/s (float32, 2048^3)", flush=True)
+    rows = []
+    for shape in args.shapes:
+        config = shape_config(shape, args.dtype)
+        tokens = args.batch * args.new_tokens
+        t0 = time.perf_counter()
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed,
+                                              args.threads)
+        setup_s = time.perf_counter() - t0
+        for mode in args.modes:
+            compile_before = ours.sampler.compile_seconds
+            warm = ours(mode)
+            compile_s = ours.sampler.compile_seconds - compile_before
+            if peer is not None:
+                peer(mode)
+            t_ours, t_peer = [], []
+            for _ in range(args.repeats):  # interleaved: both see the same load
+                t_ours.append(ours(mode))
+                if peer is not None:
+                    t_peer.append(peer(mode))
+            ours_tps = tokens / statistics.median(t_ours)
+            peer_tps = tokens / statistics.median(t_peer) if t_peer else float("nan")
+            row = dict(shape=shape, mode=mode, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       dtype=args.dtype, ours_tok_s=ours_tps, peer_tok_s=peer_tps, ratio=ours_tps / peer_tps,
+                       compile_s=compile_s, first_call_s=warm, ours_s=t_ours, peer_s=t_peer, setup_s=setup_s,
+                       params=config.num_params, mfu=2 * config.num_params * ours_tps / (peak * 1e9),
+                       peer_mfu=2 * config.num_params * peer_tps / (peak * 1e9), matmul_peak_gflops=peak)
+            rows.append(row)
+            print(f"{shape:>10} {mode:>6}: ours {ours_tps:8.1f} tok/s  peer {peer_tps:8.1f} tok/s  "
+                  f"ratio {row['ratio']:5.2f}x  compile {compile_s:5.1f} s  MFU ours {row['mfu']:.1%} "
+                  f"peer {row['peer_mfu']:.1%}  (runs ours {[round(x, 2) for x in t_ours]} s, "
+                  f"peer {[round(x, 2) for x in t_peer]} s)", flush=True)
+        del ours, peer
+    print("\n| workload | model | ours tok/s | transformers tok/s | ratio | JAX compile s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| generate B{r['batch']} P{r['prompt_len']} N{r['new_tokens']} {r['mode']} ({r['dtype']}, CPU) "
+              f"| {r['shape']} | {r['ours_tok_s']:.0f} | {r['peer_tok_s']:.0f} | {r['ratio']:.2f}x | {r['compile_s']:.1f} |")
+    return rows
+
+
+def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+    import numpy as np
+
+    dev = jax.devices()[0]
+    if dev.platform not in ("gpu", "cuda", "rocm"):
+        raise SystemExit(f"--device gpu: JAX sees no GPU (default device: {dev.platform}); install jax[cuda12]")
+    rows = []
+    for shape in args.shapes:
+        config = shape_config(shape, args.dtype)
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        for mode in args.modes:
+            compile_before = ours.sampler.compile_seconds
+            ours(mode)
+            ours(mode, new_tokens=1)
+            compile_s = ours.sampler.compile_seconds - compile_before
+            t_full = [ours(mode) for _ in range(args.repeats)]
+            t_one = [ours(mode, new_tokens=1) for _ in range(args.repeats)]
+            full, one = statistics.median(t_full), statistics.median(t_one)
+            step_s = (full - one) / (args.new_tokens - 1)
+            param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(ours.params))
+            c = config
+            S = ours.sampler.max_new_tokens + max(16, 1 << (args.prompt_len - 1).bit_length())
+            kv_bytes = (2 * c.num_hidden_layers * args.batch * c.num_key_value_heads * S * c.head_dim
+                        * ours.sampler.cache_dtype.itemsize)
+            bw = (param_bytes + kv_bytes) / step_s
+            row = dict(shape=shape, mode=mode, device=dev.device_kind, dtype=args.dtype, batch=args.batch,
+                       tok_s=args.batch * args.new_tokens / full, decode_tok_s=args.batch / step_s,
+                       step_ms=step_s * 1e3, prefill_s=one, compile_s=compile_s, param_bytes=param_bytes,
+                       kv_bytes=kv_bytes, bytes_per_s=bw, bw_fraction=bw / args.peak_bw)
+            rows.append(row)
+            print(f"{shape} {mode} on {dev.device_kind}: {row['tok_s']:.0f} tok/s end to end, decode step "
+                  f"{row['step_ms']:.2f} ms ({row['decode_tok_s']:.0f} tok/s), reads {(param_bytes + kv_bytes) / 1e9:.2f} "
+                  f"GB/step = {bw / 1e12:.2f} TB/s = {row['bw_fraction']:.1%} of {args.peak_bw / 1e12:.2f} TB/s; "
+                  f"compile {compile_s:.1f} s", flush=True)
+    print("\n| workload | model | device | tok/s | decode step ms | HBM bandwidth used | JAX compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| generate B{r['batch']} P{args.prompt_len} N{args.new_tokens} {r['mode']} ({r['dtype']}) | {r['shape']} "
+              f"| {r['device']} | {r['tok_s']:.0f} | {r['step_ms']:.2f} | {r['bw_fraction']:.0%} | {r['compile_s']:.1f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: side by side with transformers; gpu: qwen3-0.6b bfloat16 + bandwidth (default cpu)")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
+                   help="model shapes (default: tiny small on cpu, qwen3-0.6b on gpu)")
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["greedy", "sample"],
+                   help="greedy and/or temperature-1.0 sampling (default both)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per generate call (default 16)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration; median (default 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="PyTorch intra-op threads (JAX uses all cores) (default: the core count)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter / compute dtype (default float32 on cpu, bfloat16 on gpu)")
+    p.add_argument("--peak-bw", type=float, default=4.8e12,
+                   help="--device gpu: peak memory bandwidth in B/s (default 4.8e12, H200; H100 SXM 3.35e12)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers (cpu mode)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or (["qwen3-0.6b"] if args.device == "gpu" else ["tiny", "small"])
+    args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
+    rows = run_gpu(args) if args.device == "gpu" else run_cpu(args)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

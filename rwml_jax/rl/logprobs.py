@@ -1,0 +1,112 @@
+"""Per-token log-probabilities of completion tokens, computed in float32 without [B, T, V] logits.
+
+The decoder runs once over the whole packed sequence [B, T] and returns final-norm hidden states;
+only the C positions that predict completion tokens go through the LM head ([B, C, V] instead of
+[B, T, V]). With `chunk` set, the LM head and log-softmax run over `chunk` completion positions at a
+time under `jax.checkpoint`, so at most [B, chunk, V] logits are alive in the forward and the
+backward pass (useful for 150k-token vocabularies on accelerators; on CPU the unchunked form is
+usually faster).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rwml_jax.models import decoder
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.rl.train_forward import hidden_states
+
+
+def completion_positions(completion_start: jax.Array, completion_len: int, seq_len: int) -> jax.Array:
+    """[B, C] int32: the slot of completion token j of each row (clipped into [0, T))."""
+    idx = completion_start[:, None].astype(jnp.int32) + jnp.arange(completion_len, dtype=jnp.int32)[None, :]
+    return jnp.clip(idx, 0, seq_len - 1)
+
+
+def _logp_and_entropy(
+    config: ModelConfig, params: Any, hidden: jax.Array, targets: jax.Array, with_entropy: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """hidden [B, c, E], targets [B, c] -> (log p(target) [B, c] f32, entropy [B, c] f32 or None)."""
+    logits = decoder.lm_logits(config, params, hidden)  # [B, c, V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    # Select the target logit with a compare-and-reduce: fuses into one pass and partitions over a
+    # vocabulary sharded across devices (a gather would not).
+    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+    logp = target_logit - lse
+    entropy = None
+    if with_entropy:
+        probs = jax.lax.stop_gradient(jnp.exp(logits - lse[..., None]))
+        entropy = jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
+    return logp, entropy
+
+
+def logprobs_from_hidden(
+    config: ModelConfig,
+    params: Any,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs of `targets` [B, C] given the hidden states that predict them, hidden [B, C, E].
+
+    chunk: completion positions per LM-head chunk (must divide C); None or 0 = all at once.
+    Returns (logp [B, C] float32, entropy [B, C] float32 (no gradient) or None).
+    """
+    B, C, E = hidden.shape
+    if not chunk or chunk >= C:
+        return _logp_and_entropy(config, params, hidden, targets, with_entropy)
+    if C % chunk:
+        raise ValueError(f"logits chunk {chunk} does not divide the completion length {C}")
+    n = C // chunk
+    hs = jnp.moveaxis(hidden.reshape(B, n, chunk, E), 1, 0)  # [n, B, chunk, E]; batch sharding kept
+    ts = jnp.moveaxis(targets.reshape(B, n, chunk), 1, 0)
+
+    @jax.checkpoint
+    def one(h_t):
+        h, t = h_t
+        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy)
+        return logp, (ent if ent is not None else jnp.zeros_like(logp))
+
+    logp, ent = jax.lax.map(one, (hs, ts))
+    logp = jnp.moveaxis(logp, 0, 1).reshape(B, C)
+    ent = jnp.moveaxis(ent, 0, 1).reshape(B, C) if with_entropy else None
+    return logp, ent
+
+
+def completion_logprobs(
+    config: ModelConfig,
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    chunk: int | None = None,
+    with_entropy: bool = False,
+    fuse: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs of each row's completion tokens under (config, params).
+
+    batch: `input_ids` [B, T], `attention_mask` [B, T], `completion_start` [B], `completion_mask`
+    [B, C] (see `rwml_jax.rl.batch`). The decoder runs through `rl.train_forward.hidden_states`
+    (fuse: fused q/k/v and gate/up matmuls; use False when the mesh's tensor axis is > 1).
+    Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None).
+    Differentiable with respect to `params`.
+    """
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    C = batch["completion_mask"].shape[1]
+    hidden = hidden_states(config, params, ids, batch["attention_mask"], fuse=fuse)
+    pos = completion_positions(batch["completion_start"], C, T)  # [B, C] slots of the targets
+    targets = jnp.take_along_axis(ids, pos, axis=1)
+    # The hidden state at slot s - 1 predicts the token at slot s.
+    h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
+    logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy)
+    m = batch["completion_mask"] > 0
+    logp = jnp.where(m, logp, 0.0)
+    if ent is not None:
+        ent = jnp.where(m, ent, 0.0)
+    return logp, ent

@@ -1,0 +1,166 @@
+"""The decoder's forward pass laid out for training: the same parameters and numbers as
+`rwml_jax.models.decoder.apply(..., return_hidden=True)` (no KV cache), arranged so that the backward
+pass XLA derives is cheap.
+
+Differences from the sampler-oriented decoder (all numerically equivalent):
+- projections are 2-D matmuls over flattened tokens [B*T, E]; with `fuse=True` q/k/v and gate/up run
+  as one matmul each (weights concatenated per step; use it when the mesh's tensor axis is 1, since
+  concatenating head-sharded weights would need communication);
+- attention runs on [B, K, G, T, D] with an additive float32 mask bias and a hand-written VJP
+  (`attention`), which saves the probabilities and skips the layout copies and extra softmax passes
+  of the autodiff version;
+- `config.remat` ("none" / "full" / "dots") rematerialises each layer as in the decoder.
+
+Shapes: B batch, T tokens, E hidden, H query heads, K kv heads, G = H / K, D head_dim, F SwiGLU width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.decoder import positions_from_mask, rms_norm
+from rwml_jax.models.rope import apply_rope, rope_tables
+
+_NEG_INF = -1e30
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention core with a hand-written VJP
+# ---------------------------------------------------------------------------------------------------
+
+def _probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) + bias[:, None, None]
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T + bias) v per (batch, kv head, query group).
+
+    q: [B, K, G, T, D] (already scaled by D^-0.5), k, v: [B, K, S, D], bias: [B, T, S] float32
+    (0 where allowed, -1e30 where masked). Returns [B, K, G, T, D] in q's dtype; softmax in float32.
+    """
+    return jnp.einsum("bkgts,bksd->bkgtd", _probs(q, k, bias).astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, bias):
+    p = _probs(q, k, bias)
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v)
+    return out, (q, k, v, p)
+
+
+def _attention_bwd(res, dout):
+    q, k, v, p = res
+    pc = p.astype(v.dtype)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", pc, dout)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", dout, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q)
+    return dq, dk, dv, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def _layer(c: ModelConfig, lp: dict[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
+           bias: jax.Array, fuse: bool) -> jax.Array:
+    """One pre-norm block on x [B, T, E] (compute dtype); lp: this layer's slice of params["layers"]."""
+    B, T, E = x.shape
+    H, K, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    G = H // K
+    cdt = jnp.dtype(c.compute_dtype)
+    a, m = lp["attn"], lp["mlp"]
+
+    h = rms_norm(x, lp["input_norm"]["scale"], c.rms_norm_eps).reshape(B * T, E)
+    wq, wk, wv = (a[f"{n}_kernel"].reshape(E, -1).astype(cdt) for n in "qkv")
+    if fuse:
+        qkv = h @ jnp.concatenate([wq, wk, wv], axis=1)
+        q, k, v = jnp.split(qkv, [H * D, (H + K) * D], axis=1)
+    else:
+        q, k, v = h @ wq, h @ wk, h @ wv
+    if c.qkv_bias:
+        q = q + a["q_bias"].reshape(-1).astype(cdt)
+        k = k + a["k_bias"].reshape(-1).astype(cdt)
+        v = v + a["v_bias"].reshape(-1).astype(cdt)
+    q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, K, D), v.reshape(B, T, K, D)
+    if c.qk_norm:
+        q = rms_norm(q, a["q_norm"]["scale"], c.rms_norm_eps)
+        k = rms_norm(k, a["k_norm"]["scale"], c.rms_norm_eps)
+    q = apply_rope(q, cos, sin) * jnp.asarray(D**-0.5, cdt)
+    k = apply_rope(k, cos, sin)
+    q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    o = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias)  # [B, K, G, T, D]
+    o = o.transpose(0, 3, 1, 2, 4).reshape(B * T, H * D)
+    y = o @ a["o_kernel"].reshape(H * D, E).astype(cdt)
+    if c.o_bias:
+        y = y + a["o_bias"].astype(cdt)
+    x = x + y.reshape(B, T, E)
+
+    h = rms_norm(x, lp["post_attention_norm"]["scale"], c.rms_norm_eps).reshape(B * T, E)
+    wg, wu = m["gate_kernel"].astype(cdt), m["up_kernel"].astype(cdt)
+    if fuse:
+        gate, up = jnp.split(h @ jnp.concatenate([wg, wu], axis=1), [F], axis=1)
+    else:
+        gate, up = h @ wg, h @ wu
+    if c.mlp_bias:
+        gate = gate + m["gate_bias"].astype(cdt)
+        up = up + m["up_bias"].astype(cdt)
+    act = _constrain((jax.nn.silu(gate) * up).reshape(B, T, F),
+                     ("activation_batch", "activation_length", "activation_mlp")).reshape(B * T, F)
+    y = act @ m["down_kernel"].astype(cdt)
+    if c.mlp_bias:
+        y = y + m["down_bias"].astype(cdt)
+    x = x + y.reshape(B, T, E)
+    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def hidden_states(
+    config: ModelConfig,
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    fuse: bool = True,
+) -> jax.Array:
+    """Final-norm hidden states [B, T, E] of a right- or left-padded batch (no cache).
+
+    input_ids, attention_mask: [B, T]; positions skip padding (as `decoder.apply`). Equal to
+    `decoder.apply(config, params, input_ids, attention_mask, return_hidden=True)[0]` up to float
+    rounding. fuse: one matmul for q/k/v and one for gate/up (see module docstring).
+    """
+    c = config
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), bool)
+    mask = attention_mask.astype(bool)
+    cos, sin = rope_tables(c, positions_from_mask(mask))
+    slot = jnp.arange(T)
+    allowed = (slot[None, :] <= slot[:, None])[None] & mask[:, None, :]
+    bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)  # [B, T, T]
+
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(jnp.dtype(c.compute_dtype))
+    x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def body(x, lp):
+        return _layer(c, lp, x, cos, sin, bias, fuse), None
+
+    if c.remat != "none":
+        policy = None if c.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps)

@@ -1,0 +1,406 @@
+"""The compiled sampler: a jitted prefill and a jitted on-device decode loop over a preallocated KV cache.
+
+    sampler = Sampler(config, max_new_tokens=256, mesh=mesh)
+    out = sampler.generate(params, prompts, temperature=1.0, seed=step)   # -> GenerationOutput
+
+One call:
+1. `prepare(params)`: the stacked layer weights are split into per-layer arrays (one jitted copy, placed in
+   the mesh's parameter shardings; memoised while the same params object is passed again), so the decode
+   loop runs the layers unrolled and never slices weights per step.
+2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
+3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
+   the logits of the last slot only, and samples token 0.
+4. `decode` (jit, state donated): one `lax.while_loop` on device; each iteration feeds every row's last
+   token (one cache slot, all rows advance together), samples the next, records it and its log-prob, and
+   checks the stop conditions. It exits as soon as every row is done (stop token, stop sequence,
+   max_new_tokens), so a batch that finishes early costs no further steps. No host round trip per token.
+5. The KV cache returned by `decode` is kept and donated to the next call of the same shape: it is
+   allocated once per (B, P) and updated in place (`dynamic_update_slice` on donated buffers).
+
+Shapes: B rows (a batch bucket, a multiple of the mesh's data x fsdp size), P prompt slots (a prompt
+bucket), N = `max_new_tokens` capacity, S = P + N cache slots, L layers, K kv heads, D head_dim.
+KV cache: per layer k, v [B, K, S, D] in `cache_dtype`, batch sharded over (data, fsdp), kv heads over
+tensor when they divide it.
+
+Compilations: one for `prepare` per Sampler; then two (prefill + decode) per distinct (batch bucket,
+prompt bucket, sampling mode, stop-condition size bucket). The sampling mode is greedy (temperature 0),
+plain sampling, or sampling with top-k (per k) and/or top-p; temperature and top_p values, the seed and
+max_new_tokens (up to the capacity) are runtime values and never recompile. A run with fixed settings whose
+prompts fall in one bucket pair costs 3 compilations in total; `num_compilations` / `compile_seconds` count
+them.
+
+Multi-host: inputs are placed with `jax.device_put`, i.e. every process must pass the same full batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rwml_jax import sharding as sh
+from rwml_jax.models import decoder
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.sampling import buckets, filters, stop
+from rwml_jax.sampling.outputs import _DEVICE_REASONS, LENGTH, STOP_STRING, GenerationOutput
+
+_BATCH = ("data", "fsdp")
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A (data, fsdp, tensor) = (1, 1, 1) mesh on `device` (the default device)."""
+    return sh.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
+
+
+def default_cache_dtype(config: ModelConfig, mesh: Mesh) -> jnp.dtype:
+    """bfloat16 on accelerators; the model's compute dtype on CPU."""
+    if mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu"):
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(config.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    batch: int
+    prompt: int
+    mode: filters.SamplingMode
+    stop_shapes: tuple[tuple[int, ...], ...]
+
+
+class Sampler:
+    """A reusable sampler for one model config, mesh and `max_new_tokens` capacity (see module docstring).
+
+    Args:
+      config: the decoder config (static: part of every compiled function).
+      max_new_tokens: capacity N; each call may ask for up to N new tokens.
+      mesh: a ("data", "fsdp", "tensor") mesh; the batch is sharded over data x fsdp, parameters follow
+        `rules`. None: the default device.
+      cache_dtype: KV cache dtype (default: bfloat16 on GPU/TPU, the compute dtype on CPU).
+      prompt_buckets: allowed prompt slot counts P (default powers of two from 16, see `buckets`).
+      rules: logical-axis rules (default `rwml_jax.sharding.DEFAULT_RULES`).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        max_new_tokens: int,
+        mesh: Mesh | None = None,
+        cache_dtype: str | jnp.dtype | None = None,
+        prompt_buckets: Sequence[int] | None = None,
+        rules: Sequence[tuple[str, Any]] | None = None,
+    ):
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected >= 1")
+        self.config = config
+        self.max_new_tokens = int(max_new_tokens)
+        self.mesh = mesh if mesh is not None else single_device_mesh()
+        self.rules = tuple(rules if rules is not None else sh.DEFAULT_RULES)
+        self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else default_cache_dtype(config, self.mesh)
+        self.prompt_buckets = tuple(prompt_buckets) if prompt_buckets else None
+        self.batch_multiple = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.num_compilations = 0
+        self.compile_seconds = 0.0
+        self._executables: dict[_Key, tuple[Any, Any]] = {}
+        self._caches: dict[tuple[int, int], dict[str, Any]] = {}
+        self._prepared: tuple[list[Any], Any] | None = None
+        self._unstack_compiled: dict[tuple, Any] = {}
+        self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
+        layer_shardings = jax.tree.map(
+            lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])), self._stacked_shardings["layers"]
+        )
+        prepared = dict(self._stacked_shardings)
+        prepared["layers"] = tuple(layer_shardings for _ in range(config.num_hidden_layers))
+        self._prepared_shardings = prepared
+        self._unstack = jax.jit(decoder.unstack_layers, out_shardings=prepared)
+
+    # ------------------------------------------------------------------------------------------ params
+    def prepare(self, params: Any) -> Any:
+        """Per-layer parameters in the mesh's shardings (memoised on the identity of `params`' leaves).
+
+        Passing the result back to `generate` skips the check; RL loops that update params every step
+        pay one weight copy per call.
+        """
+        if isinstance(params.get("layers"), (tuple, list)):
+            return params
+        leaves = jax.tree.leaves(params)
+        if self._prepared is not None and len(leaves) == len(self._prepared[0]) and all(
+            a is b for a, b in zip(leaves, self._prepared[0])
+        ):
+            return self._prepared[1]
+        expected = jax.tree.structure(self._stacked_shardings)
+        if jax.tree.structure(params) != expected:
+            raise ValueError(
+                f"params do not match the config's parameter tree: got {jax.tree.structure(params)}, "
+                f"expected {expected} (was the model loaded with a different config?)"
+            )
+        placed = jax.device_put(params, self._stacked_shardings)
+        signature = tuple((a.shape, a.dtype) for a in leaves)
+        if signature not in self._unstack_compiled:
+            t0 = time.perf_counter()
+            self._unstack_compiled[signature] = self._unstack.lower(placed).compile()
+            self.num_compilations += 1
+            self.compile_seconds += time.perf_counter() - t0
+        prepared = self._unstack_compiled[signature](placed)
+        self._prepared = (leaves, prepared)
+        return prepared
+
+    def release(self) -> None:
+        """Drop the kept KV caches and the memoised per-layer parameters (compiled code stays)."""
+        self._caches.clear()
+        self._prepared = None
+
+    # -------------------------------------------------------------------------------------- shardings
+    def _kv_axis(self) -> Any:
+        axis = dict(self.rules).get("kv_heads")
+        if axis is None:
+            return None
+        names = axis if isinstance(axis, tuple) else (axis,)
+        size = int(np.prod([self.mesh.shape[a] for a in names]))
+        return axis if self.config.num_key_value_heads % size == 0 else None
+
+    def _shardings(self) -> dict[str, Any]:
+        m = self.mesh
+        kv = NamedSharding(m, PartitionSpec(_BATCH, self._kv_axis(), None, None))
+        L = self.config.num_hidden_layers
+        cache = dict(
+            k=tuple(kv for _ in range(L)),
+            v=tuple(kv for _ in range(L)),
+            mask=NamedSharding(m, PartitionSpec(_BATCH, None)),
+            pos=NamedSharding(m, PartitionSpec(_BATCH)),
+            index=NamedSharding(m, PartitionSpec()),
+        )
+        rows = NamedSharding(m, PartitionSpec(_BATCH))
+        rows2 = NamedSharding(m, PartitionSpec(_BATCH, None))
+        state = dict(
+            cache=cache, tokens=rows2, logprobs=rows2, window=rows2, last=rows, done=rows, reason=rows,
+            lengths=rows, step=NamedSharding(m, PartitionSpec()),
+        )
+        return dict(cache=cache, state=state, rows=rows, rows2=rows2, repl=NamedSharding(m, PartitionSpec()))
+
+    def _new_cache(self, batch: int, prompt: int) -> dict[str, Any]:
+        c = self.config
+        S = prompt + self.max_new_tokens
+        zeros = jax.jit(
+            lambda: decoder.init_cache(c, batch, S, self.cache_dtype, per_layer=True),
+            out_shardings=self._shardings()["cache"],
+        )
+        return zeros()
+
+    # ------------------------------------------------------------------------------------ device code
+    def _advance(self, state, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode):
+        """Sample one token per row from logits [B, V] and record it (shared by prefill and decode)."""
+        B = logits.shape[0]
+        step = state["step"]
+        tok = filters.sample(logits, filters.row_keys(seed, step, B), mode, temperature, top_p)
+        logp = filters.token_logprobs(logits, tok)
+        live = ~state["done"]
+        zero = jnp.zeros((), jnp.int32)
+        tokens = jax.lax.dynamic_update_slice(state["tokens"], jnp.where(live, tok, -1)[:, None], (zero, step))
+        logprobs = jax.lax.dynamic_update_slice(state["logprobs"], jnp.where(live, logp, 0.0)[:, None], (zero, step))
+        window = stop.push_window(state["window"], tok)
+        tok_hit, seq_hit = stop.stop_hits(tok, window, stop_ids, stop_seqs, stop_lens)
+        length_hit = step + 1 >= max_new
+        reason = jnp.where(tok_hit, 1, jnp.where(seq_hit, 2, jnp.where(length_hit, 3, 0)))
+        reason = jnp.where(live, reason, state["reason"]).astype(jnp.int32)
+        return dict(
+            state,
+            tokens=tokens,
+            logprobs=logprobs,
+            window=window,
+            last=tok,
+            done=state["done"] | (reason > 0),
+            reason=reason,
+            lengths=state["lengths"] + live.astype(jnp.int32),
+            step=step + 1,
+        )
+
+    def _prefill_fn(self, mode: filters.SamplingMode, window: int):
+        c, N = self.config, self.max_new_tokens
+
+        def prefill(lparams, cache, ids, mask, valid, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
+            B, P = ids.shape
+            cache = dict(
+                cache,
+                mask=jnp.zeros_like(cache["mask"]),
+                pos=jnp.zeros_like(cache["pos"]),
+                index=jnp.zeros_like(cache["index"]),
+            )
+            hidden, cache = decoder.apply(c, lparams, ids, mask, cache=cache, return_hidden=True)
+            logits = decoder.lm_logits(c, lparams, hidden[:, -1])  # left padding: the last slot is real
+            state = dict(
+                cache=cache,
+                tokens=jnp.full((B, N), -1, jnp.int32),
+                logprobs=jnp.zeros((B, N), jnp.float32),
+                window=jnp.full((B, window), -1, jnp.int32),
+                last=jnp.zeros((B,), jnp.int32),
+                done=~valid,
+                reason=jnp.zeros((B,), jnp.int32),
+                lengths=jnp.zeros((B,), jnp.int32),
+                step=jnp.zeros((), jnp.int32),
+            )
+            return self._advance(state, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
+
+        return prefill
+
+    def _decode_fn(self, mode: filters.SamplingMode):
+        c = self.config
+
+        def decode(lparams, state, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
+            def cond(s):
+                return (s["step"] < max_new) & ~jnp.all(s["done"])
+
+            def body(s):
+                logits, cache = decoder.apply(c, lparams, s["last"][:, None], None, cache=s["cache"])
+                s = dict(s, cache=cache)
+                return self._advance(s, logits[:, 0], seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
+
+            return jax.lax.while_loop(cond, body, state)
+
+        return decode
+
+    def _compile(self, key: _Key, lparams, cache, args_prefill, args_decode):
+        t0 = time.perf_counter()
+        shd = self._shardings()
+        repl, rows, rows2 = shd["repl"], shd["rows"], shd["rows2"]
+        scalars = (repl,) * 7  # seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens
+        prefill = jax.jit(
+            self._prefill_fn(key.mode, key.stop_shapes[1][1]),
+            in_shardings=(self._prepared_shardings, shd["cache"], rows2, rows2, rows) + scalars,
+            out_shardings=shd["state"],
+            donate_argnums=(1,),
+        )
+        decode = jax.jit(
+            self._decode_fn(key.mode),
+            in_shardings=(self._prepared_shardings, shd["state"]) + scalars,
+            out_shardings=shd["state"],
+            donate_argnums=(1,),
+        )
+        with jax.set_mesh(self.mesh), sh.axis_rules(self.rules):
+            prefill_exe = prefill.lower(lparams, cache, *args_prefill).compile()
+            state_shape = jax.eval_shape(prefill, lparams, cache, *args_prefill)
+            state_abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state_shape, shd["state"]
+            )
+            decode_exe = decode.lower(lparams, state_abstract, *args_decode).compile()
+        self.num_compilations += 2
+        self.compile_seconds += time.perf_counter() - t0
+        return prefill_exe, decode_exe
+
+    # ------------------------------------------------------------------------------------------ public
+    def generate(
+        self,
+        params: Any,
+        prompts: Sequence[Sequence[int] | str],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop_token_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] | str | None = None,
+        tokenizer: Any = None,
+        stop_at_eos: bool = True,
+    ) -> GenerationOutput:
+        """Generate continuations of `prompts` (token-id lists, or strings when a tokenizer is given).
+
+        max_new_tokens: at most this many tokens per row (default: the capacity). temperature 0 = greedy.
+        stop_token_ids: extra stop tokens; with `stop_at_eos`, the config's and the tokenizer's EOS ids are
+        added. Every row ends at its first stop (see `rwml_jax.sampling.stop`); the stop token (or the
+        token completing a stop string) is the row's last token. Deterministic for a given seed.
+        """
+        c = self.config
+        n_new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= n_new <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; this sampler allows 1..{self.max_new_tokens}")
+        token_lists = _as_token_lists(prompts, tokenizer, c.vocab_size)
+        mode = filters.sampling_mode(float(temperature), top_k, float(top_p), c.vocab_size)
+        stop_ids = list(stop_token_ids)
+        if stop_at_eos:
+            stop_ids += list(c.eos_token_ids)
+            if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+                stop_ids.append(int(tokenizer.eos_token_id))
+        criteria = stop.build_stop_criteria(stop_ids, stop_strings, tokenizer, c.vocab_size)
+        stop_arrays = criteria.device_arrays()
+
+        n_rows = len(token_lists)
+        B = buckets.batch_bucket(n_rows, self.batch_multiple)
+        P = buckets.prompt_bucket(max(len(t) for t in token_lists), self.prompt_buckets)
+        ids, mask = buckets.left_pad(token_lists, P, B)
+        valid = np.arange(B) < n_rows
+
+        shd = self._shardings()
+        lparams = self.prepare(params)
+        put = jax.device_put
+        dev_ids, dev_mask, dev_valid = put(ids, shd["rows2"]), put(mask, shd["rows2"]), put(valid, shd["rows"])
+        scalars = tuple(put(np.asarray(x, dt), shd["repl"]) for x, dt in (
+            (seed, np.int32), (temperature if temperature > 0 else 1.0, np.float32), (top_p, np.float32),
+            (n_new, np.int32)))
+        scalars += tuple(put(a, shd["repl"]) for a in stop_arrays)
+        cache = self._caches.pop((B, P), None)
+        if cache is None:
+            cache = self._new_cache(B, P)
+        key = _Key(B, P, mode, tuple(a.shape for a in stop_arrays))
+        if key not in self._executables:
+            self._executables[key] = self._compile(key, lparams, cache, (dev_ids, dev_mask, dev_valid) + scalars, scalars)
+        prefill, decode = self._executables[key]
+        state = prefill(lparams, cache, dev_ids, dev_mask, dev_valid, *scalars)
+        state = decode(lparams, state, *scalars)
+        self._caches[(B, P)] = state["cache"]
+        host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "lengths", "reason", "step")})
+        return _finish(host, n_rows, [len(t) for t in token_lists], criteria, tokenizer)
+
+
+def _as_token_lists(prompts: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of prompts (token-id lists or strings); got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: nothing to generate")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is a string; pass tokenizer=... or token-id lists")
+            p = tokenizer.encode(p, add_special_tokens=False)
+        p = [int(t) for t in np.asarray(p).reshape(-1)] if not isinstance(p, list) else p
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        out.append([int(t) for t in p])
+    return out
+
+
+def _finish(host: dict[str, np.ndarray], n_rows: int, prompt_lens: list[int], criteria: stop.StopCriteria,
+            tokenizer: Any) -> GenerationOutput:
+    tokens = np.array(host["tokens"][:n_rows])
+    logprobs = np.array(host["logprobs"][:n_rows])
+    lengths = np.array(host["lengths"][:n_rows])
+    reasons = [_DEVICE_REASONS.get(int(r), LENGTH) for r in host["reason"][:n_rows]]
+    texts = None if tokenizer is None else []
+    for i in range(n_rows):
+        n = int(lengths[i])
+        text = None
+        cut = stop.truncate_at_stop_string(tokenizer, tokens[i, :n].tolist(), criteria.strings) if criteria.strings else None
+        if cut is not None:
+            keep, text = cut
+            tokens[i, keep:] = -1
+            logprobs[i, keep:] = 0.0
+            lengths[i] = keep
+            reasons[i] = STOP_STRING
+        if texts is not None:
+            if text is None:
+                text = tokenizer.decode(tokens[i, : int(lengths[i])].tolist(), skip_special_tokens=True)
+            texts.append(text)
+    return GenerationOutput(
+        tokens=tokens, logprobs=logprobs, lengths=lengths, texts=texts, finish_reasons=reasons,
+        prompt_lengths=prompt_lens, decode_steps=int(host["step"]),
+    )

@@ -1,0 +1,95 @@
+"""`generate`: the functional entry point, backed by a small pool of reusable `Sampler`s."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.sampling.buckets import next_pow2
+from rwml_jax.sampling.engine import Sampler
+from rwml_jax.sampling.outputs import GenerationOutput
+
+MIN_CAPACITY = 16
+_POOL_SIZE = 4
+_POOL: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()
+
+
+def get_sampler(
+    config: ModelConfig,
+    max_new_tokens: int,
+    *,
+    mesh: Mesh | None = None,
+    cache_dtype: str | jnp.dtype | None = None,
+    prompt_buckets: Sequence[int] | None = None,
+) -> Sampler:
+    """A pooled `Sampler` whose capacity is `max_new_tokens` rounded up to a power of two (>= 16).
+
+    Repeated `generate` calls with the same config / mesh / settings reuse its compiled functions and KV
+    cache; the pool keeps the 4 most recently used samplers.
+    """
+    capacity = max(MIN_CAPACITY, next_pow2(int(max_new_tokens)))
+    key = (config, mesh, capacity, None if cache_dtype is None else str(jnp.dtype(cache_dtype)),
+           tuple(prompt_buckets) if prompt_buckets else None)
+    if key in _POOL:
+        _POOL.move_to_end(key)
+        return _POOL[key]
+    sampler = Sampler(config, max_new_tokens=capacity, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
+    _POOL[key] = sampler
+    while len(_POOL) > _POOL_SIZE:
+        _POOL.popitem(last=False)
+    return sampler
+
+
+def generate(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[Sequence[int] | str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] | str | None = None,
+    tokenizer: Any = None,
+    mesh: Mesh | None = None,
+    cache_dtype: str | jnp.dtype | None = None,
+    stop_at_eos: bool = True,
+    prompt_buckets: Sequence[int] | None = None,
+) -> GenerationOutput:
+    """Sample continuations of a batch of prompts with a jitted prefill + on-device decode loop.
+
+    Args:
+      config, params: the decoder (`rwml_jax.models.load_pretrained`); params stacked or `Sampler.prepare`d.
+      prompts: token-id lists of any lengths (or strings, encoded with `tokenizer` without special tokens).
+      max_new_tokens: at most this many new tokens per row.
+      temperature: 0 = greedy (argmax); otherwise logits / temperature before top-k / top-p.
+      top_p: nucleus threshold in (0, 1] (1 = off). top_k: keep the k most likely tokens (0 = off).
+      seed: PRNG seed; the same seed, prompts and settings give the same tokens (on 1 or many devices).
+      stop_token_ids: extra stop tokens. stop_at_eos: also stop at the config's / tokenizer's EOS ids.
+      stop_strings: stop when the generated text contains one of these (needs `tokenizer`).
+      tokenizer: a Hugging Face tokenizer; when given, `texts` holds the decoded completions.
+      mesh: device mesh (batch sharded over data x fsdp); None = default device.
+      cache_dtype: KV cache dtype (default bfloat16 on GPU/TPU, the compute dtype on CPU).
+      prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
+
+    Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending
+    with the stop token or the token that completed a stop string (included; `finish_reason` says which,
+    or "length"), `logprobs` of those tokens under the unmodified policy (temperature 1, no top-k / top-p:
+    the GRPO importance-ratio denominator), `text` (decoded, special tokens skipped, cut before a stop
+    string); plus padded batch arrays `tokens`, `logprobs`, `lengths`.
+
+    Compilation: see `rwml_jax.sampling.engine` (3 compilations for a fixed workload; none on repeat).
+    """
+    sampler = get_sampler(config, max_new_tokens, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
+    return sampler.generate(
+        params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+        stop_at_eos=stop_at_eos,
+    )

@@ -1,0 +1,52 @@
+"""The training-layout forward pass equals the decoder (values and gradients) for every family."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_fixtures import VARIANTS, build_hf_model, padded_batch
+
+from rwml_jax.models import decoder
+from rwml_jax.models.hf_io import load_pretrained
+from rwml_jax.rl.train_forward import hidden_states
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name in VARIANTS:
+        path = str(tmp_path_factory.mktemp(name))
+        build_hf_model(name, path)
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hidden_states_equal_decoder(checkpoints, variant):
+    cfg, params = load_pretrained(checkpoints[variant])
+    ids, mask = padded_batch(cfg.vocab_size, [9, 4, 7], left=variant.startswith("qwen3"), seed=1)
+    want = np.asarray(decoder.apply(cfg, params, jnp.asarray(ids), jnp.asarray(mask), return_hidden=True)[0])
+    real = mask.astype(bool)
+    for fuse in (True, False):
+        got = np.asarray(jax.jit(lambda p, i, m: hidden_states(cfg, p, i, m, fuse=fuse))(params, ids, mask))
+        np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5, err_msg=f"fuse={fuse}")
+
+
+@pytest.mark.parametrize("variant,remat", [("qwen2-gqa-untied", "none"), ("llama-mqa-tied-oddhd", "full"),
+                                           ("qwen3-bias", "dots")])
+def test_gradients_equal_decoder(checkpoints, variant, remat):
+    cfg, params = load_pretrained(checkpoints[variant], remat=remat)
+    ids, mask = padded_batch(cfg.vocab_size, [8, 5, 3, 8], left=True, seed=2)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(*ids.shape, cfg.hidden_size)), jnp.float32)
+    w = w * jnp.asarray(mask)[..., None]  # padding slots do not contribute
+
+    def loss(fn):
+        return lambda p: jnp.sum(fn(p) * w)
+
+    want = jax.grad(loss(lambda p: decoder.apply(cfg, p, ids, mask, return_hidden=True)[0]))(params)
+    got = jax.jit(jax.grad(loss(lambda p: hidden_states(cfg, p, ids, mask))))(params)
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        err = float(jnp.abs(g - r).max() / jnp.maximum(jnp.abs(r).max(), 1e-30))  # lm_head: both 0
+        assert err < 1e-4, f"{jax.tree_util.keystr(path)}: {err:.2e}"
