@@ -5,9 +5,12 @@ Workload (../shared/bench/workloads.md, "Generation (rollout)"): batch 16, promp
 models with random (seeded) weights in the shapes `tiny`, `small` (and `qwen3-0.6b` on request).
 Figure: generated tokens per second (16 x 128 / wall time of one generate call, prompt processing
 included), median over `--repeats` calls after one warm-up call; the JAX compile time is reported
-separately. Peer: `transformers` generate (PyTorch, KV cache on, the same number of threads), timed
-interleaved with ours so both see the same machine load. Also printed: the measured float32 matmul peak
-and the decode MFU (2 x params x tokens/s / peak).
+separately. Peer: `transformers` generate (PyTorch, KV cache on), timed interleaved with ours so both see
+the same machine load. Threads: `--threads` sets both JAX's (XLA CPU intra-op pool) and PyTorch's; the peer
+is also measured with 1 thread (`--peer-threads`), because on a machine shared with other jobs PyTorch's
+OpenMP pool can be several times slower with 2 threads than with 1; the ratio is taken against the
+fastest peer configuration. Also printed: the load average, the measured float32 matmul peak and the
+decode MFU (2 x params x tokens/s / peak).
 
     python -m rwml_jax.bench.generate_bench                       # tiny + small on CPU, with the peer
     python -m rwml_jax.bench.generate_bench --shapes qwen3-0.6b --repeats 1
@@ -92,11 +95,10 @@ class Ours:
 class Peer:
     """transformers generate on the same shapes (its own random weights; only shapes matter for speed)."""
 
-    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, threads: int):
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int):
         import torch
         import transformers
 
-        torch.set_num_threads(threads)
         torch.manual_seed(seed)
         d = config.to_hf_dict()
         d.pop("architectures")
@@ -108,15 +110,16 @@ class Peer:
         self.new_tokens = new_tokens
         self.torch = torch
 
-    def __call__(self, mode: str) -> float:
+    def __call__(self, mode: str, threads: int, new_tokens: int | None = None) -> float:
+        self.torch.set_num_threads(threads)
+        n = new_tokens or self.new_tokens
         kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         t = time.perf_counter()
         with self.torch.inference_mode():
             out = self.model.generate(input_ids=self.ids, attention_mask=self.torch.ones_like(self.ids), use_cache=True,
-                                      max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, eos_token_id=None,
-                                      pad_token_id=0, **kw)
+                                      max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **kw)
         dt = time.perf_counter() - t
-        assert out.shape[1] == self.ids.shape[1] + self.new_tokens
+        assert out.shape[1] == self.ids.shape[1] + n
         return dt
 
 
@@ -124,46 +127,50 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
 
     peak = matmul_peak_gflops()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), matmul peak {peak:.1f} GFLOP/s (float32, 2048^3)", flush=True)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}, jax {jax.__version__} ({jax.devices()[0].platform}, {args.threads} threads), "
+          f"matmul peak {peak:.1f} GFLOP/s (float32, 2048^3)", flush=True)
+    peer_threads = sorted(set(args.peer_threads or [1, args.threads]))
     rows = []
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
         tokens = args.batch * args.new_tokens
-        t0 = time.perf_counter()
         ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
-        peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed,
-                                              args.threads)
-        setup_s = time.perf_counter() - t0
+        peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
         for mode in args.modes:
             compile_before = ours.sampler.compile_seconds
             warm = ours(mode)
             compile_s = ours.sampler.compile_seconds - compile_before
-            if peer is not None:
-                peer(mode)
-            t_ours, t_peer = [], []
-            for _ in range(args.repeats):  # interleaved: both see the same load
+            for th in peer_threads if peer is not None else []:
+                peer(mode, th, new_tokens=2)  # warm-up
+            t_ours: list[float] = []
+            t_peer: dict[int, list[float]] = {th: [] for th in peer_threads} if peer is not None else {}
+            for _ in range(args.repeats):  # interleaved: all configurations see the same load
                 t_ours.append(ours(mode))
-                if peer is not None:
-                    t_peer.append(peer(mode))
+                for th in t_peer:
+                    t_peer[th].append(peer(mode, th))
             ours_tps = tokens / statistics.median(t_ours)
-            peer_tps = tokens / statistics.median(t_peer) if t_peer else float("nan")
+            peer_tps = {th: tokens / statistics.median(ts) for th, ts in t_peer.items()}
+            best_th = max(peer_tps, key=peer_tps.get) if peer_tps else None
+            best = peer_tps[best_th] if peer_tps else float("nan")
             row = dict(shape=shape, mode=mode, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                       dtype=args.dtype, ours_tok_s=ours_tps, peer_tok_s=peer_tps, ratio=ours_tps / peer_tps,
-                       compile_s=compile_s, first_call_s=warm, ours_s=t_ours, peer_s=t_peer, setup_s=setup_s,
+                       dtype=args.dtype, threads=args.threads, ours_tok_s=ours_tps, peer_tok_s=best,
+                       peer_threads=best_th, peer_tok_s_by_threads=peer_tps, ratio=ours_tps / best,
+                       compile_s=compile_s, first_call_s=warm, ours_s=t_ours, peer_s=t_peer,
                        params=config.num_params, mfu=2 * config.num_params * ours_tps / (peak * 1e9),
-                       peer_mfu=2 * config.num_params * peer_tps / (peak * 1e9), matmul_peak_gflops=peak)
+                       matmul_peak_gflops=peak, load_average=os.getloadavg()[0])
             rows.append(row)
-            print(f"{shape:>10} {mode:>6}: ours {ours_tps:8.1f} tok/s  peer {peer_tps:8.1f} tok/s  "
-                  f"ratio {row['ratio']:5.2f}x  compile {compile_s:5.1f} s  MFU ours {row['mfu']:.1%} "
-                  f"peer {row['peer_mfu']:.1%}  (runs ours {[round(x, 2) for x in t_ours]} s, "
-                  f"peer {[round(x, 2) for x in t_peer]} s)", flush=True)
+            peers = ", ".join(f"{v:.1f} tok/s with {th} thread{'s' * (th > 1)}" for th, v in peer_tps.items())
+            print(f"{shape:>10} {mode:>6}: ours {ours_tps:8.1f} tok/s (runs {[round(x, 2) for x in t_ours]} s, "
+                  f"compile {compile_s:.1f} s, MFU {row['mfu']:.1%}); transformers {peers}; "
+                  f"ratio vs fastest {row['ratio']:.2f}x; load {row['load_average']:.1f}", flush=True)
         del ours, peer
     print("\n| workload | model | ours tok/s | transformers tok/s | ratio | JAX compile s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| generate B{r['batch']} P{r['prompt_len']} N{r['new_tokens']} {r['mode']} ({r['dtype']}, CPU) "
-              f"| {r['shape']} | {r['ours_tok_s']:.0f} | {r['peer_tok_s']:.0f} | {r['ratio']:.2f}x | {r['compile_s']:.1f} |")
+        print(f"| generate B{r['batch']} P{r['prompt_len']} N{r['new_tokens']} {r['mode']} ({r['dtype']}, CPU, "
+              f"{r['threads']} threads; peer best with {r['peer_threads']}) | {r['shape']} | {r['ours_tok_s']:.0f} "
+              f"| {r['peer_tok_s']:.0f} | {r['ratio']:.2f}x | {r['compile_s']:.1f} |")
     return rows
 
 
@@ -189,7 +196,9 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             step_s = (full - one) / (args.new_tokens - 1)
             param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(ours.params))
             c = config
-            S = ours.sampler.max_new_tokens + max(16, 1 << (args.prompt_len - 1).bit_length())
+            from rwml_jax.sampling.buckets import prompt_bucket
+
+            S = ours.sampler.max_new_tokens + prompt_bucket(args.prompt_len)
             kv_bytes = (2 * c.num_hidden_layers * args.batch * c.num_key_value_heads * S * c.head_dim
                         * ours.sampler.cache_dtype.itemsize)
             bw = (param_bytes + kv_bytes) / step_s
@@ -223,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration; median (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="PyTorch intra-op threads (JAX uses all cores) (default: the core count)")
+                   help="CPU threads for JAX (XLA intra-op pool; 1 = single-threaded XLA) and PyTorch "
+                        "(default: the core count)")
+    p.add_argument("--peer-threads", type=int, nargs="+", default=None,
+                   help="PyTorch thread counts to measure the peer with; the fastest is the reference "
+                        "(default: 1 and --threads)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter / compute dtype (default float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--peak-bw", type=float, default=4.8e12,
@@ -234,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.shapes = args.shapes or (["qwen3-0.6b"] if args.device == "gpu" else ["tiny", "small"])
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
+    if args.device == "cpu" and args.threads == 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false").strip()
     rows = run_gpu(args) if args.device == "gpu" else run_cpu(args)
     if args.json_out:
         with open(args.json_out, "w") as f:
