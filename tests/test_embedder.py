@@ -201,6 +201,10 @@ def test_qwen3_embedding_matches_pytorch_last_token(tiny_qwen3):
     ref_q = _torch_last_token(model, tok, [f"Instruct: {task}\nQuery:{t}" for t in texts[:3]])
     np.testing.assert_allclose(ours_q, ref_q, atol=1e-4)
     assert np.abs(ours_q - ours[:3]).max() > 1e-3  # the prefix matters
+    # a default instruction given at load time applies to every call and changes the identity
+    e_q = load_embedder(path, batch_size=4, instruction=task)
+    np.testing.assert_allclose(e_q.embed(texts[:3]), ours_q, atol=1e-6)
+    assert e_q.identity != e.identity
 
 
 def test_sentence_transformers_decoder_folder(tiny_qwen3, tmp_path):

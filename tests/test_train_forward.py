@@ -27,9 +27,9 @@ def checkpoints(tmp_path_factory):
 def test_hidden_states_equal_decoder(checkpoints, variant):
     cfg, params = load_pretrained(checkpoints[variant])
     ids, mask = padded_batch(cfg.vocab_size, [9, 4, 7], left=variant.startswith("qwen3"), seed=1)
-    want = np.asarray(decoder.apply(cfg, params, jnp.asarray(ids), jnp.asarray(mask), return_hidden=True)[0])
+    want = np.asarray(jax.jit(lambda p, i, m: decoder.apply(cfg, p, i, m, return_hidden=True)[0])(params, ids, mask))
     real = mask.astype(bool)
-    for fuse in (True, False):
+    for fuse in (True, False) if variant in ("qwen2-gqa-untied", "llama3-scaled") else (True,):
         got = np.asarray(jax.jit(lambda p, i, m: hidden_states(cfg, p, i, m, fuse=fuse))(params, ids, mask))
         np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5, err_msg=f"fuse={fuse}")
 
@@ -45,7 +45,7 @@ def test_gradients_equal_decoder(checkpoints, variant, remat):
     def loss(fn):
         return lambda p: jnp.sum(fn(p) * w)
 
-    want = jax.grad(loss(lambda p: decoder.apply(cfg, p, ids, mask, return_hidden=True)[0]))(params)
+    want = jax.jit(jax.grad(loss(lambda p: decoder.apply(cfg, p, ids, mask, return_hidden=True)[0])))(params)
     got = jax.jit(jax.grad(loss(lambda p: hidden_states(cfg, p, ids, mask))))(params)
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         err = float(jnp.abs(g - r).max() / jnp.maximum(jnp.abs(r).max(), 1e-30))  # lm_head: both 0

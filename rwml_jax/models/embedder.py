@@ -213,6 +213,7 @@ class Embedder:
     normalized_in_model: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    default_prompt: str | None = None  # raw prefix for calls that name none (load_embedder(instruction=...))
     identity: str = ""
     bucket_granularity: int = 8
     tokens_per_call: int = 0  # 0: 2048 per device on CPU, 32768 per device on accelerators
@@ -232,17 +233,23 @@ class Embedder:
         def run(params, ids, mask, pool_mask):
             return l2_normalize(encode(params, ids, mask, pool_mask))
 
+        # The (small) result is replicated, so every process of a multi-host run can read all rows.
         self._jitted = jax.jit(
             run,
             in_shardings=(param_shardings, self._batch_sharding, self._batch_sharding, self._batch_sharding),
-            out_shardings=self._batch_sharding,
+            out_shardings=NamedSharding(self.mesh, PartitionSpec()),
         )
+
+    def _put(self, host: np.ndarray) -> jax.Array:
+        """A host batch (identical on every process) as a global array sharded over the batch axes."""
+        return jax.make_array_from_callback(host.shape, self._batch_sharding, lambda idx: host[idx])
 
     # -- host side ---------------------------------------------------------------------------------
     def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None,
                        instruction: str | None = None) -> str:
         """The text prefix for a call: `instruction` (Qwen3-Embedding format), a raw `prompt`, a named
-        prompt from config_sentence_transformers.json, or the model's default prompt."""
+        prompt from config_sentence_transformers.json, else the embedder's default (the `instruction`
+        given to `load_embedder`, or the model's default prompt name)."""
         given = [x is not None for x in (prompt, prompt_name, instruction)]
         if sum(given) > 1:
             raise ValueError("pass at most one of prompt, prompt_name and instruction")
@@ -250,6 +257,8 @@ class Embedder:
             return qwen3_instruction_prompt(instruction)
         if prompt is not None:
             return prompt
+        if prompt_name is None and self.default_prompt is not None:
+            return self.default_prompt
         name = prompt_name if prompt_name is not None else self.default_prompt_name
         if name is None:
             return ""
@@ -286,7 +295,9 @@ class Embedder:
 
         Repeated texts are embedded once (a group of G predictions often holds duplicates).
         """
-        texts = list(texts) if not isinstance(texts, str) else texts
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of strings, not a single string")
+        texts = list(texts)
         prefix = self.resolve_prompt(prompt, prompt_name, instruction)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
@@ -318,7 +329,7 @@ class Embedder:
                 keep = np.minimum(prompt_length, np.maximum(lengths[idx] - 1, 0))
                 for r, k in enumerate(keep):
                     pool_mask[r, :k] = 0
-            pending.append((idx, self._jitted(self.params, tok, mask, pool_mask)))
+            pending.append((idx, self._jitted(self.params, self._put(tok), self._put(mask), self._put(pool_mask))))
         out = np.empty((len(ids), self.dim), np.float32)
         for idx, dev in pending:
             out[idx] = np.asarray(dev)[: len(idx)]
@@ -574,6 +585,7 @@ def load_embedder(
     max_length: int | None = None,
     bucket_granularity: int = 8,
     tokens_per_call: int | None = None,
+    instruction: str | None = None,
 ) -> Embedder:
     """Load an embedding model folder (see the module docstring) onto `mesh`.
 
@@ -588,6 +600,8 @@ def load_embedder(
       glibc's 32 MiB mmap limit is page-faulted afresh on every call (measured: 114k faults per
       128 x 64-token call, ~150 at 16 x 64).
     bucket_granularity: padded lengths are multiples of this up to 128 tokens (see `bucket_length`).
+    instruction: a default Qwen3-Embedding instruction for every call ("Instruct: {instruction}\nQuery:"
+      before each text); part of `identity`. None/"" = no prefix (symmetric state similarity).
     max_length: token limit per text (default: the model's `max_seq_length`, else its max positions).
     """
     path = resolve_embedder_path(path)
@@ -662,6 +676,7 @@ def load_embedder(
     ident = hashlib.sha256(json.dumps(dict(
         kind=plan.model_type, config=hf_cfg, pooling=modes, include_prompt=plan.include_prompt,
         dense=len(plan.dense_dirs), max_length=max_length, lowercase=plan.lowercase, dtype=dtype,
+        instruction=instruction or "",
         weights=_weights_fingerprint(plan.transformer_dir),
         dense_weights=[_weights_fingerprint(d) for d in plan.dense_dirs],
     ), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -683,6 +698,7 @@ def load_embedder(
         normalized_in_model=plan.normalize,
         prompts=plan.prompts,
         default_prompt_name=plan.default_prompt_name,
+        default_prompt=qwen3_instruction_prompt(instruction) if instruction else None,
         identity=ident,
         bucket_granularity=bucket_granularity,
         tokens_per_call=int(tokens_per_call or 0),

@@ -10,12 +10,12 @@ usually faster).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl.train_forward import hidden_states
 
@@ -26,22 +26,72 @@ def completion_positions(completion_start: jax.Array, completion_len: int, seq_l
     return jnp.clip(idx, 0, seq_len - 1)
 
 
+def lm_head_weight(config: ModelConfig, params: Any) -> jax.Array:
+    """The output projection [E, V] in the compute dtype (the transposed embedding when tied)."""
+    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return w.astype(jnp.dtype(config.compute_dtype))
+
+
+def _logits_lse(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [N, V] float32
+    return logits, jax.nn.logsumexp(logits, axis=-1)
+
+
+def _pick(logits: jax.Array, targets: jax.Array, gather: bool) -> jax.Array:
+    if gather:
+        return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    # compare-and-reduce: partitions over a vocabulary sharded across devices (a gather would not)
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(vocab == targets[:, None], logits, 0.0), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool, gather: bool):
+    """log softmax(h w)[target] and the entropy of softmax(h w), row by row, in float32.
+
+    h: [N, E], w: [E, V] (compute dtype), targets: [N] int32. Returns (logp [N], entropy [N]; zeros
+    unless with_entropy). The entropy carries no gradient. The hand-written VJP turns the saved
+    float32 logits into d logits = g (onehot - softmax) in one pass and feeds it to the two
+    matmuls, instead of the several [N, V] passes of the autodiff version. gather: pick the target
+    logit with a gather (False: compare-and-reduce, for a vocabulary sharded over devices).
+    """
+    return _token_logprobs_fwd(h, w, targets, with_entropy, gather)[0]
+
+
+def _token_logprobs_fwd(h, w, targets, with_entropy, gather):
+    logits, lse = _logits_lse(h, w)
+    logp = _pick(logits, targets, gather) - lse
+    if with_entropy:
+        ent = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
+    else:
+        ent = jnp.zeros_like(lse)
+    return (logp, ent), (h, w, targets, logits, lse)
+
+
+def _token_logprobs_bwd(with_entropy, gather, res, cotangents):
+    h, w, targets, logits, lse = res
+    g, _ = cotangents  # the entropy is a metric: no gradient
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    onehot = (vocab == targets[:, None]).astype(jnp.float32)
+    dlogits = (g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
+    dh = jax.lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(h, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+
+
 def _logp_and_entropy(
-    config: ModelConfig, params: Any, hidden: jax.Array, targets: jax.Array, with_entropy: bool
+    config: ModelConfig, params: Any, hidden: jax.Array, targets: jax.Array, with_entropy: bool,
+    gather: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """hidden [B, c, E], targets [B, c] -> (log p(target) [B, c] f32, entropy [B, c] f32 or None)."""
-    logits = decoder.lm_logits(config, params, hidden)  # [B, c, V] float32
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    # Select the target logit with a compare-and-reduce: fuses into one pass and partitions over a
-    # vocabulary sharded across devices (a gather would not).
-    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-    logp = target_logit - lse
-    entropy = None
-    if with_entropy:
-        probs = jax.lax.stop_gradient(jnp.exp(logits - lse[..., None]))
-        entropy = jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
-    return logp, entropy
+    B, c, E = hidden.shape
+    h = hidden.reshape(B * c, E).astype(jnp.dtype(config.compute_dtype))
+    logp, ent = token_logprobs(h, lm_head_weight(config, params), targets.reshape(B * c).astype(jnp.int32),
+                               with_entropy, gather)
+    return logp.reshape(B, c), (jax.lax.stop_gradient(ent).reshape(B, c) if with_entropy else None)
 
 
 def logprobs_from_hidden(
@@ -52,15 +102,17 @@ def logprobs_from_hidden(
     *,
     chunk: int | None = None,
     with_entropy: bool = False,
+    gather: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of `targets` [B, C] given the hidden states that predict them, hidden [B, C, E].
 
     chunk: completion positions per LM-head chunk (must divide C); None or 0 = all at once.
+    gather: pick target logits with a gather (False when the vocabulary is sharded over devices).
     Returns (logp [B, C] float32, entropy [B, C] float32 (no gradient) or None).
     """
     B, C, E = hidden.shape
     if not chunk or chunk >= C:
-        return _logp_and_entropy(config, params, hidden, targets, with_entropy)
+        return _logp_and_entropy(config, params, hidden, targets, with_entropy, gather)
     if C % chunk:
         raise ValueError(f"logits chunk {chunk} does not divide the completion length {C}")
     n = C // chunk
@@ -70,7 +122,7 @@ def logprobs_from_hidden(
     @jax.checkpoint
     def one(h_t):
         h, t = h_t
-        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy)
+        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy, gather)
         return logp, (ent if ent is not None else jnp.zeros_like(logp))
 
     logp, ent = jax.lax.map(one, (hs, ts))
@@ -87,12 +139,14 @@ def completion_logprobs(
     chunk: int | None = None,
     with_entropy: bool = False,
     fuse: bool = True,
+    gather: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each row's completion tokens under (config, params).
 
     batch: `input_ids` [B, T], `attention_mask` [B, T], `completion_start` [B], `completion_mask`
     [B, C] (see `rwml_jax.rl.batch`). The decoder runs through `rl.train_forward.hidden_states`
-    (fuse: fused q/k/v and gate/up matmuls; use False when the mesh's tensor axis is > 1).
+    (fuse: fused q/k/v and gate/up matmuls; gather: gather the target logits; use False for both
+    when the mesh's tensor axis is > 1).
     Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None).
     Differentiable with respect to `params`.
     """
@@ -104,7 +158,8 @@ def completion_logprobs(
     targets = jnp.take_along_axis(ids, pos, axis=1)
     # The hidden state at slot s - 1 predicts the token at slot s.
     h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
-    logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy)
+    logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
+                                     gather=gather)
     m = batch["completion_mask"] > 0
     logp = jnp.where(m, logp, 0.0)
     if ent is not None:

@@ -176,12 +176,13 @@ class UpdateStep:
         cfg = self.model_config
         ref_logp = mb.get("ref_logp")
         if ref_logp is None and ref_params is not None:
-            ref_logp, _ = completion_logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse)
+            ref_logp, _ = completion_logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse,
+                                              gather=self._fuse)
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
             logp, ent = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
-                                            fuse=self._fuse)
+                                            fuse=self._fuse, gather=self._fuse)
             num, sums = self._loss_terms(logp, ent, mb, ref_logp)
             return num / den, sums
 
@@ -353,8 +354,8 @@ def make_logprob_fn(
 
     def fn(params, batch):
         with sh.tracing_context(mesh, rules):
-            logp, _ = completion_logprobs(model_config, params, batch, chunk=logits_chunk,
-                                          fuse=mesh.shape["tensor"] == 1)
+            single = mesh.shape["tensor"] == 1
+            logp, _ = completion_logprobs(model_config, params, batch, chunk=logits_chunk, fuse=single, gather=single)
             return logp
 
     jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)

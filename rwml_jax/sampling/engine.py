@@ -5,8 +5,8 @@
 
 One call:
 1. `prepare(params)`: the stacked layer weights are split into per-layer arrays (one jitted copy, placed in
-   the mesh's parameter shardings; memoised while the same params object is passed again), so the decode
-   loop runs the layers unrolled and never slices weights per step.
+   the mesh's parameter shardings), so the decode loop runs the layers unrolled and never slices weights
+   per step. The copy lives for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
    the logits of the last slot only, and samples token 0.
@@ -109,7 +109,6 @@ class Sampler:
         self.compile_seconds = 0.0
         self._executables: dict[_Key, tuple[Any, Any]] = {}
         self._caches: dict[tuple[int, int], dict[str, Any]] = {}
-        self._prepared: tuple[list[Any], Any] | None = None
         self._unstack_compiled: dict[tuple, Any] = {}
         self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
         layer_shardings = jax.tree.map(
@@ -122,18 +121,14 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------ params
     def prepare(self, params: Any) -> Any:
-        """Per-layer parameters in the mesh's shardings (memoised on the identity of `params`' leaves).
+        """Per-layer parameters in the mesh's shardings (one jitted copy of the layer weights).
 
-        Passing the result back to `generate` skips the check; RL loops that update params every step
-        pay one weight copy per call.
+        `generate` calls this on every call with stacked params; callers that generate many times with the
+        same params can call it once and pass the result instead (it holds a second copy of the weights,
+        which is why the sampler does not keep one itself).
         """
         if isinstance(params.get("layers"), (tuple, list)):
             return params
-        leaves = jax.tree.leaves(params)
-        if self._prepared is not None and len(leaves) == len(self._prepared[0]) and all(
-            a is b for a, b in zip(leaves, self._prepared[0])
-        ):
-            return self._prepared[1]
         expected = jax.tree.structure(self._stacked_shardings)
         if jax.tree.structure(params) != expected:
             raise ValueError(
@@ -141,20 +136,17 @@ class Sampler:
                 f"expected {expected} (was the model loaded with a different config?)"
             )
         placed = jax.device_put(params, self._stacked_shardings)
-        signature = tuple((a.shape, a.dtype) for a in leaves)
+        signature = tuple((a.shape, a.dtype) for a in jax.tree.leaves(placed))
         if signature not in self._unstack_compiled:
             t0 = time.perf_counter()
             self._unstack_compiled[signature] = self._unstack.lower(placed).compile()
             self.num_compilations += 1
             self.compile_seconds += time.perf_counter() - t0
-        prepared = self._unstack_compiled[signature](placed)
-        self._prepared = (leaves, prepared)
-        return prepared
+        return self._unstack_compiled[signature](placed)
 
     def release(self) -> None:
-        """Drop the kept KV caches and the memoised per-layer parameters (compiled code stays)."""
+        """Drop the kept KV caches (compiled code stays)."""
         self._caches.clear()
-        self._prepared = None
 
     # -------------------------------------------------------------------------------------- shardings
     def _kv_axis(self) -> Any:
