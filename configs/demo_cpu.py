@@ -77,15 +77,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.filter.sft.micro_batch_size = 16
 
     c.rwml.epochs = 3  # max_steps decides when the data allows more
-    c.rwml.learning_rate = 1e-4  # a from-scratch 1M model needs a far larger step than a 7B one
+    c.rwml.learning_rate = 3e-4  # a from-scratch 1M model needs a far larger step than a 7B one
     c.rwml.batch_prompts = 8
     c.rwml.group_size = 8
     c.rwml.micro_batch_size = 64
     c.rwml.max_prompt_tokens = 384
     c.rwml.max_new_tokens = 64
     c.rwml.weight_decay = 0.0
-    c.rwml.max_steps = 40
-    c.rwml.eval_every = 10
+    c.rwml.max_steps = 24
+    c.rwml.eval_every = 8
     c.rwml.eval_size = 64
     c.rwml.eval_samples = 1
     c.rwml.eval_temperature = 0.0
@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.num_games = 96
     c.warmstart.tokenizer_vocab_size = 2048  # = the "micro" preset's vocabulary
     c.warmstart.seq_len = 384
-    c.warmstart.steps = 300
+    c.warmstart.steps = 250
     c.warmstart.learning_rate = 3e-3
     c.warmstart.batch_size = 16
     c.warmstart.micro_batch_size = 16

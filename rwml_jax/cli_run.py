@@ -135,6 +135,10 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
             s = summaries[name]
             print(f"  {name:10s}  held-out world-model reward: before {s['reward_before']:.3f} -> after "
                   f"{s['reward_after']:.3f}  ({s['steps']} steps, {s.get('eval_triplets', '')} validation triplets)")
+            for kind, v in (s.get("by_action") or {}).items():
+                if v.get("n"):
+                    print(f"  {'':10s}    on {v['n']} {kind.replace('_', ' ')}s: before {v['before']:.3f} -> "
+                          f"after {v['after']:.3f}")
     if "rwml" in summaries:
         print(f"\n  plot:        {work / 'rwml' / 'reward_curve.png'}")
         print(f"  tensorboard: tensorboard --logdir {work}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # three pipeline runs: ~10 min on an idle 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # three pipeline runs: ~10 min on an idle 2-core machine
 
 pytest.importorskip("alfworld", reason="needs the alfworld package")
 

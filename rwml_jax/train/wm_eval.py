@@ -51,7 +51,8 @@ def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: An
              samples: int = 1, temperature: float = 0.0, seed: int = 0, batch_prompts: int = 64,
              num_examples: int = 0) -> dict[str, Any]:
     """Held-out reward of `params` on `triplets`: {"mean_reward", "std", per-kind means, "unparsable",
-    "examples": up to `num_examples` (prompt state, action, prediction, real, reward) rows}."""
+    "valid_action/mean_reward" and
+    "invalid_action/mean_reward" (and their counts "/n"), "examples": up to `num_examples` (prompt state, action, prediction, real, reward) rows}."""
     outputs: list[str] = []
     for lo in range(0, len(triplets), batch_prompts):
         chunk = triplets[lo:lo + batch_prompts]
@@ -68,6 +69,13 @@ def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: An
     for k, v in rb.stats.items():
         if k.endswith("/mean_reward"):
             result[k] = v
+    # Failed actions ("Nothing happens." in ALFWorld) are easy to learn and often dominate the data of a
+    # weak policy, so the reward on accepted actions is reported on its own.
+    per_triplet = rb.rewards.reshape(len(triplets), samples).mean(axis=1)
+    valid = np.array([t.valid for t in triplets], bool)
+    for name, sel in (("valid_action", valid), ("invalid_action", ~valid)):
+        result[f"{name}/n"] = int(sel.sum())
+        result[f"{name}/mean_reward"] = float(per_triplet[sel].mean()) if sel.any() else float("nan")
     rows = []
     for i, t in enumerate(triplets[:num_examples]):
         rows.append({"action": t.action, "real": t.next_state, "prediction": outputs[i * samples],

@@ -179,6 +179,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     summary = {
         "steps": total, "train_triplets": len(train), "eval_triplets": len(evaluator.val),
         "reward_before": evals[0]["mean_reward"], "reward_after": evals[-1]["mean_reward"],
+        "by_action": {k: {"n": evals[-1].get(f"{k}/n"), "before": evals[0].get(f"{k}/mean_reward"),
+                          "after": evals[-1].get(f"{k}/mean_reward")} for k in ("valid_action", "invalid_action")},
         "eval_curve": [(e["step"], e["mean_reward"]) for e in evals],
     }
     stage.finish(c, summary=summary, outputs=["model/config.json", "eval.jsonl", "reward_curve.png"])
