@@ -1,4 +1,4 @@
-"""The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 12 minutes.
+"""The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 14 minutes.
 
     rwml-jax run demo_cpu              # the README's main command
     rwml-jax run demo_cpu:smoke        # a ~2-minute variant with even smaller numbers (tests, CI)
@@ -99,7 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.num_games = 96
     c.warmstart.tokenizer_vocab_size = 2048  # = the "micro" preset's vocabulary
     c.warmstart.seq_len = 384
-    c.warmstart.steps = 250
     c.warmstart.learning_rate = 3e-3
     c.warmstart.batch_size = 16
     c.warmstart.micro_batch_size = 16

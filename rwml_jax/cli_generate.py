@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (default float32)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="KV cache dtype (default: bfloat16 on GPU/TPU, the compute dtype on CPU)")
+                   help="KV cache dtype (default: the model's compute dtype)")
     p.add_argument("--data", type=int, default=-1, help="mesh size of the data axis (-1 = all devices left)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh size of the fsdp axis (default 1)")
     p.add_argument("--tensor", type=int, default=1, help="mesh size of the tensor axis (default 1)")

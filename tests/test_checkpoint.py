@@ -131,6 +131,7 @@ def test_data_cursor_order_is_reproducible_across_resume():
 _SHARDED = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from rwml_jax.train.checkpoint import Checkpointer

@@ -309,6 +309,9 @@ def test_dry_run_plan_tau2_demo_and_bad_mesh():
     assert "G=16 -> 512 sequences/step" in text and "fsdp 16" in text
     demo = describe_plan(load_config("demo_cpu"))
     assert demo.startswith("Plan for recipe 'demo_cpu'") and "warmstart" in demo and "micro" in demo
-    assert "= 40 steps (capped by max_steps=40)" in demo  # ~219 triplets x 3 epochs / 8 > 40
+    cfg = load_config("demo_cpu")  # ~219 triplets x epochs / prompts_per_step exceeds the cap
+    cap = cfg.rwml.max_steps
+    assert 219 * cfg.rwml.epochs // cfg.rwml.batch_prompts > cap
+    assert f"= {cap} steps (capped by max_steps={cap})" in demo
     bad = describe_plan(load_config("rwml_alfworld", ["--config.mesh.data=4", "--config.mesh.fsdp=-1"]), num_devices=6)
     assert "WARNING: 6 devices are not divisible" in bad

@@ -103,7 +103,7 @@ def test_load_into_mesh_on_8_devices_matches_single_device(qwen3_dir):
             out = jax.jit(models.forward, static_argnums=0)(config, params, ids, mask)
         np.save({os.path.join(path, "sharded.npy")!r}, np.asarray(out))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
     config, params = models.load_pretrained(path)

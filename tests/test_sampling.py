@@ -355,7 +355,7 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
                 out[f"{{shape}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
         json.dump(out, open({str(tmp_path / "sharded.json")!r}, "w"))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=900)
     sharded = json.load(open(tmp_path / "sharded.json"))

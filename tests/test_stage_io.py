@@ -140,7 +140,7 @@ def test_stage_refuses_output_of_a_different_config(tmp_path):
     with pytest.raises(StageConfigMismatch) as e:
         Stage(tmp_path, "rwml").begin(_cfg("--config.rwml.learning_rate=5e-4"))
     msg = str(e.value)
-    assert "rwml.learning_rate: 0.0001 (stored) != 0.0005 (now)" in msg and "--force" in msg
+    assert f"rwml.learning_rate: {cfg.rwml.learning_rate} (stored) != 0.0005 (now)" in msg and "--force" in msg
     # an upstream stage's setting counts too (rwml reads collect's output)
     with pytest.raises(StageConfigMismatch, match=r"collect\.temperature: 1\.0 \(stored\) != 0\.7 \(now\)"):
         Stage(tmp_path, "rwml").begin(_cfg("--config.collect.temperature=0.7"))

@@ -16,7 +16,8 @@ decode MFU (2 x params x tokens/s / peak).
     python -m rwml_jax.bench.generate_bench --shapes qwen3-0.6b --repeats 1
     python -m rwml_jax.bench.generate_bench --device gpu          # qwen3-0.6b, bfloat16, HBM bandwidth
 
-GPU mode (`--device gpu`): qwen3-0.6b in bfloat16 (bfloat16 KV cache), no peer. Besides tokens/s it
+GPU mode (`--device gpu`): qwen3-0.6b in bfloat16 (bfloat16 KV cache), the peer `transformers` generate on
+the same GPU in the same dtype (its default attention implementation), interleaved. Besides tokens/s it
 reports the decode step time (t(128 new tokens) - t(1 new token), over 127 steps) and the fraction of
 peak memory bandwidth it reaches: bytes read per decode step (all parameters + the whole KV cache, which
 every step attends over) / step time / `--peak-bw` (default 4.8e12 B/s, an H200).
@@ -95,7 +96,8 @@ class Ours:
 class Peer:
     """transformers generate on the same shapes (its own random weights; only shapes matter for speed)."""
 
-    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int):
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, device: str = "cpu",
+                 dtype: str = "float32"):
         import torch
         import transformers
 
@@ -104,20 +106,24 @@ class Peer:
         d.pop("architectures")
         d.pop("model_type")
         d.update(eos_token_id=None, bos_token_id=None, pad_token_id=0)
-        self.model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**d)).eval()
+        self.model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**d)).to(
+            device=device, dtype=getattr(torch, dtype)).eval()
         gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen)
-        self.new_tokens = new_tokens
+        self.ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+        self.new_tokens, self.device = new_tokens, device
         self.torch = torch
 
-    def __call__(self, mode: str, threads: int, new_tokens: int | None = None) -> float:
-        self.torch.set_num_threads(threads)
+    def __call__(self, mode: str, threads: int = 0, new_tokens: int | None = None) -> float:
+        if threads:
+            self.torch.set_num_threads(threads)
         n = new_tokens or self.new_tokens
         kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         t = time.perf_counter()
         with self.torch.inference_mode():
             out = self.model.generate(input_ids=self.ids, attention_mask=self.torch.ones_like(self.ids), use_cache=True,
                                       max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **kw)
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
         dt = time.perf_counter() - t
         assert out.shape[1] == self.ids.shape[1] + n
         return dt
@@ -185,14 +191,23 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
         ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed,
+                                              device="cuda", dtype=args.dtype)
         for mode in args.modes:
             compile_before = ours.sampler.compile_seconds
             ours(mode)
             ours(mode, new_tokens=1)
             compile_s = ours.sampler.compile_seconds - compile_before
-            t_full = [ours(mode) for _ in range(args.repeats)]
+            if peer is not None:
+                peer(mode, new_tokens=2)  # warm-up (CUDA kernels, caches)
+            t_full, t_peer = [], []
+            for _ in range(args.repeats):  # interleaved
+                t_full.append(ours(mode))
+                if peer is not None:
+                    t_peer.append(peer(mode))
             t_one = [ours(mode, new_tokens=1) for _ in range(args.repeats)]
             full, one = statistics.median(t_full), statistics.median(t_one)
+            peer_tps = args.batch * args.new_tokens / statistics.median(t_peer) if t_peer else float("nan")
             step_s = (full - one) / (args.new_tokens - 1)
             param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(ours.params))
             c = config
@@ -205,24 +220,29 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             row = dict(shape=shape, mode=mode, device=dev.device_kind, dtype=args.dtype, batch=args.batch,
                        tok_s=args.batch * args.new_tokens / full, decode_tok_s=args.batch / step_s,
                        step_ms=step_s * 1e3, prefill_s=one, compile_s=compile_s, param_bytes=param_bytes,
-                       kv_bytes=kv_bytes, bytes_per_s=bw, bw_fraction=bw / args.peak_bw)
+                       kv_bytes=kv_bytes, bytes_per_s=bw, bw_fraction=bw / args.peak_bw, peer_tok_s=peer_tps,
+                       ratio=args.batch * args.new_tokens / full / peer_tps, ours_s=t_full, peer_s=t_peer)
             rows.append(row)
             print(f"{shape} {mode} on {dev.device_kind}: {row['tok_s']:.0f} tok/s end to end, decode step "
                   f"{row['step_ms']:.2f} ms ({row['decode_tok_s']:.0f} tok/s), reads {(param_bytes + kv_bytes) / 1e9:.2f} "
                   f"GB/step = {bw / 1e12:.2f} TB/s = {row['bw_fraction']:.1%} of {args.peak_bw / 1e12:.2f} TB/s; "
-                  f"compile {compile_s:.1f} s", flush=True)
-    print("\n| workload | model | device | tok/s | decode step ms | HBM bandwidth used | JAX compile s |")
-    print("|---|---|---|---|---|---|---|")
+                  f"compile {compile_s:.1f} s; transformers {peer_tps:.0f} tok/s, ratio {row['ratio']:.2f}x", flush=True)
+        del ours, peer
+    print("\n| workload | model | device | ours tok/s | transformers tok/s | ratio | decode step ms | HBM bandwidth "
+          "used | JAX compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| generate B{r['batch']} P{args.prompt_len} N{args.new_tokens} {r['mode']} ({r['dtype']}) | {r['shape']} "
-              f"| {r['device']} | {r['tok_s']:.0f} | {r['step_ms']:.2f} | {r['bw_fraction']:.0%} | {r['compile_s']:.1f} |")
+              f"| {r['device']} | {r['tok_s']:.0f} | {r['peer_tok_s']:.0f} | {r['ratio']:.2f}x | {r['step_ms']:.2f} "
+              f"| {r['bw_fraction']:.0%} | {r['compile_s']:.1f} |")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: side by side with transformers; gpu: qwen3-0.6b bfloat16 + bandwidth (default cpu)")
+                   help="cpu or gpu, side by side with transformers on that device; gpu adds the HBM bandwidth "
+                        "fraction (default cpu)")
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
                    help="model shapes (default: tiny small on cpu, qwen3-0.6b on gpu)")
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["greedy", "sample"],
@@ -241,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter / compute dtype (default float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--peak-bw", type=float, default=4.8e12,
                    help="--device gpu: peak memory bandwidth in B/s (default 4.8e12, H200; H100 SXM 3.35e12)")
-    p.add_argument("--no-peer", action="store_true", help="skip transformers (cpu mode)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")
     args = p.parse_args(argv)

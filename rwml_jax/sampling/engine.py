@@ -58,10 +58,14 @@ def single_device_mesh(device: jax.Device | None = None) -> Mesh:
     return sh.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
 
 
-def default_cache_dtype(config: ModelConfig, mesh: Mesh) -> jnp.dtype:
-    """bfloat16 on accelerators; the model's compute dtype on CPU."""
-    if mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu"):
-        return jnp.dtype(jnp.bfloat16)
+def default_cache_dtype(config: ModelConfig, mesh: Mesh | None = None) -> jnp.dtype:
+    """The model's compute dtype: bfloat16 under the accelerator dtype policy, float32 on CPU.
+
+    Keys and values are stored at the precision they were computed in, so the sampler's log-probs equal
+    `forward`'s in the same dtype (the GRPO importance ratio compares the two). A float32 model on a GPU
+    therefore keeps a float32 cache; pass `cache_dtype="bfloat16"` to halve its memory at that cost.
+    """
+    del mesh  # the policy is the config's, whatever the platform
     return jnp.dtype(config.compute_dtype)
 
 
@@ -81,7 +85,7 @@ class Sampler:
       max_new_tokens: capacity N; each call may ask for up to N new tokens.
       mesh: a ("data", "fsdp", "tensor") mesh; the batch is sharded over data x fsdp, parameters follow
         `rules`. None: the default device.
-      cache_dtype: KV cache dtype (default: bfloat16 on GPU/TPU, the compute dtype on CPU).
+      cache_dtype: KV cache dtype (default: the compute dtype, see `default_cache_dtype`).
       prompt_buckets: allowed prompt slot counts P (default powers of two from 16, see `buckets`).
       rules: logical-axis rules (default `rwml_jax.sharding.DEFAULT_RULES`).
     """

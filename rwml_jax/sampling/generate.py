@@ -76,7 +76,7 @@ def generate(
       stop_strings: stop when the generated text contains one of these (needs `tokenizer`).
       tokenizer: a Hugging Face tokenizer; when given, `texts` holds the decoded completions.
       mesh: device mesh (batch sharded over data x fsdp); None = default device.
-      cache_dtype: KV cache dtype (default bfloat16 on GPU/TPU, the compute dtype on CPU).
+      cache_dtype: KV cache dtype (default: the compute dtype; bfloat16 under the accelerator dtype policy).
       prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
 
     Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending

@@ -253,12 +253,12 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     for stage in stages:
         if stage == "warmstart":
             w = config.warmstart
+            # the corpus size is known only after the walkthrough replay, so `steps` is reported as a cap
             s = w.steps if w.steps > 0 else None
             add(f"  warmstart: train a {w.tokenizer_vocab_size}-token BPE tokenizer and the model from scratch on "
-                f"'{w.corpus}' text of {w.num_games} generated games; "
-                + (f"{s} steps" if s else f"{w.epochs} epoch(s)")
+                f"'{w.corpus}' text of {w.num_games} generated games; {w.epochs} epoch(s)"
+                + (f" (at most {s} steps)" if s else "")
                 + f" x batch {w.batch_size} x {w.seq_len} tokens, lr {w.learning_rate:g}")
-            steps_total += s or 0
         elif stage == "collect":
             c = config.collect
             add(f"  collect: {d['trajectories']:,} episodes, temperature {c.temperature}, top-p {c.top_p}, <= "
