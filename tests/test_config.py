@@ -307,10 +307,10 @@ def test_dry_run_plan_tau2_demo_and_bad_mesh():
     text = describe_plan(load_config("rwml_tau2"), num_devices=16)
     assert "τ² airline/retail/telecom" in text and "1,068 episodes" in text and "~5,578" in text
     assert "G=16 -> 512 sequences/step" in text and "fsdp 16" in text
-    demo = describe_plan(load_config("demo_cpu"))
+    cfg = load_config("demo_cpu")
+    demo = describe_plan(cfg)
     assert demo.startswith("Plan for recipe 'demo_cpu'") and "warmstart" in demo and "micro" in demo
-    cfg = load_config("demo_cpu")  # ~219 triplets x epochs / prompts_per_step exceeds the cap
-    cap = cfg.rwml.max_steps
+    cap = cfg.rwml.max_steps  # ~219 triplets x epochs / batch_prompts exceeds the cap
     assert 219 * cfg.rwml.epochs // cfg.rwml.batch_prompts > cap
     assert f"= {cap} steps (capped by max_steps={cap})" in demo
     bad = describe_plan(load_config("rwml_alfworld", ["--config.mesh.data=4", "--config.mesh.fsdp=-1"]), num_devices=6)

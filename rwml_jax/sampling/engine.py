@@ -58,14 +58,13 @@ def single_device_mesh(device: jax.Device | None = None) -> Mesh:
     return sh.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
 
 
-def default_cache_dtype(config: ModelConfig, mesh: Mesh | None = None) -> jnp.dtype:
+def default_cache_dtype(config: ModelConfig) -> jnp.dtype:
     """The model's compute dtype: bfloat16 under the accelerator dtype policy, float32 on CPU.
 
     Keys and values are stored at the precision they were computed in, so the sampler's log-probs equal
     `forward`'s in the same dtype (the GRPO importance ratio compares the two). A float32 model on a GPU
     therefore keeps a float32 cache; pass `cache_dtype="bfloat16"` to halve its memory at that cost.
     """
-    del mesh  # the policy is the config's, whatever the platform
     return jnp.dtype(config.compute_dtype)
 
 
@@ -106,7 +105,7 @@ class Sampler:
         self.max_new_tokens = int(max_new_tokens)
         self.mesh = mesh if mesh is not None else single_device_mesh()
         self.rules = tuple(rules if rules is not None else sh.DEFAULT_RULES)
-        self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else default_cache_dtype(config, self.mesh)
+        self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else default_cache_dtype(config)
         self.prompt_buckets = tuple(prompt_buckets) if prompt_buckets else None
         self.batch_multiple = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.num_compilations = 0
