@@ -205,3 +205,45 @@ def test_full_valid_seen_replay_wins_140_of_140(tmp_path):
     table = json.loads(out.read_text())
     assert table["rows"][-1] == {"task_type": "total", "games": 140, "wins": 140}
     assert sum(r["games"] for r in table["rows"][:-1]) == 140
+
+
+def test_memo_defers_the_planner_translation_without_changing_plans():
+    """alfworld_memo skips the optimised PDDL translation at load (only the planner reads it) and makes it
+    on the first replan: the expert plans ("policy_commands") must equal the unmodified engine's."""
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+    game = next(g for g in list_games(shared_data(), "valid_seen", task_types=["pick_clean_then_place_in_recep"])
+                if g.task_id.startswith("pick_clean_then_place_in_recep-SoapBar-None-Toilet-428/"))
+    walk = json.loads(Path(game.gamefile).read_text())["walkthrough"]
+
+    def play(with_plans: bool) -> list:
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=with_plans)
+        env = textworld.start(game.gamefile, request_infos=infos, wrappers=[AlfredDemangler(), AlfredInfos])
+        st = env.reset()
+        trace = [(st["feedback"], st["admissible_commands"], st["policy_commands"] if with_plans else None)]
+        for a in walk[:3]:
+            st, _, _ = env.step(a)
+            trace.append((st["feedback"], st["admissible_commands"], st["policy_commands"] if with_plans else None))
+        env.close()
+        return trace
+
+    was_installed = alfworld_memo.installed()
+    alfworld_memo.uninstall()
+    try:
+        plain = play(True)
+        alfworld_memo.install()
+        s0 = alfworld_memo.stats()
+        no_plans = play(False)
+        s1 = alfworld_memo.stats()
+        with_plans = play(True)
+        s2 = alfworld_memo.stats()
+    finally:
+        alfworld_memo.uninstall()
+        if was_installed:
+            alfworld_memo.install()
+    assert s1["replan_deferred"] > s0["replan_deferred"] and s1["replan_translated"] == s0["replan_translated"]
+    assert s2["replan_translated"] > s1["replan_translated"]  # made on the first plan request
+    assert with_plans == plain
+    assert [t[:2] for t in no_plans] == [t[:2] for t in plain]
+    assert plain[0][2][:2] == walk[:2]  # the planner's plan starts like the walkthrough

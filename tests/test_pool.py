@@ -199,18 +199,60 @@ def test_no_orphan_workers(tmp_path, sig):
     """Ctrl-C in the parent shuts the workers down; a SIGKILLed parent takes them with it."""
     script = tmp_path / "pool_script.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONFAULTHANDLER="1")  # a hung parent dumps its stacks on the SIGABRT below
+    # A runner started in the background (`cmd &`) ignores SIGINT and children inherit that: restore the
+    # default so the script sees Ctrl-C as a terminal would deliver it.
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         pids = [int(p) for p in line.split()]
         assert len(pids) == 2, (line, proc.stderr.read() if proc.poll() is not None else "")
         assert not any(process_gone(p) for p in pids)
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _out, err = proc.communicate(timeout=10)
+            raise AssertionError(f"parent still running 30 s after {sig.name}; its stderr:\n{err[-6000:]}")
         assert wait_gone(pids, 15), f"orphan workers left after {sig.name}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_resets_go_to_the_least_loaded_worker_and_use_preloaded_games(games):
+    """Load balancing: a reset moves its slot to the idle worker, which also preloads the hinted next game;
+    the reset of that game then runs there on the preloaded env and plays exactly like a cold one."""
+    from rwml_jax.envs.alfworld_env import AlfworldEnv
+
+    data, gs, walks = games
+    a, b, x, y = gs[:4]
+    with EnvPool(FACTORY, num_envs=3, num_workers=2, factory_kwargs={"data_dir": str(data)}) as pool:
+        pool.reset([task(a), task(b), None])
+        assert [pool.worker_of(i) for i in range(3)] == [0, 1, 0]  # the static layout to start with
+        # worker 0 steps slot 0 while slot 2 (home: worker 0) starts a game: it goes to idle worker 1,
+        # and worker 0, left with one step, preloads the next game
+        res = pool.advance([walks[a.task_id][0], None, task(x)], upcoming=[task(y)])
+        assert res[0].valid and res[2].info["task_id"] == x.task_id
+        assert pool.worker_of(2) == 1 and pool.preloads == 1
+        assert pool.step([walks[a.task_id][1], None, walks[x.task_id][0]])[2].valid  # the moved env steps
+        warm = pool.reset([None, task(y), None])[1]
+        assert pool.preload_hits == 1 and pool.worker_of(1) == 0
+        warm_trace = [(warm.observation, warm.info["admissible_commands"])]
+        for act in walks[y.task_id]:
+            r = pool.step([None, act, None])[1]
+            warm_trace.append((r.observation, r.valid, r.done, r.info["admissible_commands"]))
+        assert warm_trace[-1][2] is True  # won
+        assert set(pool.cost_estimates()) >= {"reset", "warm_reset", "step", "preload"}
+    env = AlfworldEnv(str(data))  # the same game, reset cold in this process
+    cold = env.reset(task(y))
+    cold_trace = [(cold.observation, cold.info["admissible_commands"])]
+    for act in walks[y.task_id]:
+        r = env.step(act)
+        cold_trace.append((r.observation, r.valid, r.done, r.info["admissible_commands"]))
+    env.close()
+    assert warm_trace == cold_trace

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -298,7 +299,7 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             started[s] = (order, task, k)
         if started:
             t0 = time.perf_counter()
-            firsts = pool.reset(starts)
+            firsts = pool.reset(starts, upcoming=[t for _, t, _ in itertools.islice(pending, n)])
             stats.env_seconds += time.perf_counter() - t0
             recorder.on_reset(starts, firsts)
             for s, (order, task, k) in started.items():
@@ -333,7 +334,7 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             parsed[s] = live[s].episode.parse(g.text)
             actions[s] = parsed[s].action
         t0 = time.perf_counter()
-        results = pool.step(actions)
+        results = pool.step(actions, upcoming=[t for _, t, _ in itertools.islice(pending, n)])
         stats.env_seconds += time.perf_counter() - t0
         transitions = recorder.on_step(actions, results)
         by_slot = dict(zip([s for s in range(n) if actions[s] is not None and results[s] is not None],

@@ -1,8 +1,11 @@
 """Environment throughput of the worker pool: ALFWorld steps/s with 1 vs N worker processes.
 
-Workload: a rollout batch of `--envs` ALFWorld environments (default 8) replays the walkthroughs of `--games`
-games (default 16, spread over the task types of the offline valid_seen split) through `EnvPool`, stepped in
-lockstep rounds as a policy would step them; a slot whose game ends starts the next game in the same round.
+Workload: a rollout batch of `--envs` ALFWorld environments (default 32; the collect stage runs up to
+`collect.max_live_episodes` = 256) replays the walkthroughs of `--games` games (default 64, spread over the
+task types of the offline valid_seen split) through `EnvPool`, stepped in lockstep rounds as a policy would
+step them; a slot whose game ends starts the next game in the same round, and the next queued games are
+passed as `upcoming` hints. A round lasts as long as its busiest worker, and game loads (~0.5-2 s) are
+5-20x a step, so small batches per worker scale worse: run `--envs 8` to see it.
 Only the number of worker processes hosting the batch changes between configurations. Wall time covers
 resets (game loading) and steps; pool start-up (process spawn, imports) is excluded and reported
 separately. Each configuration starts fresh worker processes, so the engine caches start cold everywhere.
@@ -17,9 +20,11 @@ Rows (every figure a ratio against a peer measured in the same run):
 - workers = 1, 2, ..., up to the core count, and 2x the core count (oversubscription): steps/s and the
   ratio vs 1 worker (peer: the same pool with 1 worker). Near-linear scaling up to the core count is the
   target; past it the ratio should flatten, not collapse.
+- workers = core count with static placement (`EnvPool(balance=False)`: slot i always in worker i % N, no
+  preloading): the ratio of the balanced pool vs it.
 - 1 worker with the unmodified engine (`memoize=False`): the ratio of the memoised engine vs it.
 
-    python -m rwml_jax.bench.env_scaling [--data ../shared/data/alfworld] [--games 12] [--workers 1 2 4]
+    python -m rwml_jax.bench.env_scaling [--data ../shared/data/alfworld] [--games 64] [--envs 32] [--workers 1 2 4]
 """
 
 from __future__ import annotations
@@ -39,17 +44,19 @@ from rwml_jax.envs.replay import ALFWORLD_FACTORY, REPLAY_MAX_STEPS, replay_game
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "alfworld")
 
 
-def run_config(data: str, games: list, envs: int, workers: int, memoize: bool) -> dict[str, Any]:
+def run_config(data: str, games: list, envs: int, workers: int, memoize: bool, balance: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     kwargs = {"data_dir": data, "max_steps": REPLAY_MAX_STEPS, "memoize": memoize}
     envs = max(envs, workers)
-    with EnvPool(ALFWORLD_FACTORY, num_envs=envs, num_workers=workers, factory_kwargs=kwargs) as pool:
+    with EnvPool(ALFWORLD_FACTORY, num_envs=envs, num_workers=workers, factory_kwargs=kwargs,
+                 balance=balance) as pool:
         startup = time.perf_counter() - t0
         report = replay_games(pool, games, games[0].split)
         cpu = pool.cpu_stats()
     if report.wins != len(games):
         raise RuntimeError(f"benchmark replay lost games: {[g.task_id for g in report.games if not g.won]}")
-    return {"workers": workers, "envs": envs, "memoize": memoize, "games": len(games),
+    return {"workers": workers, "envs": envs, "memoize": memoize, "balance": balance, "games": len(games),
+            "preloads": pool.preloads, "preload_hits": pool.preload_hits,
             "env_steps": report.env_steps,
             "resets": report.resets, "seconds": report.seconds, "startup_seconds": startup,
             "steps_per_s": report.env_steps / report.seconds, "games_per_s": len(games) / report.seconds,
@@ -63,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=os.path.normpath(DEFAULT_DATA),
                    help="ALFWorld data folder with valid_seen (default ../shared/data/alfworld)")
     p.add_argument("--split", default="valid_seen", help="split to take the games from")
-    p.add_argument("--games", type=int, default=16, help="games replayed per configuration (default 16)")
-    p.add_argument("--envs", type=int, default=8, help="environments in the rollout batch (default 8)")
+    p.add_argument("--games", type=int, default=64, help="games replayed per configuration (default 64)")
+    p.add_argument("--envs", type=int, default=32, help="environments in the rollout batch (default 32)")
     p.add_argument("--workers", type=int, nargs="+", default=sorted({1, cores, 2 * cores}),
                    help=f"worker counts to measure (default 1, cores={cores}, 2*cores)")
     p.add_argument("--no-plain", action="store_true", help="skip the unmodified-engine peer row")
+    p.add_argument("--no-static", action="store_true", help="skip the static-placement peer row")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every configuration this many times, interleaved, and report the run with the "
+                        "median time (default 1; this machine's speed drifts by 10-20 %% between minutes)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     if 1 not in args.workers:
@@ -77,16 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     stride = max(1, len(games) // args.games)
     games = games[::stride][: args.games]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# env_scaling: ALFWorld walkthrough replay of {len(games)} {args.split} games per configuration, "
+    print(f"# env_scaling: ALFWorld walkthrough replay of {len(games)} {args.split} games per configuration "
+          f"({args.repeats} interleaved run{'s' * (args.repeats > 1)} each, median reported), "
           f"batch of {args.envs} envs; "
           f"{cores} cores ({platform.machine()}); load average at start {load:.2f}", flush=True)
 
-    results = []
-    for w in sorted(set(args.workers)):
-        r = run_config(args.data, games, args.envs, w, memoize=True)
-        results.append(r)
-        print(f"  workers={w}: {r['steps_per_s']:.2f} steps/s ({r['env_steps']} steps + {r['resets']} resets "
-              f"in {r['seconds']:.1f} s; start-up {r['startup_seconds']:.1f} s)", file=sys.stderr, flush=True)
+    configs = [(w, True) for w in sorted(set(args.workers))] + ([] if args.no_static else [(cores, False)])
+    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {c: [] for c in configs}
+    for rep in range(args.repeats):  # interleaved, so slow and fast minutes hit every configuration
+        for w, balance in configs:
+            r = run_config(args.data, games, args.envs, w, memoize=True, balance=balance)
+            runs[(w, balance)].append(r)
+            print(f"  [{rep + 1}/{args.repeats}] workers={w}{'' if balance else ' static placement'}: "
+                  f"{r['steps_per_s']:.2f} steps/s ({r['env_steps']} steps + {r['resets']} resets in {r['seconds']:.1f} s; "
+                  f"start-up {r['startup_seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ordered = sorted(rs, key=lambda r: r["seconds"])
+        return dict(ordered[(len(ordered) - 1) // 2], seconds_all=[r["seconds"] for r in rs])
+
+    results = [median_run(runs[(w, True)]) for w in sorted(set(args.workers))]
+    static = None if args.no_static else median_run(runs[(cores, False)])
     plain = None
     if not args.no_plain:
         plain = run_config(args.data, games, args.envs, 1, memoize=False)
@@ -106,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n(dedicated cores: steps / sum over rounds of the busiest worker's CPU seconds, i.e. the round times the "
           "workers would need with a core each; on a shared machine the kernel's per-session fair share caps the "
           f"wall figure. Load average at the end: {os.getloadavg()[0]:.2f}.)")
+    if static is not None:
+        bal = next((r for r in results if r["workers"] == cores), None)
+        if bal is not None:
+            print("\n| workload | placement | env steps/s | ratio vs static |")
+            print("|---|---|---:|---:|")
+            label = f"ALFWorld replay, {args.envs} envs, {cores} workers"
+            print(f"| {label} | static (slot i in worker i % {cores}) | {static['steps_per_s']:.2f} | 1.00x |")
+            print(f"| {label} | balanced resets + preloading ({bal['preloads']} preloads, {bal['preload_hits']} used) | "
+                  f"{bal['steps_per_s']:.2f} | {bal['steps_per_s'] / static['steps_per_s']:.2f}x |")
     if plain is not None:
         print("\n| workload | engine | env steps/s | ratio vs unmodified engine |")
         print("|---|---|---:|---:|")
@@ -116,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{base['steps_per_s']:.2f} | {base['steps_per_s'] / peer:.2f}x |")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"cores": cores, "load_average_start": load, "results": results, "plain": plain}, f,
+            json.dump({"cores": cores, "load_average_start": load, "results": results, "static": static,
+                       "plain": plain}, f,
                       indent=1)
     return 0
 

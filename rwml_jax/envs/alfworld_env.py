@@ -74,7 +74,7 @@ class AlfworldEnv:
         if memoize:
             alfworld_memo.install()
         self._tw: Any = None  # the wrapped textworld environment, built on first reset
-        self._loaded: str | None = None  # gamefile currently loaded in the engine
+        self._loaded: tuple[str, int | None] | None = None  # (gamefile, shuffle seed) loaded in the engine
         self._game: GameRef | None = None
         self._task: TaskSpec | None = None
         self._limit = self.max_steps
@@ -112,6 +112,16 @@ class AlfworldEnv:
             self._finished = True
         return StepResult(observation=obs, reward=0.0, done=won, truncated=False, valid=True,
                           next_kind="observation", info=self._info(won))
+
+    def preload(self, task: TaskSpec) -> None:
+        """Load `task`'s game into the engine without starting it, so that a later `reset(task)` only
+        restarts it (the pool calls this in workers with spare time; see `EnvPool`). Ends a running
+        episode."""
+        if task.env != "alfworld":
+            raise ValueError(f"AlfworldEnv got a task for env {task.env!r}")
+        self._finished = True
+        game = resolve_game(self.data_dir, task.split, task.task_id)
+        self._load(game.gamefile, seed=task.seed)
 
     def step(self, action: str) -> StepResult:
         """Play one command. Raises RuntimeError if no episode is running."""
@@ -152,7 +162,8 @@ class AlfworldEnv:
 
     def _load(self, gamefile: str, seed: int) -> None:
         """Build the engine on first use; (re)load the game only when it changed (or names are shuffled)."""
-        if self._tw is not None and self._loaded == gamefile and not self.shuffle_names:
+        key = (gamefile, seed if self.shuffle_names else None)
+        if self._tw is not None and self._loaded == key:
             return  # reset() rebuilds the game state from the same problem: no need to parse it again
         self._loaded = None  # until the load below succeeds
         saved = random.getstate()
@@ -169,7 +180,7 @@ class AlfworldEnv:
         finally:
             if self.shuffle_names:
                 random.setstate(saved)
-        self._loaded = gamefile
+        self._loaded = key
 
     def _info(self, won: bool) -> dict[str, Any]:
         assert self._game is not None

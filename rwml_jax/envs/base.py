@@ -77,7 +77,12 @@ class Transition:
 
 @runtime_checkable
 class TextEnv(Protocol):
-    """One episode at a time. Adapters raise `ValueError` naming the bad task id / split."""
+    """One episode at a time. Adapters raise `ValueError` naming the bad task id / split.
+
+    Optional: `preload(task) -> None` loads a task's expensive state without starting the episode, so that a
+    later `reset(task)` on the same object is cheap (`EnvPool` calls it in workers with spare time;
+    `AlfworldEnv` implements it).
+    """
 
     def reset(self, task: TaskSpec) -> StepResult: ...
 

@@ -1,13 +1,22 @@
 """A pool of text environments living in worker processes, stepped as one batch.
 
-The pool owns `num_envs` *slots*. Slot `i` is hosted by worker `i % num_workers`; each worker process holds
-the environments of its slots and steps them one after another, while the workers run concurrently. The
-caller sees a batch API:
+The pool owns `num_envs` *slots*. Each worker process holds the environments of the slots it hosts and steps
+them one after another, while the workers run concurrently. The caller sees a batch API:
 
     with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=8, num_workers=2,
                  factory_kwargs={"data_dir": "..."}) as pool:
         first = pool.reset([TaskSpec("alfworld", "valid_seen", gid) for gid in game_ids])  # 8 StepResults
         nxt = pool.step(["go to desk 1", None, ...])   # None: slot idle / finished -> result None
+
+Load balancing (rounds are lockstep, so a round lasts as long as its busiest worker, and resets can cost
+several times a step: an ALFWorld game load is ~0.5-1 s, a step ~0.1 s):
+- placement: slot i starts in worker i % num_workers; every *reset* places the new episode on the worker
+  with the least estimated work in that round (the slot's environment moves with it; steps then go to that
+  worker until the next reset). Estimates are running means of the CPU time each kind of request took.
+- preloading: callers may pass `upcoming` tasks (the next ones they will reset). Workers with slack in a
+  round (estimated work below the busiest worker's) load upcoming games into spare environments
+  (`TextEnv.preload`, optional), and the reset of such a task is then placed on that worker, where it only
+  restarts the loaded game. Hints are never required: a wrong or missing hint only costs the preload.
 
 Failure handling (the point of running the engines out of process):
 - an environment that *raises* during `step` ends its episode: the result is `truncated=True` with
@@ -28,6 +37,7 @@ and are closed at interpreter exit, so no orphan processes remain.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import itertools
 import multiprocessing
@@ -50,6 +60,11 @@ from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
 EnvFactory = str | Callable[..., TextEnv]
 
 _SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
+WORKER_GC_THRESHOLDS = (20_000, 20, 20)  # gc.set_threshold in worker processes (CPython default 700, 10, 10)
+MAX_PRELOADED_PER_WORKER = 2  # spare preloaded envs a worker keeps (oldest evicted first)
+# Initial cost estimates (CPU seconds) per request kind, refined by running means of measured times.
+# A preload is costed as the difference (reset - warm_reset): the part of a reset it takes off a later round.
+_INITIAL_COSTS = {"reset": 1.0, "warm_reset": 0.3, "step": 0.1, "call": 0.01, "drop": 0.001}
 
 
 def resolve_factory(factory: EnvFactory) -> Callable[..., TextEnv]:
@@ -92,9 +107,13 @@ def _error_result(message: str) -> StepResult:
 
 def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory,
                  factory_kwargs: dict[str, Any], slots: list[int], die_with_parent: bool) -> None:
-    """Worker loop: build one env per slot, then answer ("batch", [(slot, "reset" | "step" | "call", arg)])
-    messages with ("ok", [(slot, StepResult | _RemoteError), ...], CPU seconds spent) in request order.
-    Exits on ("close", None) or when the parent's end of the pipe closes (EOF).
+    """Worker loop: build one env per slot, then answer ("batch", [(key, op, arg)]) messages with
+    ("ok", [(key, StepResult | _RemoteError | None, CPU seconds), ...], CPU seconds spent) in request order.
+
+    op is "reset" / "step" / "call" (key: the slot), "drop" (key < 0, arg: a slot that moved to another
+    worker: close its env here) or "preload" (key < 0, arg: a TaskSpec to load into a spare env; a later
+    "reset" of the same task in this worker uses that env). Exits on ("close", None) or when the parent's end
+    of the pipe closes (EOF).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if die_with_parent:
@@ -108,12 +127,53 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
         conn.send(("fail", _RemoteError.capture(e)))
         conn.close()
         return
+    # Engines such as ALFWorld's build hundreds of thousands of objects per reset; with the default
+    # thresholds the cyclic collector runs several full collections per reset (~30 % of a worker's time).
+    # Freeze what start-up built and collect the young generations less often.
+    gc.freeze()
+    gc.set_threshold(*WORKER_GC_THRESHOLDS)
     conn.send(("ready", os.getpid()))
 
+    spares: list[tuple[TaskSpec, TextEnv]] = []  # preloaded, oldest first (the parent mirrors this list)
+
     def env_for(slot: int) -> TextEnv:
-        if slot not in envs:  # rebuilt after an exception
+        if slot not in envs:  # rebuilt after an exception, or the slot moved here
             envs[slot] = make(**factory_kwargs)
         return envs[slot]
+
+    def close_env(env: TextEnv) -> None:
+        try:
+            env.close()
+        except Exception:
+            pass
+
+    def reset(slot: int, task: TaskSpec) -> StepResult:
+        for k, (t, env) in enumerate(spares):
+            if t == task:
+                del spares[k]
+                old = envs.pop(slot, None)
+                if old is not None:
+                    close_env(old)
+                envs[slot] = env
+                break
+        return env_for(slot).reset(task)
+
+    def preload(task: TaskSpec) -> bool:
+        """Load `task` into a spare env; False (nothing kept) when the env type has no `preload`."""
+        env = make(**factory_kwargs)
+        hook = getattr(env, "preload", None)
+        if hook is None:
+            close_env(env)
+            return False
+        try:
+            hook(task)
+        except Exception:
+            close_env(env)  # a bad hint: the real reset will raise, with the caller's context
+            env = make(**factory_kwargs)
+        spares.append((task, env))
+        while len(spares) > MAX_PRELOADED_PER_WORKER:
+            close_env(spares.pop(0)[1])
+        return True
 
     def drop(slot: int) -> None:
         env = envs.pop(slot, None)
@@ -131,27 +191,34 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
         if cmd == "close":
             break
         cpu0 = time.process_time()
-        out: list[tuple[int, Any]] = []
+        out: list[tuple[int, Any, float]] = []
         for slot, op, arg in payload:  # cmd == "batch"
+            t0 = time.process_time()
             try:
                 if op == "reset":
-                    res: Any = env_for(slot).reset(arg)
+                    res: Any = reset(slot, arg)
                 elif op == "step":
                     res = env_for(slot).step(arg)
                 elif op == "call":  # test / debugging hook: (method name, args)
                     res = getattr(env_for(slot), arg[0])(*arg[1])
+                elif op == "drop":
+                    res = drop(arg)
+                elif op == "preload":
+                    res = preload(arg)
                 else:
                     raise ValueError(f"unknown pool operation {op!r}")
             except Exception as e:
                 res = _RemoteError.capture(e)
                 drop(slot)
-            out.append((slot, res))
+            out.append((slot, res, time.process_time() - t0))
         try:
             conn.send(("ok", out, time.process_time() - cpu0))
         except (BrokenPipeError, OSError):
             break
     for slot in list(envs):
         drop(slot)
+    for _task, env in spares:
+        close_env(env)
     conn.close()
 
 
@@ -207,20 +274,22 @@ class EnvPool:
     Args:
       factory: import path "pkg.mod:callable" or a picklable module-level callable returning a `TextEnv`.
       num_envs: number of slots (parallel episodes).
-      num_workers: worker processes (default min(num_envs, os.cpu_count())). Slot i lives in worker
-        i % num_workers, so a worker hosts ceil(num_envs / num_workers) envs.
+      num_workers: worker processes (default min(num_envs, os.cpu_count())). Slot i starts in worker
+        i % num_workers; resets may move it (see "Load balancing" above).
       factory_kwargs: keyword arguments for the factory (must be picklable).
       step_timeout: seconds one env may take for one `step` before its worker counts as hung; a worker
         stepping k of its envs in one call gets k * step_timeout.
       reset_timeout: the same for `reset` (loading a game is slower than stepping it).
       start_timeout: seconds a worker may take to start and build its envs.
       mp_context: multiprocessing start method, "spawn" (default) or "forkserver".
+      balance: place resets on the least-loaded worker and preload `upcoming` tasks (default); False keeps
+        slot i in worker i % num_workers and ignores `upcoming` (the static layout, for comparison).
     """
 
     def __init__(self, factory: EnvFactory, num_envs: int, num_workers: int | None = None, *,
                  factory_kwargs: Mapping[str, Any] | None = None, step_timeout: float = 60.0,
                  reset_timeout: float = 120.0, start_timeout: float = 300.0,
-                 mp_context: str = "spawn") -> None:
+                 mp_context: str = "spawn", balance: bool = True) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         num_workers = min(num_envs, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -238,6 +307,7 @@ class EnvPool:
         self.step_timeout = float(step_timeout)
         self.reset_timeout = float(reset_timeout)
         self.start_timeout = float(start_timeout)
+        self.balance = bool(balance)
         self._ctx = multiprocessing.get_context(mp_context)
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker exits, so only use it for pools
         # made on the main thread (spawned workers are direct children; forkserver ones are not).
@@ -251,6 +321,14 @@ class EnvPool:
         self.cpu_seconds = 0.0  # CPU time the workers spent on requests, summed over workers
         self.critical_cpu_seconds = 0.0  # per round the largest worker CPU time, summed over rounds
         self._closed = False
+        self._home = [s % num_workers for s in range(num_envs)]  # slot -> worker hosting its env
+        self._preloaded: list[list[TaskSpec]] = [[] for _ in range(num_workers)]  # mirrors the workers' spares
+        self._cost_sum = {k: v for k, v in _INITIAL_COSTS.items()}  # running means: sum / count (count
+        self._cost_n = {k: 1.0 for k in _INITIAL_COSTS}  # starts at 1 with the initial guess)
+        self.preload_hits = 0  # resets served by a preloaded env
+        self._warm_slots: set[int] = set()  # slots whose reset this round uses a preloaded env
+        self._can_preload = True  # until a worker answers that its env type has no `preload`
+        self.preloads = 0  # preloads requested
         slots_of = [[s for s in range(num_envs) if s % num_workers == w] for w in range(num_workers)]
         try:
             self._start_workers(list(range(num_workers)), slots_of)
@@ -326,10 +404,12 @@ class EnvPool:
         assert old is not None
         self._kill(old)
         self.restarts += 1
-        for s in old.slots:
+        hosted = [s for s in range(self.num_envs) if self._home[s] == index]
+        for s in hosted:
             if self._slots[s].running:
                 self._slots[s].lost = why
-        self._start_workers([index], [old.slots if i == index else [] for i in range(self.num_workers)])
+        self._preloaded[index] = []
+        self._start_workers([index], [hosted if i == index else [] for i in range(self.num_workers)])
 
     @staticmethod
     def _kill(w: _Worker) -> None:
@@ -402,8 +482,15 @@ class EnvPool:
                 "critical_cpu_seconds": self.critical_cpu_seconds}
 
     def worker_of(self, slot: int) -> int:
-        """Index of the worker hosting `slot`."""
-        return slot % self.num_workers
+        """Index of the worker hosting `slot` now (a reset may move it)."""
+        return self._home[slot]
+
+    def cost_estimates(self) -> dict[str, float]:
+        """Mean worker CPU seconds per request kind ("reset", "warm_reset" (of a preloaded game), "step",
+        "preload", ...), from the requests answered so far, starting from rough initial guesses."""
+        est = {k: self._cost_sum[k] / self._cost_n[k] for k in self._cost_sum}
+        est["preload"] = max(est["reset"] - est["warm_reset"], 0.1 * est["reset"])
+        return est
 
     def episode_id(self, slot: int) -> str | None:
         """Id of the episode currently (or last) run in `slot`."""
@@ -411,8 +498,12 @@ class EnvPool:
 
     # ------------------------------------------------------------------ batch API
 
-    def reset(self, tasks: Sequence[TaskSpec | None]) -> list[StepResult | None]:
+    def reset(self, tasks: Sequence[TaskSpec | None],
+              upcoming: Sequence[TaskSpec] | None = None) -> list[StepResult | None]:
         """Start `tasks[i]` in slot i (None: leave slot i alone; its result is None).
+
+        upcoming: optional hint, the tasks the caller expects to reset next (in order); workers with slack
+        in this round preload them (see "Load balancing").
 
         Returns the first observation of every started episode; each result's info carries "episode_id",
         "slot" and "step". Raises the adapter's exception (e.g. ValueError for an unknown task id) if a slot
@@ -421,10 +512,12 @@ class EnvPool:
         for i, t in enumerate(tasks):
             if t is not None and not isinstance(t, TaskSpec):
                 raise TypeError(f"tasks[{i}] must be a TaskSpec or None, got {type(t).__name__}")
-        return self.advance(tasks)
+        return self.advance(tasks, upcoming)
 
-    def step(self, actions: Sequence[str | None]) -> list[StepResult | None]:
+    def step(self, actions: Sequence[str | None],
+             upcoming: Sequence[TaskSpec] | None = None) -> list[StepResult | None]:
         """Step slot i with `actions[i]` (None: idle, result None). All workers step concurrently.
+        `upcoming`: as in `reset`.
 
         A slot whose episode was lost to a worker restart answers truncated=True with info["error"].
         Stepping a slot with no running episode (never reset, or already done) raises ValueError.
@@ -432,12 +525,14 @@ class EnvPool:
         for i, a in enumerate(actions):
             if a is not None and not isinstance(a, str):
                 raise TypeError(f"actions[{i}] must be a str or None, got {type(a).__name__}")
-        return self.advance(actions)
+        return self.advance(actions, upcoming)
 
-    def advance(self, items: Sequence[TaskSpec | str | None]) -> list[StepResult | None]:
+    def advance(self, items: Sequence[TaskSpec | str | None],
+                upcoming: Sequence[TaskSpec] | None = None) -> list[StepResult | None]:
         """One concurrent round: slot i is reset if items[i] is a TaskSpec, stepped if it is an action
         string, left idle (result None) if None. Lets a rollout restart finished slots while the others
-        step, instead of waiting for the resets in a separate round. Same rules as `reset` and `step`.
+        step, instead of waiting for the resets in a separate round. Same rules as `reset` and `step`;
+        `upcoming` as in `reset`.
         """
         self._check_open()
         if len(items) > self.num_envs:
@@ -461,7 +556,8 @@ class EnvPool:
                 state = "was never reset" if slot.task is None else "has finished its episode"
                 raise ValueError(f"env slot {i} {state}; pass None for idle slots or reset it first")
             requests[i] = ("step", item)
-        raw = self._exchange(requests)
+        extras = self._balance(requests, upcoming) if self.balance else {}
+        raw = self._exchange(requests, extras)
         bad: list[tuple[int, _RemoteError]] = []
         for i, res in raw.items():
             slot = self._slots[i]
@@ -511,17 +607,66 @@ class EnvPool:
         return res
 
     def _timeout(self, cmd: str) -> float:
-        return self.reset_timeout if cmd == "reset" else self.step_timeout
+        return self.reset_timeout if cmd in ("reset", "preload") else self.step_timeout
 
-    def _exchange(self, requests: Mapping[int, tuple[str, Any]]) -> dict[int, Any]:
-        """Send each worker its share of `requests` (slot -> (command, argument)), gather the answers
-        concurrently, restart crashed / hung workers.
+    def _balance(self, requests: dict[int, tuple[str, Any]],
+                 upcoming: Sequence[TaskSpec] | None) -> dict[int, list[tuple[int, str, Any]]]:
+        """Place this round's resets and choose its preloads (see "Load balancing"); updates `_home` and
+        `_preloaded`. Returns worker -> extra ("drop" / "preload") items, keyed by negative numbers."""
+        cost = self.cost_estimates()
+        load = [0.0] * self.num_workers
+        for i, (cmd, _arg) in requests.items():
+            if cmd != "reset":
+                load[self._home[i]] += cost.get(cmd, cost["step"])
+        extras: dict[int, list[tuple[int, str, Any]]] = {}
+        keys = itertools.count(-1, -1)
+        self._warm_slots = set()
+        for i, (cmd, task) in requests.items():
+            if cmd != "reset":
+                continue
+            warm = [w for w in range(self.num_workers) if task in self._preloaded[w]]
+            if warm:
+                w = min(warm, key=lambda w: load[w])
+                self._preloaded[w].remove(task)
+                load[w] += cost["warm_reset"]
+                self._warm_slots.add(i)
+                self.preload_hits += 1
+            else:
+                w = min(range(self.num_workers), key=lambda w: (load[w], w != self._home[i]))
+                load[w] += cost["reset"]
+            if w != self._home[i]:
+                extras.setdefault(self._home[i], []).append((next(keys), "drop", i))
+                self._home[i] = w
+        if upcoming and self._can_preload:
+            resetting = [arg for cmd, arg in requests.values() if cmd == "reset"]
+            peak = max(load)
+            slack = 0.25 * cost["reset"]  # a preload may lengthen the round a little: it saves a full load later
+            for task in upcoming[: self.num_workers * MAX_PRELOADED_PER_WORKER]:
+                if any(task in p for p in self._preloaded) or task in resetting:
+                    continue
+                w = min(range(self.num_workers), key=lambda w: load[w])
+                if load[w] + cost["preload"] > peak + slack:
+                    break
+                extras.setdefault(w, []).append((next(keys), "preload", task))
+                self._preloaded[w].append(task)
+                del self._preloaded[w][:-MAX_PRELOADED_PER_WORKER]  # the worker evicts the same ones
+                load[w] += cost["preload"]
+                self.preloads += 1
+        return extras
+
+    def _exchange(self, requests: Mapping[int, tuple[str, Any]],
+                  extras: Mapping[int, list[tuple[int, str, Any]]] | None = None) -> dict[int, Any]:
+        """Send each worker its share of `requests` (slot -> (command, argument)) plus its `extras`
+        (worker -> [(negative key, command, argument)]), gather the answers concurrently, restart crashed /
+        hung workers.
 
         A worker's deadline is the sum of its items' timeouts. Returns slot -> StepResult | _RemoteError
         (| anything for "call"); slots of a crashed / hung worker get a truncated StepResult with
-        info["error"].
+        info["error"]. Answers to extras are only used for the cost estimates.
         """
         by_worker: dict[int, list[tuple[int, str, Any]]] = {}
+        for w_idx, items in (extras or {}).items():
+            by_worker.setdefault(w_idx, []).extend(items)
         for i, (cmd, arg) in requests.items():
             by_worker.setdefault(self.worker_of(i), []).append((i, cmd, arg))
         results: dict[int, Any] = {}
@@ -532,7 +677,7 @@ class EnvPool:
         for w_idx, items in by_worker.items():
             w = self._workers[w_idx]
             assert w is not None
-            limits[w_idx] = sum(self._timeout(cmd) for _, cmd, _ in items)
+            limits[w_idx] = max(self.step_timeout, sum(self._timeout(cmd) for _, cmd, _ in items if cmd != "drop"))
             try:
                 w.conn.send(("batch", items))
                 pending[w_idx] = now + limits[w_idx]
@@ -559,7 +704,14 @@ class EnvPool:
                         w.process.join(1)
                         self._fail_worker(w_idx, items, self._death_reason(w), results)
                         continue
-                    results.update(dict(payload))
+                    for (key, cmd, arg), (_key, res, _cpu) in zip(items, payload):
+                        if key >= 0:
+                            results[key] = res
+                        elif cmd == "preload" and res is False:  # this env type cannot preload
+                            self._can_preload = False
+                            if arg in self._preloaded[w_idx]:
+                                self._preloaded[w_idx].remove(arg)
+                    self._learn_costs(items, payload)
                     round_cpu.append(cpu)
                 elif w.process.sentinel in ready:
                     del pending[w_idx]
@@ -575,6 +727,18 @@ class EnvPool:
             self.critical_cpu_seconds += max(round_cpu, default=0.0)
         return results
 
+    def _learn_costs(self, items: list[tuple[int, str, Any]], payload: list[tuple[int, Any, float]]) -> None:
+        for (key, cmd, arg), (_key, res, cpu) in zip(items, payload):
+            if isinstance(res, _RemoteError):
+                continue
+            kind = cmd
+            if cmd == "preload":
+                continue  # costed from reset - warm_reset (see _INITIAL_COSTS)
+            if cmd == "reset" and key in self._warm_slots:
+                kind = "warm_reset"
+            self._cost_sum[kind] = self._cost_sum.get(kind, 0.0) + cpu
+            self._cost_n[kind] = self._cost_n.get(kind, 0.0) + 1.0
+
     @staticmethod
     def _death_reason(w: _Worker) -> str:
         code = w.process.exitcode
@@ -586,11 +750,13 @@ class EnvPool:
                      results: dict[int, Any]) -> None:
         w = self._workers[w_idx]
         assert w is not None
-        cmds = "/".join(sorted({cmd for _, cmd, _ in items}))
-        why = (f"env worker {w_idx} (pid {w.pid}, slots {w.slots}) {reason} during {cmds}; "
+        cmds = "/".join(sorted({cmd for i, cmd, _ in items if i >= 0})) or "/".join(sorted({c for _, c, _ in items}))
+        hosted = [s for s in range(self.num_envs) if self._home[s] == w_idx]
+        why = (f"env worker {w_idx} (pid {w.pid}, slots {hosted}) {reason} during {cmds}; "
                f"it was restarted and its episodes truncated")
-        for i, _, _ in items:
+        slots = [i for i, _, _ in items if i >= 0]
+        for i in slots:
             results[i] = _error_result(why)
         self._restart(w_idx, why)
-        for i, _, _ in items:  # reported now; not again on the next step
+        for i in slots:  # reported now; not again on the next step
             self._slots[i].lost = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -108,6 +109,9 @@ def replay_games(pool: EnvPool, games: Sequence[GameRef], split: str,
             progress.write(f"[{len(done)}/{len(games)}] {g.task_id}: {mark}\n")
             progress.flush()
 
+    def spec(g: GameRef) -> TaskSpec:
+        return TaskSpec("alfworld", split, g.task_id, options=(("max_steps", REPLAY_MAX_STEPS),))
+
     while queue or any(s is not None for s in running):
         # One concurrent round: empty slots start their next game while the others play their next command.
         items: list[TaskSpec | str | None] = [None] * n
@@ -117,10 +121,11 @@ def replay_games(pool: EnvPool, games: Sequence[GameRef], split: str,
                 items[i] = st["walk"][st["idx"]]
             elif queue:
                 g = queue.popleft()
-                items[i] = TaskSpec("alfworld", split, g.task_id, options=(("max_steps", REPLAY_MAX_STEPS),))
+                items[i] = spec(g)
                 walk = list(load_game_json(g.gamefile).get("walkthrough") or [])
                 running[i] = {"game": g, "walk": walk, "idx": 0, "invalid": 0}
-        for i, (item, res) in enumerate(zip(items, pool.advance(items))):
+        upcoming = [spec(g) for g in itertools.islice(queue, n)]  # idle workers preload these
+        for i, (item, res) in enumerate(zip(items, pool.advance(items, upcoming))):
             if res is None:
                 continue
             st = running[i]
