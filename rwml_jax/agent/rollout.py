@@ -287,6 +287,9 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
         stats.truncated += traj.truncated
         stats.crashed += traj.error is not None
 
+    def next_tasks() -> list[TaskSpec]:  # what the pool may preload: the tasks that start next
+        return [t for _, t, _ in itertools.islice(pending, n)]
+
     while pending or live:
         free = [s for s in range(n) if s not in live]
         starts: list[TaskSpec | None] = [None] * n
@@ -299,7 +302,7 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             started[s] = (order, task, k)
         if started:
             t0 = time.perf_counter()
-            firsts = pool.reset(starts, upcoming=[t for _, t, _ in itertools.islice(pending, n)])
+            firsts = pool.reset(starts, upcoming=next_tasks())
             stats.env_seconds += time.perf_counter() - t0
             recorder.on_reset(starts, firsts)
             for s, (order, task, k) in started.items():
@@ -334,7 +337,7 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             parsed[s] = live[s].episode.parse(g.text)
             actions[s] = parsed[s].action
         t0 = time.perf_counter()
-        results = pool.step(actions, upcoming=[t for _, t, _ in itertools.islice(pending, n)])
+        results = pool.step(actions, upcoming=next_tasks())
         stats.env_seconds += time.perf_counter() - t0
         transitions = recorder.on_step(actions, results)
         by_slot = dict(zip([s for s in range(n) if actions[s] is not None and results[s] is not None],

@@ -64,7 +64,7 @@ WORKER_GC_THRESHOLDS = (20_000, 20, 20)  # gc.set_threshold in worker processes 
 MAX_PRELOADED_PER_WORKER = 2  # spare preloaded envs a worker keeps (oldest evicted first)
 # Initial cost estimates (CPU seconds) per request kind, refined by running means of measured times.
 # A preload is costed as the difference (reset - warm_reset): the part of a reset it takes off a later round.
-_INITIAL_COSTS = {"reset": 1.0, "warm_reset": 0.3, "step": 0.1, "call": 0.01, "drop": 0.001}
+_INITIAL_COSTS = {"reset": 1.0, "warm_reset": 0.3, "step": 0.1}
 
 
 def resolve_factory(factory: EnvFactory) -> Callable[..., TextEnv]:
@@ -617,7 +617,7 @@ class EnvPool:
         load = [0.0] * self.num_workers
         for i, (cmd, _arg) in requests.items():
             if cmd != "reset":
-                load[self._home[i]] += cost.get(cmd, cost["step"])
+                load[self._home[i]] += cost["step"]
         extras: dict[int, list[tuple[int, str, Any]]] = {}
         keys = itertools.count(-1, -1)
         self._warm_slots = set()
@@ -731,13 +731,11 @@ class EnvPool:
         for (key, cmd, arg), (_key, res, cpu) in zip(items, payload):
             if isinstance(res, _RemoteError):
                 continue
-            kind = cmd
-            if cmd == "preload":
-                continue  # costed from reset - warm_reset (see _INITIAL_COSTS)
-            if cmd == "reset" and key in self._warm_slots:
-                kind = "warm_reset"
-            self._cost_sum[kind] = self._cost_sum.get(kind, 0.0) + cpu
-            self._cost_n[kind] = self._cost_n.get(kind, 0.0) + 1.0
+            if cmd not in ("reset", "step"):
+                continue  # preloads are costed as reset - warm_reset; drops and calls are negligible
+            kind = "warm_reset" if cmd == "reset" and key in self._warm_slots else cmd
+            self._cost_sum[kind] += cpu
+            self._cost_n[kind] += 1.0
 
     @staticmethod
     def _death_reason(w: _Worker) -> str:
