@@ -120,7 +120,9 @@ def test_killed_worker_is_restarted_and_its_episodes_truncated(games):
     data, gs, walks = games
     chosen = gs[:4]
     with EnvPool(FACTORY, num_envs=4, num_workers=2, factory_kwargs={"data_dir": str(data)}) as pool:
-        pool.reset([task(g) for g in chosen])
+        # two resets per round: each worker takes one (list scheduling), so slots 0 and 2 land in worker 0
+        pool.reset([task(chosen[0]), task(chosen[1]), None, None])
+        pool.reset([None, None, task(chosen[2]), task(chosen[3])])
         first_step = pool.step([walks[g.task_id][0] for g in chosen])
         assert all(r.valid and not r.truncated for r in first_step)
         victim = pool.worker_pids()[0]  # hosts slots 0 and 2
@@ -256,3 +258,54 @@ def test_resets_go_to_the_least_loaded_worker_and_use_preloaded_games(games):
         cold_trace.append((r.observation, r.valid, r.done, r.info["admissible_commands"]))
     env.close()
     assert warm_trace == cold_trace
+
+
+def test_a_round_of_many_resets_is_shared_by_the_workers_and_every_game_still_wins(games):
+    """Resets are handed out one at a time to whichever worker is free: slots move between workers (their
+    old env is dropped later), preloads are used, and every walkthrough still wins in the worker its slot
+    ended up in."""
+    from rwml_jax.envs.replay import replay_games
+
+    data, gs, walks = games
+    with EnvPool(FACTORY, num_envs=4, num_workers=2, factory_kwargs={"data_dir": str(data)}) as pool:
+        first = pool.reset([task(g) for g in gs[:4]])
+        assert [r.info["task_id"] for r in first] == [g.task_id for g in gs[:4]]
+        assert {pool.worker_of(i) for i in range(4)} == {0, 1}  # each worker started with one of the resets
+        report = replay_games(pool, gs + gs, "train")  # 12 episodes through 4 slots, with `upcoming` hints
+        assert report.wins == 12 and report.resets == 12, [g for g in report.games if not g.won]
+        assert pool.restarts == 0 and pool.preload_hits <= pool.preloads
+
+
+SCRIPTED = "pool_envs:ScriptedEnv"
+
+
+def scripted(task_id: str) -> TaskSpec:
+    return TaskSpec("scripted", "train", task_id)
+
+
+def test_resets_are_handed_to_whichever_worker_answers_first():
+    """Static layout would give worker 0 both long resets (slots 0 and 2); list scheduling gives the second
+    to worker 1, free after its short one, and the last reset to worker 0 when it answers."""
+    with EnvPool(SCRIPTED, num_envs=4, num_workers=2) as pool:
+        pids = pool.worker_pids()
+        res = pool.reset([scripted(t) for t in ("sleep:1.0", "sleep:0.05", "sleep:1.0", "sleep:0.05")])
+        ran_in = [int(r.observation.rsplit(" ", 1)[1]) for r in res]
+        assert ran_in == [pids[0], pids[1], pids[1], pids[0]]
+        assert [pool.worker_of(i) for i in range(4)] == [0, 1, 1, 0]
+        # steps follow the slots to their new workers (and the old envs were dropped without harm)
+        stepped = pool.step(["a", "b", "c", "d"])
+        assert [int(r.observation.rsplit(" ", 1)[1]) for r in stepped] == ran_in
+        assert pool.restarts == 0
+
+
+def test_a_worker_dying_mid_round_truncates_what_it_already_answered_in_that_round():
+    with EnvPool(SCRIPTED, num_envs=4, num_workers=2) as pool:
+        # worker 0: slot 0, then slot 2 from the queue, then slot 3, which kills it; worker 1: slot 1
+        res = pool.reset([scripted(t) for t in ("sleep:0.05", "sleep:1.0", "sleep:0.05", "die")])
+        assert not res[1].truncated and res[1].observation.startswith("sleep:1.0")
+        for i in (0, 2, 3):
+            assert res[i].truncated and "exit code 3" in res[i].info["error"], res[i]
+        assert pool.restarts == 1
+        again = pool.reset([scripted("sleep:0"), None, scripted("sleep:0"), scripted("sleep:0")])
+        assert all(not again[i].truncated for i in (0, 2, 3))
+        assert not pool.step(["x", "y", "z", "w"])[1].truncated  # worker 1's episode was never touched

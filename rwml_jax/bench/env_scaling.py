@@ -22,6 +22,10 @@ Rows (every figure a ratio against a peer measured in the same run):
   target; past it the ratio should flatten, not collapse.
 - workers = core count with static placement (`EnvPool(balance=False)`: slot i always in worker i % N, no
   preloading): the ratio of the balanced pool vs it.
+- machine ceiling: `cores` independent pure-Python processes (allocation-heavy work like an engine's, no
+  pool, no IPC) vs 1, interleaved with the pool runs: what this machine gives parallel Python processes
+  at all (on a VM whose vCPUs share physical cores or memory bandwidth it is below `cores`x), and the
+  pool's scaling as a fraction of it.
 - 1 worker with the unmodified engine (`memoize=False`): the ratio of the memoised engine vs it.
 
     python -m rwml_jax.bench.env_scaling [--data ../shared/data/alfworld] [--games 64] [--envs 32] [--workers 1 2 4]
@@ -42,6 +46,40 @@ from rwml_jax.envs.pool import EnvPool
 from rwml_jax.envs.replay import ALFWORLD_FACTORY, REPLAY_MAX_STEPS, replay_games
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "alfworld")
+
+
+def _python_work(iterations: int) -> None:
+    """Allocation-heavy pure-Python work (dicts, tuples, strings, a sort), like a text engine's."""
+    for _ in range(iterations):
+        d = {}
+        for i in range(2000):
+            d[str(i)] = [i, (i, str(i * 3))]
+        sorted(d.items(), key=lambda kv: kv[1][1][1])
+
+
+def _ceiling_proc(barrier: Any, iterations: int) -> None:
+    barrier.wait()  # start-up (spawn, imports) is excluded: all processes start working together
+    _python_work(iterations)
+
+
+def run_ceiling(procs: int, iterations: int) -> dict[str, Any]:
+    """The machine's own scaling: `procs` independent processes each doing `iterations` of `_python_work`
+    at once. Returns the work rate (iterations/s over all processes)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs + 1)
+    ps = [ctx.Process(target=_ceiling_proc, args=(barrier, iterations), daemon=True) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for p in ps:
+        p.join()
+    seconds = time.perf_counter() - t0
+    if any(p.exitcode != 0 for p in ps):
+        raise RuntimeError("a ceiling process failed")
+    return {"procs": procs, "seconds": seconds, "rate": procs * iterations / seconds}
 
 
 def run_config(data: str, games: list, envs: int, workers: int, memoize: bool, balance: bool = True) -> dict[str, Any]:
@@ -76,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"worker counts to measure (default 1, cores={cores}, 2*cores)")
     p.add_argument("--no-plain", action="store_true", help="skip the unmodified-engine peer row")
     p.add_argument("--no-static", action="store_true", help="skip the static-placement peer row")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the machine-ceiling peer (independent pure-Python processes, 1 vs cores)")
+    p.add_argument("--ceiling-iterations", type=int, default=3000,
+                   help="work per ceiling process (default 3000, ~5 s on one core here)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every configuration this many times, interleaved, and report the run with the "
                         "median time (default 1; this machine's speed drifts by 10-20 %% between minutes)")
@@ -95,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = [(w, True) for w in sorted(set(args.workers))] + ([] if args.no_static else [(cores, False)])
     runs: dict[tuple[int, bool], list[dict[str, Any]]] = {c: [] for c in configs}
+    ceiling: dict[int, list[dict[str, Any]]] = {1: [], cores: []}
     for rep in range(args.repeats):  # interleaved, so slow and fast minutes hit every configuration
+        if not args.no_ceiling and cores > 1:
+            for n in (1, cores):
+                c = run_ceiling(n, args.ceiling_iterations)
+                ceiling[n].append(c)
+                print(f"  [{rep + 1}/{args.repeats}] machine ceiling, {n} independent Python process"
+                      f"{'es' * (n > 1)}: {c['rate']:.0f} work units/s ({c['seconds']:.1f} s)",
+                      file=sys.stderr, flush=True)
         for w, balance in configs:
             r = run_config(args.data, games, args.envs, w, memoize=True, balance=balance)
             runs[(w, balance)].append(r)
@@ -125,9 +175,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['steps_per_s']:.2f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
               f"{r['dedicated_steps_per_s']:.2f} | "
               f"{r['dedicated_steps_per_s'] / base['dedicated_steps_per_s']:.2f}x |")
+    if args.repeats > 1:
+        for w in sorted(set(args.workers)) + ([] if args.no_static else ["static"]):
+            key = (cores, False) if w == "static" else (w, True)
+            if key == (1, True):
+                continue
+            paired = [a["seconds"] / b["seconds"] for a, b in zip(runs[(1, True)], runs[key])]
+            print(f"(workers={w}: the ratio vs 1 worker within each interleaved repeat: "
+                  f"{', '.join(f'{x:.2f}x' for x in paired)}; median {sorted(paired)[(len(paired) - 1) // 2]:.2f}x)")
     print("\n(dedicated cores: steps / sum over rounds of the busiest worker's CPU seconds, i.e. the round times the "
           "workers would need with a core each; on a shared machine the kernel's per-session fair share caps the "
           f"wall figure. Load average at the end: {os.getloadavg()[0]:.2f}.)")
+    if ceiling[1] and ceiling[cores]:
+        med = {n: sorted(c["rate"] for c in cs)[(len(cs) - 1) // 2] for n, cs in ceiling.items()}
+        ratio = med[cores] / med[1]
+        pool_ratio = next((r["steps_per_s"] / base["steps_per_s"] for r in results if r["workers"] == cores), None)
+        print("\n| workload | processes | work/s | ratio vs 1 process |")
+        print("|---|---:|---:|---:|")
+        print(f"| machine ceiling: independent pure-Python processes, no pool | 1 | {med[1]:.0f} | 1.00x |")
+        print(f"| machine ceiling: independent pure-Python processes, no pool | {cores} | {med[cores]:.0f} | "
+              f"{ratio:.2f}x |")
+        if pool_ratio is not None:
+            print(f"\n(the pool's {cores}-worker scaling, {pool_ratio:.2f}x, is {100 * pool_ratio / ratio:.0f} % of what "
+                  f"this machine gives {cores} independent processes, {ratio:.2f}x; medians of "
+                  f"{len(ceiling[1])} interleaved runs: {[round(c['rate']) for c in ceiling[1]]} vs "
+                  f"{[round(c['rate']) for c in ceiling[cores]]})")
     if static is not None:
         bal = next((r for r in results if r["workers"] == cores), None)
         if bal is not None:
@@ -148,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"cores": cores, "load_average_start": load, "results": results, "static": static,
-                       "plain": plain}, f,
+                       "plain": plain, "ceiling": ceiling}, f,
                       indent=1)
     return 0
 

@@ -8,14 +8,18 @@ them one after another, while the workers run concurrently. The caller sees a ba
         first = pool.reset([TaskSpec("alfworld", "valid_seen", gid) for gid in game_ids])  # 8 StepResults
         nxt = pool.step(["go to desk 1", None, ...])   # None: slot idle / finished -> result None
 
-Load balancing (rounds are lockstep, so a round lasts as long as its busiest worker, and resets can cost
-several times a step: an ALFWorld game load is ~0.5-1 s, a step ~0.1 s):
-- placement: slot i starts in worker i % num_workers; every *reset* places the new episode on the worker
-  with the least estimated work in that round (the slot's environment moves with it; steps then go to that
-  worker until the next reset). Estimates are running means of the CPU time each kind of request took.
-- preloading: callers may pass `upcoming` tasks (the next ones they will reset). Workers with slack in a
-  round (estimated work below the busiest worker's) load upcoming games into spare environments
-  (`TextEnv.preload`, optional), and the reset of such a task is then placed on that worker, where it only
+Load balancing (rounds are lockstep, so a round lasts as long as its busiest worker, and resets cost
+several times a step and vary unpredictably: an ALFWorld game load is ~0.5-2 s, a step ~0.05 s):
+- placement: slot i starts in worker i % num_workers. Steps go to the worker hosting their slot; a *reset*
+  may run on any worker (the slot's environment moves with it; its steps then go there until the next
+  reset). Each worker starts a round with its steps plus, by estimated cost, at most one reset; the other
+  resets of the round are handed out one at a time to whichever worker answers first (list scheduling),
+  so a slow game load delays its own worker's queue, not the round. Estimates are running means of the
+  CPU time each kind of request took.
+- preloading: callers may pass `upcoming` tasks (the next ones they will reset). A worker that has
+  finished its share while another is still busy (by the estimates, for at least
+  PRELOAD_MIN_REMAINING of a preload) loads the next upcoming game into a spare environment
+  (`TextEnv.preload`, optional); the reset of that task is then bound to that worker, where it only
   restarts the loaded game. Hints are never required: a wrong or missing hint only costs the preload.
 
 Failure handling (the point of running the engines out of process):
@@ -36,6 +40,7 @@ and are closed at interpreter exit, so no orphan processes remain.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import importlib
@@ -50,7 +55,7 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
@@ -58,10 +63,15 @@ from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
 # An environment factory: an import path "package.module:callable" (recommended: always importable in a
 # fresh worker), or a picklable module-level callable. Called as factory(**factory_kwargs) -> TextEnv.
 EnvFactory = str | Callable[..., TextEnv]
+# One request to a worker: (key, operation, argument); key >= 0 is a slot, < 0 a pool-internal extra.
+_Item = tuple[int, str, Any]
 
 _SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
 WORKER_GC_THRESHOLDS = (20_000, 20, 20)  # gc.set_threshold in worker processes (CPython default 700, 10, 10)
 MAX_PRELOADED_PER_WORKER = 2  # spare preloaded envs a worker keeps (oldest evicted first)
+# An idle worker preloads only while the busiest other worker is expected to need at least this fraction of a
+# preload's time more: a preload may lengthen the round by the rest, and takes (reset - warm_reset) off a later one.
+PRELOAD_MIN_REMAINING = 0.75
 # Initial cost estimates (CPU seconds) per request kind, refined by running means of measured times.
 # A preload is costed as the difference (reset - warm_reset): the part of a reset it takes off a later round.
 _INITIAL_COSTS = {"reset": 1.0, "warm_reset": 0.3, "step": 0.1}
@@ -112,7 +122,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
 
     op is "reset" / "step" / "call" (key: the slot), "drop" (key < 0, arg: a slot that moved to another
     worker: close its env here) or "preload" (key < 0, arg: a TaskSpec to load into a spare env; a later
-    "reset" of the same task in this worker uses that env). Exits on ("close", None) or when the parent's end
+    "reset" of the same task in this worker uses that env) or "unload" (key < 0: close that spare). Exits on ("close", None) or when the parent's end
     of the pipe closes (EOF).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -175,6 +185,12 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
             close_env(spares.pop(0)[1])
         return True
 
+    def unload(task: TaskSpec) -> None:
+        for k, (t, env) in enumerate(spares):
+            if t == task:
+                close_env(spares.pop(k)[1])
+                return
+
     def drop(slot: int) -> None:
         env = envs.pop(slot, None)
         if env is not None:
@@ -205,6 +221,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
                     res = drop(arg)
                 elif op == "preload":
                     res = preload(arg)
+                elif op == "unload":
+                    res = unload(arg)
                 else:
                     raise ValueError(f"unknown pool operation {op!r}")
             except Exception as e:
@@ -282,8 +300,8 @@ class EnvPool:
       reset_timeout: the same for `reset` (loading a game is slower than stepping it).
       start_timeout: seconds a worker may take to start and build its envs.
       mp_context: multiprocessing start method, "spawn" (default) or "forkserver".
-      balance: place resets on the least-loaded worker and preload `upcoming` tasks (default); False keeps
-        slot i in worker i % num_workers and ignores `upcoming` (the static layout, for comparison).
+      balance: schedule resets on whichever worker is free and preload `upcoming` tasks (default); False
+        keeps slot i in worker i % num_workers and ignores `upcoming` (the static layout, for comparison).
     """
 
     def __init__(self, factory: EnvFactory, num_envs: int, num_workers: int | None = None, *,
@@ -323,6 +341,7 @@ class EnvPool:
         self._closed = False
         self._home = [s % num_workers for s in range(num_envs)]  # slot -> worker hosting its env
         self._preloaded: list[list[TaskSpec]] = [[] for _ in range(num_workers)]  # mirrors the workers' spares
+        self._drops: list[list[int]] = [[] for _ in range(num_workers)]  # slots that moved away, env still here
         self._cost_sum = {k: v for k, v in _INITIAL_COSTS.items()}  # running means: sum / count (count
         self._cost_n = {k: 1.0 for k in _INITIAL_COSTS}  # starts at 1 with the initial guess)
         self.preload_hits = 0  # resets served by a preloaded env
@@ -409,6 +428,7 @@ class EnvPool:
             if self._slots[s].running:
                 self._slots[s].lost = why
         self._preloaded[index] = []
+        self._drops[index] = []
         self._start_workers([index], [hosted if i == index else [] for i in range(self.num_workers)])
 
     @staticmethod
@@ -502,8 +522,8 @@ class EnvPool:
               upcoming: Sequence[TaskSpec] | None = None) -> list[StepResult | None]:
         """Start `tasks[i]` in slot i (None: leave slot i alone; its result is None).
 
-        upcoming: optional hint, the tasks the caller expects to reset next (in order); workers with slack
-        in this round preload them (see "Load balancing").
+        upcoming: optional hint, the tasks the caller expects to reset next (in order); workers that
+        finish their share of the round early preload them (see "Load balancing").
 
         Returns the first observation of every started episode; each result's info carries "episode_id",
         "slot" and "step". Raises the adapter's exception (e.g. ValueError for an unknown task id) if a slot
@@ -556,8 +576,7 @@ class EnvPool:
                 state = "was never reset" if slot.task is None else "has finished its episode"
                 raise ValueError(f"env slot {i} {state}; pass None for idle slots or reset it first")
             requests[i] = ("step", item)
-        extras = self._balance(requests, upcoming) if self.balance else {}
-        raw = self._exchange(requests, extras)
+        raw = self._exchange(requests, upcoming)
         bad: list[tuple[int, _RemoteError]] = []
         for i, res in raw.items():
             slot = self._slots[i]
@@ -609,100 +628,154 @@ class EnvPool:
     def _timeout(self, cmd: str) -> float:
         return self.reset_timeout if cmd in ("reset", "preload") else self.step_timeout
 
-    def _balance(self, requests: dict[int, tuple[str, Any]],
-                 upcoming: Sequence[TaskSpec] | None) -> dict[int, list[tuple[int, str, Any]]]:
-        """Place this round's resets and choose its preloads (see "Load balancing"); updates `_home` and
-        `_preloaded`. Returns worker -> extra ("drop" / "preload") items, keyed by negative numbers."""
-        cost = self.cost_estimates()
-        load = [0.0] * self.num_workers
-        for i, (cmd, _arg) in requests.items():
-            if cmd != "reset":
-                load[self._home[i]] += cost["step"]
-        extras: dict[int, list[tuple[int, str, Any]]] = {}
-        keys = itertools.count(-1, -1)
+    def _move(self, slot: int, worker: int) -> None:
+        """Host `slot` in `worker` from now on; its old worker closes the slot's env with its next message."""
+        old = self._home[slot]
+        if old != worker:
+            self._drops[old].append(slot)
+            self._home[slot] = worker
+
+    def _plan(self, requests: Mapping[int, tuple[str, Any]]) -> tuple[dict[int, list[_Item]], list[_Item]]:
+        """Split a round's requests into items bound to a worker and resets free to run on any worker.
+
+        Steps and calls go to the worker hosting their slot; the reset of a task a worker has preloaded goes
+        to that worker; the other resets are free when `balance` (else bound to the slot's worker). Returns
+        (worker -> bound items, free items in request order)."""
+        bound: dict[int, list[_Item]] = {}
+        free: list[_Item] = []
         self._warm_slots = set()
-        for i, (cmd, task) in requests.items():
-            if cmd != "reset":
-                continue
-            warm = [w for w in range(self.num_workers) if task in self._preloaded[w]]
-            if warm:
-                w = min(warm, key=lambda w: load[w])
-                self._preloaded[w].remove(task)
-                load[w] += cost["warm_reset"]
+        for i, (cmd, arg) in requests.items():
+            w = self._home[i]
+            if cmd == "reset" and self.balance:
+                warm = [v for v in range(self.num_workers) if arg in self._preloaded[v]]
+                if not warm:
+                    free.append((i, cmd, arg))
+                    continue
+                w = warm[0]
+                self._preloaded[w].remove(arg)
                 self._warm_slots.add(i)
                 self.preload_hits += 1
-            else:
-                w = min(range(self.num_workers), key=lambda w: (load[w], w != self._home[i]))
-                load[w] += cost["reset"]
-            if w != self._home[i]:
-                extras.setdefault(self._home[i], []).append((next(keys), "drop", i))
-                self._home[i] = w
-        if upcoming and self._can_preload:
-            resetting = [arg for cmd, arg in requests.values() if cmd == "reset"]
-            peak = max(load)
-            slack = 0.25 * cost["reset"]  # a preload may lengthen the round a little: it saves a full load later
-            for task in upcoming[: self.num_workers * MAX_PRELOADED_PER_WORKER]:
-                if any(task in p for p in self._preloaded) or task in resetting:
-                    continue
-                w = min(range(self.num_workers), key=lambda w: load[w])
-                if load[w] + cost["preload"] > peak + slack:
-                    break
-                extras.setdefault(w, []).append((next(keys), "preload", task))
-                self._preloaded[w].append(task)
-                del self._preloaded[w][:-MAX_PRELOADED_PER_WORKER]  # the worker evicts the same ones
-                load[w] += cost["preload"]
-                self.preloads += 1
-        return extras
+                self._move(i, w)
+            bound.setdefault(w, []).append((i, cmd, arg))
+        return bound, free
+
+    def _item_cost(self, cost: Mapping[str, float], item: _Item) -> float:
+        key, cmd, _arg = item
+        if cmd == "reset" and key in self._warm_slots:
+            return cost["warm_reset"]
+        return cost.get(cmd, 0.0)
+
+    def _next_preload(self, w: int, upcoming: Sequence[TaskSpec] | None, resetting: list[TaskSpec],
+                      remaining: float, cost: Mapping[str, float], keys: Iterator[int]) -> list[_Item]:
+        """Items that make idle worker `w` preload the next upcoming task nobody holds, when the busiest other
+        worker is expected to need at least PRELOAD_MIN_REMAINING of a preload's time more (`remaining`,
+        seconds); [] otherwise. Preloads of tasks that left the upcoming window are unloaded first."""
+        if not (self.balance and upcoming and self._can_preload) or self.num_workers < 2:
+            return []
+        if remaining < PRELOAD_MIN_REMAINING * cost["preload"]:
+            return []
+        window = list(upcoming[: self.num_workers * MAX_PRELOADED_PER_WORKER])
+        task = next((t for t in window if t not in resetting and not any(t in p for p in self._preloaded)), None)
+        if task is None:
+            return []
+        items: list[_Item] = []
+        held = self._preloaded[w]
+        for stale in [t for t in held if t not in window]:
+            items.append((next(keys), "unload", stale))
+            held.remove(stale)
+        if len(held) >= MAX_PRELOADED_PER_WORKER:
+            return items
+        held.append(task)
+        self.preloads += 1
+        return items + [(next(keys), "preload", task)]
 
     def _exchange(self, requests: Mapping[int, tuple[str, Any]],
-                  extras: Mapping[int, list[tuple[int, str, Any]]] | None = None) -> dict[int, Any]:
-        """Send each worker its share of `requests` (slot -> (command, argument)) plus its `extras`
-        (worker -> [(negative key, command, argument)]), gather the answers concurrently, restart crashed /
-        hung workers.
+                  upcoming: Sequence[TaskSpec] | None = None) -> dict[int, Any]:
+        """Run one round: `requests` (slot -> (command, argument)) on the workers, concurrently; gather the
+        answers; restart crashed / hung workers. Returns slot -> StepResult | _RemoteError (| anything for
+        "call"); slots of a crashed / hung worker get a truncated StepResult with info["error"].
 
-        A worker's deadline is the sum of its items' timeouts. Returns slot -> StepResult | _RemoteError
-        (| anything for "call"); slots of a crashed / hung worker get a truncated StepResult with
-        info["error"]. Answers to extras are only used for the cost estimates.
+        Scheduling (see "Load balancing"): every worker first gets its bound items plus, by the estimated
+        costs, at most one free reset; the other free resets are handed out one at a time to whichever
+        worker answers first, so unpredictable load times even out within the round. A worker that
+        answers when nothing is left preloads an upcoming task while the others finish. A message's
+        deadline is the sum of its items' timeouts.
         """
-        by_worker: dict[int, list[tuple[int, str, Any]]] = {}
-        for w_idx, items in (extras or {}).items():
-            by_worker.setdefault(w_idx, []).extend(items)
-        for i, (cmd, arg) in requests.items():
-            by_worker.setdefault(self.worker_of(i), []).append((i, cmd, arg))
+        bound, free = self._plan(requests)
+        cost = self.cost_estimates()
+        load = [sum(self._item_cost(cost, it) for it in bound.get(w, [])) for w in range(self.num_workers)]
+        first: dict[int, list[_Item]] = {}
+        queue: collections.deque[_Item] = collections.deque()
+        for item in free:  # greedy by estimate; each worker starts with at most one free reset
+            w = min(range(self.num_workers), key=lambda v: (load[v], v != self._home[item[0]]))
+            load[w] += cost["reset"]
+            if w in first:
+                queue.append(item)
+            else:
+                first[w] = [item]
+        resetting = [arg for cmd, arg in requests.values() if cmd == "reset"]
+        keys = itertools.count(-1, -1)
         results: dict[int, Any] = {}
-        pending: dict[int, float] = {}
-        limits: dict[int, float] = {}
-        round_cpu: list[float] = []
-        now = time.monotonic()
-        for w_idx, items in by_worker.items():
-            w = self._workers[w_idx]
-            assert w is not None
-            limits[w_idx] = max(self.step_timeout, sum(self._timeout(cmd) for _, cmd, _ in items if cmd != "drop"))
+        inflight: dict[int, tuple[list[_Item], float, float, float, float]] = {}  # items, deadline, limit, sent, est
+        round_cpu = [0.0] * self.num_workers
+
+        def send(w: int, items: list[_Item]) -> None:
+            for slot, cmd, _arg in items:
+                if cmd == "reset":
+                    self._move(slot, w)
+            items = [(next(keys), "drop", s) for s in self._drops[w]] + items
+            self._drops[w] = []
+            limit = max(self.step_timeout, sum(self._timeout(cmd) for _, cmd, _ in items if cmd != "drop"))
+            worker = self._workers[w]
+            assert worker is not None
+            now = time.monotonic()
             try:
-                w.conn.send(("batch", items))
-                pending[w_idx] = now + limits[w_idx]
+                worker.conn.send(("batch", items))
             except (BrokenPipeError, OSError):
-                w.process.join(1)
-                self._fail_worker(w_idx, items, f"{self._death_reason(w)} before the request", results)
-        while pending:
-            timeout = max(0.0, min(pending.values()) - time.monotonic())
+                worker.process.join(1)
+                self._fail_worker(w, items, f"{self._death_reason(worker)} before the request", results)
+                return
+            inflight[w] = (items, now + limit, limit, now, sum(self._item_cost(cost, it) for it in items))
+
+        def refill(w: int) -> None:
+            """Give worker `w`, which just answered, the next free reset, or else a preload."""
+            if queue:
+                send(w, [queue.popleft()])
+                return
+            now = time.monotonic()
+            remaining = max((est - (now - sent) for v, (_i, _d, _l, sent, est) in inflight.items() if v != w),
+                            default=0.0)
+            items = self._next_preload(w, upcoming, resetting, remaining, cost, keys)
+            if items:
+                send(w, items)
+
+        for w in range(self.num_workers):
+            items = bound.get(w, []) + first.get(w, [])
+            if items:
+                send(w, items)
+        for w in range(self.num_workers):  # idle workers (or one whose send failed) take queued resets too
+            if w not in inflight and queue:
+                send(w, [queue.popleft()])
+        while inflight:
+            timeout = max(0.0, min(d for _i, d, _l, _s, _e in inflight.values()) - time.monotonic())
             watch: list[Any] = []
-            for w_idx in pending:
+            for w_idx in inflight:
                 w = self._workers[w_idx]
                 assert w is not None
                 watch += [w.conn, w.process.sentinel]
             ready = multiprocessing.connection.wait(watch, timeout=timeout)
-            for w_idx in list(pending):
+            for w_idx in list(inflight):
                 w = self._workers[w_idx]
                 assert w is not None
-                items = by_worker[w_idx]
+                items, deadline, limit, _sent, _est = inflight[w_idx]
                 if w.conn in ready or (w.process.sentinel in ready and w.conn.poll()):
-                    del pending[w_idx]
+                    del inflight[w_idx]
                     try:
                         _kind, payload, cpu = w.conn.recv()
                     except (EOFError, OSError):
                         w.process.join(1)
                         self._fail_worker(w_idx, items, self._death_reason(w), results)
+                        refill(w_idx)
                         continue
                     for (key, cmd, arg), (_key, res, _cpu) in zip(items, payload):
                         if key >= 0:
@@ -712,19 +785,21 @@ class EnvPool:
                             if arg in self._preloaded[w_idx]:
                                 self._preloaded[w_idx].remove(arg)
                     self._learn_costs(items, payload)
-                    round_cpu.append(cpu)
+                    round_cpu[w_idx] += cpu
+                    refill(w_idx)
                 elif w.process.sentinel in ready:
-                    del pending[w_idx]
+                    del inflight[w_idx]
                     w.process.join(1)
                     self._fail_worker(w_idx, items, self._death_reason(w), results)
-                elif time.monotonic() >= pending[w_idx]:
-                    del pending[w_idx]
-                    self._fail_worker(w_idx, items, f"did not answer within {limits[w_idx]:.1f} s (hung); killed",
-                                      results)
-        if by_worker:
+                    refill(w_idx)
+                elif time.monotonic() >= deadline:
+                    del inflight[w_idx]
+                    self._fail_worker(w_idx, items, f"did not answer within {limit:.1f} s (hung); killed", results)
+                    refill(w_idx)
+        if any(round_cpu) or results:
             self.rounds += 1
             self.cpu_seconds += sum(round_cpu)
-            self.critical_cpu_seconds += max(round_cpu, default=0.0)
+            self.critical_cpu_seconds += max(round_cpu)
         return results
 
     def _learn_costs(self, items: list[tuple[int, str, Any]], payload: list[tuple[int, Any, float]]) -> None:
@@ -753,6 +828,8 @@ class EnvPool:
         why = (f"env worker {w_idx} (pid {w.pid}, slots {hosted}) {reason} during {cmds}; "
                f"it was restarted and its episodes truncated")
         slots = [i for i, _, _ in items if i >= 0]
+        # episodes this worker reset or stepped earlier in the same round are lost with it too
+        slots += [s for s in hosted if isinstance(results.get(s), StepResult) and s not in slots]
         for i in slots:
             results[i] = _error_result(why)
         self._restart(w_idx, why)
