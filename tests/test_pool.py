@@ -309,3 +309,12 @@ def test_a_worker_dying_mid_round_truncates_what_it_already_answered_in_that_rou
         again = pool.reset([scripted("sleep:0"), None, scripted("sleep:0"), scripted("sleep:0")])
         assert all(not again[i].truncated for i in (0, 2, 3))
         assert not pool.step(["x", "y", "z", "w"])[1].truncated  # worker 1's episode was never touched
+
+
+def test_episode_ids_follow_slot_order_whatever_order_the_workers_answer_in():
+    with EnvPool(SCRIPTED, num_envs=4, num_workers=2, run_tag="run7") as pool:
+        # slot 1 answers first, slot 0 last: ids still count in slot order
+        res = pool.reset([scripted(t) for t in ("sleep:0.6", "sleep:0.01", "sleep:0.3", "sleep:0.01")])
+        assert [r.info["episode_id"] for r in res] == [f"run7-{i:07d}" for i in range(4)]
+    with pytest.raises(ValueError, match="run_tag"):
+        EnvPool(SCRIPTED, num_envs=1, run_tag="has space")

@@ -307,7 +307,7 @@ class EnvPool:
     def __init__(self, factory: EnvFactory, num_envs: int, num_workers: int | None = None, *,
                  factory_kwargs: Mapping[str, Any] | None = None, step_timeout: float = 60.0,
                  reset_timeout: float = 120.0, start_timeout: float = 300.0,
-                 mp_context: str = "spawn", balance: bool = True) -> None:
+                 mp_context: str = "spawn", balance: bool = True, run_tag: str | None = None) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         num_workers = min(num_envs, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -333,7 +333,9 @@ class EnvPool:
         self._slots = [_Slot() for _ in range(num_envs)]
         self._workers: list[_Worker | None] = [None] * num_workers
         self._episode_counter = itertools.count()
-        self._run_tag = uuid.uuid4().hex[:6]
+        if run_tag is not None and (not isinstance(run_tag, str) or not run_tag or any(ch.isspace() for ch in run_tag)):
+            raise ValueError(f"run_tag must be a non-empty string without spaces, got {run_tag!r}")
+        self._run_tag = run_tag or uuid.uuid4().hex[:6]
         self.restarts = 0  # how many times a worker was restarted (crash or hang)
         self.rounds = 0  # concurrent rounds (reset / step / advance calls that reached a worker)
         self.cpu_seconds = 0.0  # CPU time the workers spent on requests, summed over workers
@@ -578,7 +580,8 @@ class EnvPool:
             requests[i] = ("step", item)
         raw = self._exchange(requests, upcoming)
         bad: list[tuple[int, _RemoteError]] = []
-        for i, res in raw.items():
+        for i in sorted(raw):  # slot order, not answer order: episode counters must not depend on timing
+            res = raw[i]
             slot = self._slots[i]
             cmd, arg = requests[i]
             if cmd == "reset":

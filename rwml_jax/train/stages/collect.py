@@ -90,8 +90,9 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     width = max(1, min(c.collect.max_live_episodes, n_eps))
     workers = min(width, c.env.num_workers or os.cpu_count() or 1)
     bar = progress(None, "collect", unit="turn")
+    # a fixed run tag: the episode ids (and so the triplet ids the train/val split sorts) repeat run to run
     with EnvPool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
-                 step_timeout=c.env.step_timeout_s) as pool:
+                 step_timeout=c.env.step_timeout_s, run_tag=f"collect-s{c.seed}") as pool:
         result = rollout(
             pool, tasks, policy.generate_fn(params, temperature=c.collect.temperature, top_p=c.collect.top_p, seed=c.seed),
             trajectories_per_task=c.collect.trajectories_per_task, history_length=c.collect.history_length,

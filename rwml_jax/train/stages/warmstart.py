@@ -78,7 +78,7 @@ def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, m
     episodes: list[list[Transition]] = []
     width = min(len(task_ids), 16)
     with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=width, num_workers=min(num_workers, width),
-                 factory_kwargs={"data_dir": games_dir, "max_steps": max_steps}) as pool:
+                 factory_kwargs={"data_dir": games_dir, "max_steps": max_steps}, run_tag=f"warmstart-s{seed}") as pool:
         for lo in range(0, len(task_ids), width):
             chunk = list(range(lo, min(lo + width, len(task_ids))))
             tasks = [TaskSpec("alfworld", "train", task_ids[i]) for i in chunk]
