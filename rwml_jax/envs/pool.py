@@ -12,9 +12,10 @@ Load balancing (rounds are lockstep, so a round lasts as long as its busiest wor
 several times a step and vary unpredictably: an ALFWorld game load is ~0.5-2 s, a step ~0.05 s):
 - placement: slot i starts in worker i % num_workers. Steps go to the worker hosting their slot; a *reset*
   may run on any worker (the slot's environment moves with it; its steps then go there until the next
-  reset). Each worker starts a round with its steps plus, by estimated cost, at most one reset; the other
-  resets of the round are handed out one at a time to whichever worker answers first (list scheduling),
-  so a slow game load delays its own worker's queue, not the round. Estimates are running means of the
+  reset). Each worker starts a round with its steps plus half of its share of the resets (shares by
+  estimated cost); the other resets of the round are handed out in shrinking chunks, down to one, to
+  whichever worker answers first (guided self-scheduling), so a slow game load delays its own worker's
+  queue, not the round. Estimates are running means of the
   CPU time each kind of request took.
 - preloading: callers may pass `upcoming` tasks (the next ones they will reset). A worker that has
   finished its share while another is still busy (by the estimates, for at least
@@ -698,24 +699,24 @@ class EnvPool:
         answers; restart crashed / hung workers. Returns slot -> StepResult | _RemoteError (| anything for
         "call"); slots of a crashed / hung worker get a truncated StepResult with info["error"].
 
-        Scheduling (see "Load balancing"): every worker first gets its bound items plus, by the estimated
-        costs, at most one free reset; the other free resets are handed out one at a time to whichever
-        worker answers first, so unpredictable load times even out within the round. A worker that
+        Scheduling (see "Load balancing"): every worker first gets its bound items plus half of its share
+        of the free resets (shares by estimated cost); the other free resets are handed out in shrinking
+        chunks (len(queue) // (2 * workers), at least one) to whichever worker answers first, so
+        unpredictable load times even out within the round. A worker that
         answers when nothing is left preloads an upcoming task while the others finish. A message's
         deadline is the sum of its items' timeouts.
         """
         bound, free = self._plan(requests)
         cost = self.cost_estimates()
         load = [sum(self._item_cost(cost, it) for it in bound.get(w, [])) for w in range(self.num_workers)]
-        first: dict[int, list[_Item]] = {}
-        queue: collections.deque[_Item] = collections.deque()
-        for item in free:  # greedy by estimate; each worker starts with at most one free reset
+        planned: dict[int, list[_Item]] = {}
+        for item in free:  # greedy by estimate
             w = min(range(self.num_workers), key=lambda v: (load[v], v != self._home[item[0]]))
             load[w] += cost["reset"]
-            if w in first:
-                queue.append(item)
-            else:
-                first[w] = [item]
+            planned.setdefault(w, []).append(item)
+        first = {w: items[: (len(items) + 1) // 2] for w, items in planned.items()}  # half the share now
+        sent_first = {it[0] for items in first.values() for it in items}
+        queue: collections.deque[_Item] = collections.deque(it for it in free if it[0] not in sent_first)
         resetting = [arg for cmd, arg in requests.values() if cmd == "reset"]
         keys = itertools.count(-1, -1)
         results: dict[int, Any] = {}
@@ -742,8 +743,8 @@ class EnvPool:
 
         def refill(w: int) -> None:
             """Give worker `w`, which just answered, the next free reset, or else a preload."""
-            if queue:
-                send(w, [queue.popleft()])
+            if queue:  # shrinking chunks (guided self-scheduling): few messages, an even finish
+                send(w, [queue.popleft() for _ in range(max(1, len(queue) // (2 * self.num_workers)))])
                 return
             now = time.monotonic()
             remaining = max((est - (now - sent) for v, (_i, _d, _l, sent, est) in inflight.items() if v != w),
