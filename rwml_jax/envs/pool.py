@@ -15,8 +15,7 @@ several times a step and vary unpredictably: an ALFWorld game load is ~0.5-2 s, 
   reset). Each worker starts a round with its steps plus half of its share of the resets (shares by
   estimated cost); the other resets of the round are handed out in shrinking chunks, down to one, to
   whichever worker answers first (guided self-scheduling), so a slow game load delays its own worker's
-  queue, not the round. Estimates are running means of the
-  CPU time each kind of request took.
+  queue, not the round. Estimates are running means of the CPU time each kind of request took.
 - preloading: callers may pass `upcoming` tasks (the next ones they will reset). A worker that has
   finished its share while another is still busy (by the estimates, for at least
   PRELOAD_MIN_REMAINING of a preload) loads the next upcoming game into a spare environment
@@ -123,8 +122,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactor
 
     op is "reset" / "step" / "call" (key: the slot), "drop" (key < 0, arg: a slot that moved to another
     worker: close its env here) or "preload" (key < 0, arg: a TaskSpec to load into a spare env; a later
-    "reset" of the same task in this worker uses that env) or "unload" (key < 0: close that spare). Exits on ("close", None) or when the parent's end
-    of the pipe closes (EOF).
+    "reset" of the same task in this worker uses that env) or "unload" (key < 0: close that spare).
+    Exits on ("close", None) or when the parent's end of the pipe closes (EOF).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if die_with_parent:
@@ -659,7 +658,6 @@ class EnvPool:
                 self._preloaded[w].remove(arg)
                 self._warm_slots.add(i)
                 self.preload_hits += 1
-                self._move(i, w)
             bound.setdefault(w, []).append((i, cmd, arg))
         return bound, free
 
@@ -702,9 +700,9 @@ class EnvPool:
         Scheduling (see "Load balancing"): every worker first gets its bound items plus half of its share
         of the free resets (shares by estimated cost); the other free resets are handed out in shrinking
         chunks (len(queue) // (2 * workers), at least one) to whichever worker answers first, so
-        unpredictable load times even out within the round. A worker that
-        answers when nothing is left preloads an upcoming task while the others finish. A message's
-        deadline is the sum of its items' timeouts.
+        unpredictable load times even out within the round. A worker that answers when nothing is left
+        preloads an upcoming task while the others finish. A message's deadline is the sum of its items'
+        timeouts. Every reset moves its slot to the worker it is sent to.
         """
         bound, free = self._plan(requests)
         cost = self.cost_estimates()
@@ -720,7 +718,7 @@ class EnvPool:
         resetting = [arg for cmd, arg in requests.values() if cmd == "reset"]
         keys = itertools.count(-1, -1)
         results: dict[int, Any] = {}
-        inflight: dict[int, tuple[list[_Item], float, float, float, float]] = {}  # items, deadline, limit, sent, est
+        inflight: dict[int, tuple[list[_Item], float, float, float]] = {}  # items, sent at, limit s, estimate s
         round_cpu = [0.0] * self.num_workers
 
         def send(w: int, items: list[_Item]) -> None:
@@ -739,7 +737,7 @@ class EnvPool:
                 worker.process.join(1)
                 self._fail_worker(w, items, f"{self._death_reason(worker)} before the request", results)
                 return
-            inflight[w] = (items, now + limit, limit, now, sum(self._item_cost(cost, it) for it in items))
+            inflight[w] = (items, now, limit, sum(self._item_cost(cost, it) for it in items))
 
         def refill(w: int) -> None:
             """Give worker `w`, which just answered, the next free reset, or else a preload."""
@@ -747,7 +745,7 @@ class EnvPool:
                 send(w, [queue.popleft() for _ in range(max(1, len(queue) // (2 * self.num_workers)))])
                 return
             now = time.monotonic()
-            remaining = max((est - (now - sent) for v, (_i, _d, _l, sent, est) in inflight.items() if v != w),
+            remaining = max((est - (now - sent) for v, (_i, sent, _l, est) in inflight.items() if v != w),
                             default=0.0)
             items = self._next_preload(w, upcoming, resetting, remaining, cost, keys)
             if items:
@@ -759,9 +757,9 @@ class EnvPool:
                 send(w, items)
         for w in range(self.num_workers):  # idle workers (or one whose send failed) take queued resets too
             if w not in inflight and queue:
-                send(w, [queue.popleft()])
+                refill(w)
         while inflight:
-            timeout = max(0.0, min(d for _i, d, _l, _s, _e in inflight.values()) - time.monotonic())
+            timeout = max(0.0, min(sent + limit for _i, sent, limit, _e in inflight.values()) - time.monotonic())
             watch: list[Any] = []
             for w_idx in inflight:
                 w = self._workers[w_idx]
@@ -771,35 +769,35 @@ class EnvPool:
             for w_idx in list(inflight):
                 w = self._workers[w_idx]
                 assert w is not None
-                items, deadline, limit, _sent, _est = inflight[w_idx]
+                items, sent, limit, _est = inflight[w_idx]
+                failure: str | None = None
                 if w.conn in ready or (w.process.sentinel in ready and w.conn.poll()):
-                    del inflight[w_idx]
                     try:
                         _kind, payload, cpu = w.conn.recv()
                     except (EOFError, OSError):
                         w.process.join(1)
-                        self._fail_worker(w_idx, items, self._death_reason(w), results)
-                        refill(w_idx)
-                        continue
-                    for (key, cmd, arg), (_key, res, _cpu) in zip(items, payload):
-                        if key >= 0:
-                            results[key] = res
-                        elif cmd == "preload" and res is False:  # this env type cannot preload
-                            self._can_preload = False
-                            if arg in self._preloaded[w_idx]:
-                                self._preloaded[w_idx].remove(arg)
-                    self._learn_costs(items, payload)
-                    round_cpu[w_idx] += cpu
-                    refill(w_idx)
+                        failure = self._death_reason(w)
+                    else:
+                        for (key, cmd, arg), (_key, res, _cpu) in zip(items, payload):
+                            if key >= 0:
+                                results[key] = res
+                            elif cmd == "preload" and res is False:  # this env type cannot preload
+                                self._can_preload = False
+                                if arg in self._preloaded[w_idx]:
+                                    self._preloaded[w_idx].remove(arg)
+                        self._learn_costs(items, payload)
+                        round_cpu[w_idx] += cpu
                 elif w.process.sentinel in ready:
-                    del inflight[w_idx]
                     w.process.join(1)
-                    self._fail_worker(w_idx, items, self._death_reason(w), results)
-                    refill(w_idx)
-                elif time.monotonic() >= deadline:
-                    del inflight[w_idx]
-                    self._fail_worker(w_idx, items, f"did not answer within {limit:.1f} s (hung); killed", results)
-                    refill(w_idx)
+                    failure = self._death_reason(w)
+                elif time.monotonic() >= sent + limit:
+                    failure = f"did not answer within {limit:.1f} s (hung); killed"
+                else:
+                    continue  # still working
+                del inflight[w_idx]
+                if failure is not None:
+                    self._fail_worker(w_idx, items, failure, results)
+                refill(w_idx)
         if any(round_cpu) or results:
             self.rounds += 1
             self.cpu_seconds += sum(round_cpu)
