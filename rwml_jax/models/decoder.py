@@ -9,14 +9,16 @@ Shapes: B batch, T new tokens, S key/value slots, E hidden, H query heads, K key
 G = H / K query heads per kv head, D head_dim, F SwiGLU width, V vocabulary, L layers.
 
 KV cache (for the sampler): a dict
-    k, v:  [L, B, K, S, D]   cached keys / values (`cache_dtype`); or, in the per-layer form, tuples of
-                             L arrays [B, K, S, D]
+    k:     [L, B, K, D, S]   cached keys, transposed (`cache_dtype`); per-layer form: L arrays [B, K, D, S]
+    v:     [L, B, K, S, D]   cached values; per-layer form: L arrays [B, K, S, D]
     mask:  [B, S] bool       which slots hold a real (non-pad) token
     pos:   [B] int32         RoPE position the next real token of each row gets
     index: [] int32          the first free slot (all rows advance together)
 `apply` writes the T new tokens into slots [index, index + T) and returns the updated cache, updated with
-`dynamic_update_slice`, so XLA updates it in place when the caller donates it. Keys are stored heads-major
-([.., K, S, D]) so the attention dots read the cache without transposing it.
+`dynamic_update_slice`, so XLA updates it in place when the caller donates it. Both are heads-major, and
+keys are stored transposed, so that a decode step's two attention products are plain batched matmuls over
+the cache as it lies in memory: q [G, D] x k [D, S] and p [G, S] x v [S, D] per (row, kv head). With keys
+as [S, D], XLA's CPU backend computed kᵀq and transposed the result (about 10 % of a `tiny` decode step).
 
 Layer-unrolled form (for decoding): `unstack_layers(params)` turns the stacked `layers` subtree into a
 tuple of per-layer subtrees, and `init_cache(..., per_layer=True)` gives per-layer cache arrays. `apply`
@@ -94,7 +96,9 @@ class Attention(nn.Module):
         """x [B, T, E] -> ([B, T, E], k_cache, v_cache).
 
         allowed: [B, T, S] bool, which key slots each query may attend to.
-        k_cache, v_cache: [L, B, K, S, D] or None (no cache: S == T and keys are this call's tokens).
+        k_cache, v_cache: the cache's k [L, B, K, D, S] and v [L, B, K, S, D] with `layer` the index into L,
+          or one layer's k [B, K, D, S] and v [B, K, S, D] with `layer` None, or both None (no cache:
+          S == T and the keys are this call's tokens).
         """
         c = self.config
         cdt = _dtype(c.compute_dtype)
@@ -119,35 +123,52 @@ class Attention(nn.Module):
 
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, H // K, D)
-        if k_cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            start = (layer, zero, zero, index, zero)
-            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)[None]  # [1, B, K, T, D]
-            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)[None]
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)
-            k = k_cache[layer].astype(cdt)  # [B, K, S, D]
-            v = v_cache[layer].astype(cdt)
-            kv_spec = "bksd"
-        else:
-            kv_spec = "bskd"
-        scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (D**-0.5)
-        scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        if k_cache is not None and T == 1:
-            # One-token decode step: probs @ V as multiply-and-reduce over the slots (a batched [G, S] x
-            # [S, D] dot per (row, kv head) is tiny and slow on CPU), and the output projection as one
-            # [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
-            p = probs[:, :, :, 0, :].astype(jnp.float32)  # [B, K, G, S]
-            out = jnp.sum(p[..., None] * v.astype(jnp.float32)[:, :, None], axis=3).astype(cdt)  # [B, K, G, D]
-            y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
-        else:
-            out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v).reshape(B, T, H, D)
+        if k_cache is None:
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
             y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+        else:
+            k_cache, v_cache = _write_cache(k_cache, v_cache, k, v, layer, index)
+            k_t = (k_cache if layer is None else k_cache[layer]).astype(cdt)  # [B, K, D, S]
+            v = (v_cache if layer is None else v_cache[layer]).astype(cdt)  # [B, K, S, D]
+            if T == 1:
+                # One-token decode step: per (row, kv head) a [G, D] x [D, S] and a [G, S] x [S, D] product,
+                # written as batched dot_generals whose operands are already in that order, and the output
+                # projection as one [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
+                batch = ((0, 1), (0, 1))
+                scores = jax.lax.dot_general(q[:, 0], k_t, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+                scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
+                probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+                out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
+                y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
+            else:
+                scores = jnp.einsum("btkgd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
+                scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
+                probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+                out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, H, D)
+                y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
         if bo is not None:
             y = y + bo.astype(cdt)
         return y, k_cache, v_cache
+
+
+def _write_cache(k_cache, v_cache, k, v, layer, index):
+    """Write this call's keys / values k, v [B, T, K, D] into cache slots [index, index + T).
+
+    One layer's cache (layer None): keys [B, K, D, S], values [B, K, S, D]; the stacked cache has a leading
+    L axis and `layer` picks the slice. Each cache is updated by one `dynamic_update_slice` on the array
+    itself (no reshape around it), which XLA performs in place on a donated or loop-carried buffer.
+    """
+    zero = jnp.zeros((), jnp.int32)
+    k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, K, D, T]
+    v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)  # [B, K, T, D]
+    if layer is None:
+        return (jax.lax.dynamic_update_slice(k_cache, k_new, (zero, zero, zero, index)),
+                jax.lax.dynamic_update_slice(v_cache, v_new, (zero, zero, index, zero)))
+    return (jax.lax.dynamic_update_slice(k_cache, k_new[None], (layer, zero, zero, zero, index)),
+            jax.lax.dynamic_update_slice(v_cache, v_new[None], (layer, zero, zero, index, zero)))
 
 
 class MLP(nn.Module):
@@ -177,7 +198,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block; the scan body. carry = (x, k_cache, v_cache, layer)."""
+    """Pre-norm transformer block; the scan body.
+
+    carry = (x, k_cache, v_cache, layer); `layer` is None when the caches are one layer's (see Attention).
+    """
 
     config: ModelConfig
 
@@ -191,7 +215,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return (x, k_cache, v_cache, layer + 1), None
+        return (x, k_cache, v_cache, None if layer is None else layer + 1), None
 
 
 class Decoder(nn.Module):
@@ -294,16 +318,16 @@ def init_cache(
 ) -> Cache:
     """An empty KV cache with `max_len` slots per row (see module docstring for the layout).
 
-    per_layer: k / v as tuples of L arrays [B, K, S, D] (for `unstack_layers` params) instead of one
-    stacked [L, B, K, S, D] array each.
+    per_layer: k / v as tuples of L arrays [B, K, D, S] / [B, K, S, D] (for `unstack_layers` params)
+    instead of one stacked [L, B, K, D, S] / [L, B, K, S, D] array each.
     """
     dtype = jnp.dtype(dtype or config.compute_dtype)
     L, K, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     if per_layer:
-        k = tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L))
+        k = tuple(jnp.zeros((batch, K, D, max_len), dtype) for _ in range(L))
         v = tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L))
     else:
-        k = jnp.zeros((L, batch, K, max_len, D), dtype)
+        k = jnp.zeros((L, batch, K, D, max_len), dtype)
         v = jnp.zeros((L, batch, K, max_len, D), dtype)
     return dict(
         k=k,
@@ -337,12 +361,12 @@ def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache,
     layer = DecoderLayer(c)
     new_k, new_v = [], []
     for i, layer_params in enumerate(params["layers"]):
-        kc = None if k_cache is None else k_cache[i][None]  # [1, B, K, S, D]: layer index 0 is free
-        vc = None if v_cache is None else v_cache[i][None]
-        (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, 0), cos, sin, allowed, index)
+        kc = None if k_cache is None else k_cache[i]
+        vc = None if v_cache is None else v_cache[i]
+        (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, None), cos, sin, allowed, index)
         if kc is not None:
-            new_k.append(kc[0])
-            new_v.append(vc[0])
+            new_k.append(kc)
+            new_v.append(vc)
     hidden = rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps)
     if k_cache is None:
         return hidden, None, None
