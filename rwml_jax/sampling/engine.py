@@ -19,8 +19,8 @@ One call:
 
 Shapes: B rows (a batch bucket, a multiple of the mesh's data x fsdp size), P prompt slots (a prompt
 bucket), N = `max_new_tokens` capacity, S = P + N cache slots, L layers, K kv heads, D head_dim.
-KV cache: per layer k, v [B, K, S, D] in `cache_dtype`, batch sharded over (data, fsdp), kv heads over
-tensor when they divide it.
+KV cache: per layer k [B, K, D, S] and v [B, K, S, D] in `cache_dtype` (see `decoder`), batch sharded over
+(data, fsdp), kv heads over tensor when they divide it.
 
 Compilations: one for `prepare` per Sampler; then two (prefill + decode) per distinct (batch bucket,
 prompt bucket, sampling mode, stop-condition size bucket). The sampling mode is greedy (temperature 0),
