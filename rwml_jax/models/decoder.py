@@ -124,31 +124,28 @@ class Attention(nn.Module):
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, H // K, D)
         if k_cache is None:
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
-            y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+            k_spec = v_spec = "bskd"
         else:
             k_cache, v_cache = _write_cache(k_cache, v_cache, k, v, layer, index)
-            k_t = (k_cache if layer is None else k_cache[layer]).astype(cdt)  # [B, K, D, S]
+            k = (k_cache if layer is None else k_cache[layer]).astype(cdt)  # [B, K, D, S]
             v = (v_cache if layer is None else v_cache[layer]).astype(cdt)  # [B, K, S, D]
-            if T == 1:
-                # One-token decode step: per (row, kv head) a [G, D] x [D, S] and a [G, S] x [S, D] product,
-                # written as batched dot_generals whose operands are already in that order, and the output
-                # projection as one [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
-                batch = ((0, 1), (0, 1))
-                scores = jax.lax.dot_general(q[:, 0], k_t, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
-                scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
-                probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-                out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
-                y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
-            else:
-                scores = jnp.einsum("btkgd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
-                scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
-                probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-                out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, H, D)
-                y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+            k_spec, v_spec = "bkds", "bksd"
+        if k_cache is not None and T == 1:
+            # One-token decode step: per (row, kv head) a [G, D] x [D, S] and a [G, S] x [S, D] product,
+            # written as batched dot_generals whose operands are already in that order, and the output
+            # projection as one [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
+            batch = ((0, 1), (0, 1))
+            scores = jax.lax.dot_general(q[:, 0], k, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+            scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
+            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+            out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
+            y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
+        else:
+            scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+            out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v).reshape(B, T, H, D)
+            y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
         if bo is not None:
             y = y + bo.astype(cdt)
         return y, k_cache, v_cache
