@@ -13,7 +13,7 @@ from scipy import stats
 
 from hf_fixtures import VARIANTS, build_hf_model
 from rwml_jax import models, sampling
-from rwml_jax.models import decoder
+from rwml_jax.models import decode_layout, decoder
 from rwml_jax.sampling import filters, tiny
 
 LENGTHS = [7, 3, 12, 1, 5]
@@ -386,19 +386,26 @@ def test_per_layer_and_stacked_params_agree(qwen3):
     sampler = sampling.Sampler(config, max_new_tokens=6)
     prompts = _prompts(config.vocab_size, seed=9)
     a = sampler.generate(params, prompts, temperature=0.0, stop_at_eos=False)
-    b = sampler.generate(sampler.prepare(params), prompts, temperature=0.0, stop_at_eos=False)
+    prepared = sampler.prepare(params)
+    assert decode_layout.is_decode_layout(prepared["layers"][0])
+    b = sampler.generate(prepared, prompts, temperature=0.0, stop_at_eos=False)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert isinstance(decoder.unstack_layers(params)["layers"], tuple)
+    with pytest.raises(ValueError, match="must come from this sampler's `prepare`"):
+        sampler.generate(decoder.unstack_layers(params), prompts, temperature=0.0)
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per-layer"])
-def test_cached_decoding_equals_forward(qwen3, per_layer):
+@pytest.mark.parametrize("layout", ["stacked", "per-layer", "decode-fused", "decode-unfused"])
+def test_cached_decoding_equals_forward(qwen3, layout):
     """`apply` with a KV cache (a left-padded prefill, then one token at a time) gives `forward`'s logits,
-    for the stacked cache [L, ...] with stacked params and for the per-layer form the sampler uses."""
+    for the stacked cache [L, ...] with stacked params, for the per-layer Flax form, and for the sampler's
+    decode layout (weights transposed, with and without q/k/v and gate/up fused)."""
     import jax.numpy as jnp
 
     config, params = qwen3
-    p = decoder.unstack_layers(params) if per_layer else params
+    per_layer = layout != "stacked"
+    p = {"stacked": params, "per-layer": decoder.unstack_layers(params),
+         "decode-fused": decode_layout.from_stacked(config, params, fuse=True),
+         "decode-unfused": decode_layout.from_stacked(config, params, fuse=False)}[layout]
     rng = np.random.default_rng(4)
     full = rng.integers(1, config.vocab_size, (2, 9))
     pad = np.array([[1] * 9, [0, 0, 0] + [1] * 6])  # row 1 is left-padded by 3

@@ -24,7 +24,9 @@ Layer-unrolled form (for decoding): `unstack_layers(params)` turns the stacked `
 tuple of per-layer subtrees, and `init_cache(..., per_layer=True)` gives per-layer cache arrays. `apply`
 then runs the layers as straight-line code instead of a scan. Inside a decode loop this matters: a scan
 slices every layer's weights (and cache) out of the stacked arrays on each step, and XLA materialises
-those slices as copies (on CPU that copy traffic was about a quarter of a decode step).
+those slices as copies (on CPU that copy traffic was about a quarter of a decode step). The sampler goes
+one step further and converts to `rwml_jax.models.decode_layout` (per-layer, weights transposed and
+fused for skinny decode matmuls), which `apply` runs as well.
 """
 
 from __future__ import annotations
@@ -121,34 +123,46 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        B, T = x.shape[:2]
-        q = q.reshape(B, T, K, H // K, D)
-        if k_cache is None:
-            k_spec = v_spec = "bskd"
-        else:
-            k_cache, v_cache = _write_cache(k_cache, v_cache, k, v, layer, index)
-            k = (k_cache if layer is None else k_cache[layer]).astype(cdt)  # [B, K, D, S]
-            v = (v_cache if layer is None else v_cache[layer]).astype(cdt)  # [B, K, S, D]
-            k_spec, v_spec = "bkds", "bksd"
-        if k_cache is not None and T == 1:
-            # One-token decode step: per (row, kv head) a [G, D] x [D, S] and a [G, S] x [S, D] product,
-            # written as batched dot_generals whose operands are already in that order, and the output
-            # projection as one [B, H*D] x [H*D, E] matmul without relayouting o_kernel.
-            batch = ((0, 1), (0, 1))
-            scores = jax.lax.dot_general(q[:, 0], k, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
-            scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
-            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-            out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
-            y = jnp.matmul(out.reshape(B, 1, H * D), wo.astype(cdt).reshape(H * D, -1))
-        else:
-            scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-            out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v).reshape(B, T, H, D)
-            y = jnp.einsum("bthd,hde->bte", out, wo.astype(cdt))
+        out, k_cache, v_cache = attend(q, k, v, allowed, k_cache, v_cache, layer, index)
+        y = jnp.matmul(out, wo.astype(cdt).reshape(H * D, E))  # [B, T, E]
         if bo is not None:
             y = y + bo.astype(cdt)
         return y, k_cache, v_cache
+
+
+def attend(q, k, v, allowed, k_cache, v_cache, layer, index):
+    """Scaled dot-product attention of this call's queries over the cache (or over themselves).
+
+    q: [B, T, H, D], k, v: [B, T, K, D] (after norms and RoPE, compute dtype); allowed: [B, T, S] bool.
+    k_cache, v_cache, layer: as in `Attention` (None, None: no cache, S == T). The new keys / values are
+    written into slots [index, index + T) first. Returns (out [B, T, H * D] in q's dtype, heads in
+    (kv head, group) order, i.e. head h = kv_head * G + g; k_cache, v_cache).
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    cdt = q.dtype
+    q = q.reshape(B, T, K, H // K, D)
+    if k_cache is None:
+        k_spec = v_spec = "bskd"
+    else:
+        k_cache, v_cache = _write_cache(k_cache, v_cache, k, v, layer, index)
+        k = (k_cache if layer is None else k_cache[layer]).astype(cdt)  # [B, K, D, S]
+        v = (v_cache if layer is None else v_cache[layer]).astype(cdt)  # [B, K, S, D]
+        k_spec, v_spec = "bkds", "bksd"
+    if k_cache is not None and T == 1:
+        # One-token decode step: per (row, kv head) a [G, D] x [D, S] and a [G, S] x [S, D] product,
+        # written as batched dot_generals whose operands are already in that order.
+        batch = ((0, 1), (0, 1))
+        scores = jax.lax.dot_general(q[:, 0], k, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+        out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
+    else:
+        scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+        out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v)
+    return out.reshape(B, T, H * D), k_cache, v_cache
 
 
 def _write_cache(k_cache, v_cache, k, v, layer, index):
@@ -355,12 +369,17 @@ def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache,
     x = jnp.take(params["embed"], input_ids, axis=0).astype(_dtype(c.compute_dtype))
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rope_tables(c, positions)
+    from rwml_jax.models import decode_layout  # it builds on this module's attention
+
     layer = DecoderLayer(c)
     new_k, new_v = [], []
     for i, layer_params in enumerate(params["layers"]):
         kc = None if k_cache is None else k_cache[i]
         vc = None if v_cache is None else v_cache[i]
-        (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, None), cos, sin, allowed, index)
+        if decode_layout.is_decode_layout(layer_params):
+            x, kc, vc = decode_layout.layer(c, layer_params, x, cos, sin, allowed, kc, vc, index)
+        else:
+            (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, None), cos, sin, allowed, index)
         if kc is not None:
             new_k.append(kc)
             new_v.append(vc)
@@ -386,8 +405,8 @@ def apply(
     positions: [B, T] RoPE positions; by default the count of real tokens before each one (plus the
       cache's `pos` when a cache is given), so left-padded rows start at position 0.
     cache: a KV cache from `init_cache`; the new tokens go to slots [index, index + T).
-    params may be stacked (from `init_params` / `load_pretrained`) or per-layer (`unstack_layers`); a
-    per-layer params tree needs a per-layer cache (`init_cache(..., per_layer=True)`) and vice versa.
+    params may be stacked (from `init_params` / `load_pretrained`) or per-layer (`unstack_layers`, or
+    `decode_layout.from_stacked`); a per-layer params tree needs a per-layer cache (`init_cache(..., per_layer=True)`) and vice versa.
     Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`;
     the updated cache or None).
     """

@@ -4,9 +4,11 @@
     out = sampler.generate(params, prompts, temperature=1.0, seed=step)   # -> GenerationOutput
 
 One call:
-1. `prepare(params)`: the stacked layer weights are split into per-layer arrays (one jitted copy, placed in
-   the mesh's parameter shardings), so the decode loop runs the layers unrolled and never slices weights
-   per step. The copy lives for the call only (pass `prepare`d params to skip it).
+1. `prepare(params)`: the stacked layer weights are converted to per-layer arrays in the decode layout
+   (`rwml_jax.models.decode_layout`: [out, in] weights, q/k/v and gate/up fused; one jitted copy, placed
+   in the mesh's shardings), so the decode loop runs the layers unrolled, never slices weights per step,
+   and its skinny matmuls read the weights in the order XLA's CPU kernels stream fastest. The copy lives
+   for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
    the logits of the last slot only, and samples token 0.
@@ -35,6 +37,7 @@ Multi-host: inputs are placed with `jax.device_put`, i.e. every process must pas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rwml_jax import sharding as sh
-from rwml_jax.models import decoder
+from rwml_jax.models import decode_layout, decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.sampling import buckets, filters, stop
 from rwml_jax.sampling.outputs import _DEVICE_REASONS, LENGTH, STOP_STRING, GenerationOutput
@@ -112,25 +115,31 @@ class Sampler:
         self.compile_seconds = 0.0
         self._executables: dict[_Key, tuple[Any, Any]] = {}
         self._caches: dict[tuple[int, int], dict[str, Any]] = {}
-        self._unstack_compiled: dict[tuple, Any] = {}
+        self._layout_compiled: dict[tuple, Any] = {}
         self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
-        layer_shardings = jax.tree.map(
-            lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])), self._stacked_shardings["layers"]
-        )
-        prepared = dict(self._stacked_shardings)
-        prepared["layers"] = tuple(layer_shardings for _ in range(config.num_hidden_layers))
-        self._prepared_shardings = prepared
-        self._unstack = jax.jit(decoder.unstack_layers, out_shardings=prepared)
+        fuse = self.mesh.shape["tensor"] == 1  # fusing head-sharded weights would mix shards
+        prepared_axes = decode_layout.logical_axes(config, decoder.param_logical_axes(config), fuse=fuse)
+        self._prepared_shardings = sh.logical_to_sharding(prepared_axes, self.mesh, self.rules)
+        self._to_layout = jax.jit(functools.partial(decode_layout.from_stacked, config, fuse=fuse),
+                                  out_shardings=self._prepared_shardings)
 
     # ------------------------------------------------------------------------------------------ params
     def prepare(self, params: Any) -> Any:
-        """Per-layer parameters in the mesh's shardings (one jitted copy of the layer weights).
+        """The parameters in the sampler's layout (`rwml_jax.models.decode_layout`: per layer, projection
+        weights transposed and, on a mesh without tensor parallelism, fused), placed in the mesh's
+        shardings: one jitted copy of the layer weights.
 
         `generate` calls this on every call with stacked params; callers that generate many times with the
         same params can call it once and pass the result instead (it holds a second copy of the weights,
         which is why the sampler does not keep one itself).
         """
-        if isinstance(params.get("layers"), (tuple, list)):
+        layers = params.get("layers")
+        if isinstance(layers, (tuple, list)):
+            if jax.tree.structure(params) != jax.tree.structure(self._prepared_shardings):
+                raise ValueError(
+                    "per-layer params must come from this sampler's `prepare` (the decode layout for this "
+                    "config and mesh); pass the stacked params (from init_params / load_pretrained) instead"
+                )
             return params
         expected = jax.tree.structure(self._stacked_shardings)
         if jax.tree.structure(params) != expected:
@@ -140,12 +149,12 @@ class Sampler:
             )
         placed = jax.device_put(params, self._stacked_shardings)
         signature = tuple((a.shape, a.dtype) for a in jax.tree.leaves(placed))
-        if signature not in self._unstack_compiled:
+        if signature not in self._layout_compiled:
             t0 = time.perf_counter()
-            self._unstack_compiled[signature] = self._unstack.lower(placed).compile()
+            self._layout_compiled[signature] = self._to_layout.lower(placed).compile()
             self.num_compilations += 1
             self.compile_seconds += time.perf_counter() - t0
-        return self._unstack_compiled[signature](placed)
+        return self._layout_compiled[signature](placed)
 
     def release(self) -> None:
         """Drop the kept KV caches (compiled code stays)."""
