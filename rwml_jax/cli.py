@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from rwml_jax import hostenv
+
 # (subcommand module, one-line help). Order is the order `--help` lists them in.
 SUBCOMMANDS: list[str] = [
     "rwml_jax.cli_run",
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
+        hostenv.reexec_with_huge_pages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

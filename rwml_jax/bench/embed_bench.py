@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Any
 
+from rwml_jax import hostenv
+
 OBJECTS = ["apple", "bread", "butterknife", "cd", "cellphone", "creditcard", "dishsponge", "egg", "fork",
            "kettle", "knife", "lettuce", "mug", "pan", "pen", "pencil", "peppershaker", "plate", "pot", "potato",
            "saltshaker", "soapbottle", "spatula", "spoon", "tomato", "vase", "watch", "book", "bowl", "box",
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
+        hostenv.reexec_with_huge_pages()
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         if "jax" in sys.modules:

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any
 
+from rwml_jax import hostenv
+
 SHAPES: dict[str, dict[str, int]] = {  # workloads.md, "Model shapes"
     "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=64, intermediate_size=704),
@@ -135,7 +137,8 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     peak = matmul_peak_gflops()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, jax {jax.__version__} ({jax.devices()[0].platform}, {args.threads} threads), "
-          f"matmul peak {peak:.1f} GFLOP/s (float32, 2048^3)", flush=True)
+          f"matmul peak {peak:.1f} GFLOP/s (float32, 2048^3), GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+          "(ours and the peer alike)", flush=True)
     peer_threads = sorted(set(args.peer_threads or [1, args.threads]))
     rows = []
     for shape in args.shapes:
@@ -239,6 +242,8 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
+        hostenv.reexec_with_huge_pages()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu or gpu, side by side with transformers on that device; gpu adds the HBM bandwidth "

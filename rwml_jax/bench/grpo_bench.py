@@ -42,6 +42,7 @@ import tempfile
 import time
 from typing import Any
 
+from rwml_jax import hostenv
 from rwml_jax.bench.generate_bench import SHAPES, shape_config
 
 GROUPS, GROUP_SIZE, PROMPT_LEN, COMPLETION_LEN, BETA = 8, 8, 128, 128, 0.04
@@ -343,6 +344,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
+        hostenv.reexec_with_huge_pages()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help="model shapes")
     p.add_argument("--steps", type=int, default=3, help="measured iterations per shape (median reported)")
@@ -358,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.trl_worker:
         return trl_worker(args.shapes[0], args.steps, args.trl_micro_batch, args.seed)
-    print(f"GRPO step benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+    print(f"GRPO step benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (TRL's subprocess inherits it)", flush=True)
     results = [run_shape(s, args) for s in args.shapes]
     print_table(results)
     if args.json:
