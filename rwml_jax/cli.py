@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
-        hostenv.reexec_with_huge_pages()
+    hostenv.reexec_with_huge_pages(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -62,14 +62,16 @@ def environment_with_huge_pages(environ: dict[str, str] | None = None) -> dict[s
     return env
 
 
-def reexec_with_huge_pages() -> None:
+def reexec_with_huge_pages(main_argv: list[str] | None = None) -> None:
     """Replace this process by the same command line with `TUNABLE` set, when `huge_pages_would_help`.
 
-    Call it first thing in a `main`, before any work (the process restarts from the beginning). Returns
-    without doing anything when it would not help or the original command line is unknown.
+    Call it first thing in a `main(argv=None)`, passing main's `argv`, before any work (the process
+    restarts from the beginning). Returns without doing anything when `main_argv` is not None (main was
+    called from Python, e.g. a test, not run as a program), when it would not help, or when the original
+    command line is unknown.
     """
     argv = getattr(sys, "orig_argv", None)
-    if not argv or not huge_pages_would_help():
+    if main_argv is not None or not argv or not huge_pages_would_help():
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -224,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
-        hostenv.reexec_with_huge_pages()
+    hostenv.reexec_with_huge_pages(argv)
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         if "jax" in sys.modules:

@@ -242,8 +242,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from Python): see rwml_jax.hostenv
-        hostenv.reexec_with_huge_pages()
+    hostenv.reexec_with_huge_pages(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu or gpu, side by side with transformers on that device; gpu adds the HBM bandwidth "

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from rwml_jax.models.config import ModelConfig
-from rwml_jax.models.decoder import attend, rms_norm
+from rwml_jax.models.decoder import attend, param_logical_axes, rms_norm, unstack_layers
 from rwml_jax.models.rope import apply_rope
 
 Params = Any
@@ -78,20 +78,14 @@ def from_stacked(config: ModelConfig, params: Params, *, fuse: bool) -> Params:
     fuse: concatenate q/k/v and gate/up (use it when the mesh's tensor axis is 1: fusing head-sharded
     weights would mix shards). Jit it with `logical_axes` as output shardings.
     """
-    n = config.num_hidden_layers
-    layers = tuple(_layer_from_flax(config, jax.tree.map(lambda a, i=i: a[i], params["layers"]), fuse)
-                   for i in range(n))
-    out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = layers
+    out = dict(unstack_layers(params))
+    out["layers"] = tuple(_layer_from_flax(config, lp, fuse) for lp in out["layers"])
     return out
 
 
-def logical_axes(config: ModelConfig, top_level: Params, *, fuse: bool) -> Params:
-    """PartitionSpecs of logical axis names for `from_stacked`'s output.
-
-    top_level: the logical axes of the stacked params (`decoder.param_logical_axes`); its non-layer
-    entries are reused as they are. Fused weights keep their output axis unsharded.
-    """
+def logical_axes(config: ModelConfig, *, fuse: bool) -> Params:
+    """PartitionSpecs of logical axis names for `from_stacked`'s output: the top-level entries as in
+    `decoder.param_logical_axes`; fused weights keep their output axis unsharded."""
     c = config
     one: dict[str, P] = {"input_norm": P("norm"), "post_attention_norm": P("norm")}
     if c.qk_norm:
@@ -114,7 +108,7 @@ def logical_axes(config: ModelConfig, top_level: Params, *, fuse: bool) -> Param
         one["o_bias"] = P("embed")
     if c.mlp_bias:
         one["down_bias"] = P("embed")
-    out = {k: v for k, v in top_level.items() if k != "layers"}
+    out = {k: v for k, v in param_logical_axes(c).items() if k != "layers"}
     out["layers"] = tuple(dict(one) for _ in range(c.num_hidden_layers))
     return out
 
@@ -135,7 +129,6 @@ def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: ja
     c = config
     B, T, E = x.shape
     H, K, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-    cdt = x.dtype
 
     h = rms_norm(x, lp["input_norm"], c.rms_norm_eps).reshape(B * T, E)
     if "qkv_t" in lp:
@@ -158,5 +151,5 @@ def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: ja
     act = nn.with_logical_constraint((jax.nn.silu(gate) * up).reshape(B, T, F),
                                      ("activation_batch", "activation_length", "activation_mlp"))
     x = x + _dense_t(act.reshape(B * T, F), lp["down_t"], lp.get("down_bias")).reshape(B, T, E)
-    x = nn.with_logical_constraint(x.astype(cdt), ("activation_batch", "activation_length", "activation_embed"))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, k_cache, v_cache

@@ -406,7 +406,8 @@ def apply(
       cache's `pos` when a cache is given), so left-padded rows start at position 0.
     cache: a KV cache from `init_cache`; the new tokens go to slots [index, index + T).
     params may be stacked (from `init_params` / `load_pretrained`) or per-layer (`unstack_layers`, or
-    `decode_layout.from_stacked`); a per-layer params tree needs a per-layer cache (`init_cache(..., per_layer=True)`) and vice versa.
+    `decode_layout.from_stacked`); a per-layer params tree needs a per-layer cache
+    (`init_cache(..., per_layer=True)`) and vice versa.
     Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`;
     the updated cache or None).
     """

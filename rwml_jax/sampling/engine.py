@@ -118,7 +118,7 @@ class Sampler:
         self._layout_compiled: dict[tuple, Any] = {}
         self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
         fuse = self.mesh.shape["tensor"] == 1  # fusing head-sharded weights would mix shards
-        prepared_axes = decode_layout.logical_axes(config, decoder.param_logical_axes(config), fuse=fuse)
+        prepared_axes = decode_layout.logical_axes(config, fuse=fuse)
         self._prepared_shardings = sh.logical_to_sharding(prepared_axes, self.mesh, self.rules)
         self._to_layout = jax.jit(functools.partial(decode_layout.from_stacked, config, fuse=fuse),
                                   out_shardings=self._prepared_shardings)
