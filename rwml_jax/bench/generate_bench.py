@@ -202,7 +202,9 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             ours(mode, new_tokens=1)
             compile_s = ours.sampler.compile_seconds - compile_before
             if peer is not None:
-                peer(mode, new_tokens=2)  # warm-up (CUDA kernels, caches)
+                # warm-up at full length: after a short one, the first 128-token call still ran 4-6x slower
+                # (PyTorch's caching allocator growing the KV cache, kernel selection for the new shapes)
+                peer(mode)
             t_full, t_peer = [], []
             for _ in range(args.repeats):  # interleaved
                 t_full.append(ours(mode))
