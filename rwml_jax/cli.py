@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_huge_pages(argv)
+    hostenv.reexec_with_malloc_tunables(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -1,4 +1,4 @@
-"""rwml_jax.hostenv: the glibc huge-page tunable and the re-exec that applies it."""
+"""rwml_jax.hostenv: the glibc malloc tunables, what they do, and the re-exec that applies them."""
 
 import os
 import subprocess
@@ -9,23 +9,70 @@ import pytest
 
 from rwml_jax import hostenv
 
+needs_tunables = pytest.mark.skipif(not hostenv.malloc_tunables(), reason="needs Linux with glibc >= 2.26")
 
-def test_tunable_is_appended_to_existing_ones():
-    env = hostenv.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1", "A": "b"})
-    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.trim_threshold=1:{hostenv.TUNABLE}"
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RWML_NO_REEXEC", "JAX_PLATFORMS")}
+    env.update(extra)
+    return env
+
+
+def test_tunables_are_appended_to_existing_ones():
+    env = hostenv.environment_with_tunables(("x.y=1", "x.z=2"), {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
+                                                                 "A": "b"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:x.y=1:x.z=2"
     assert env["A"] == "b"
-    assert hostenv.environment_with_huge_pages({})["GLIBC_TUNABLES"] == hostenv.TUNABLE
+    assert hostenv.environment_with_tunables(("x.y=1",), {})["GLIBC_TUNABLES"] == "x.y=1"
 
 
-def test_no_reexec_when_set_or_disabled():
-    assert not hostenv.huge_pages_would_help({"GLIBC_TUNABLES": hostenv.TUNABLE})
-    assert not hostenv.huge_pages_would_help({"RWML_NO_REEXEC": "1"})
+@needs_tunables
+def test_missing_tunables_respect_the_users_values_and_the_backend():
+    everything = hostenv.malloc_tunables()
+    assert set(hostenv.HEAP_TUNABLES) <= set(everything)
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    assert hostenv.missing_tunables(cpu) == everything
+    # a tunable the user set, to any value, is left alone; the others are still added
+    mine = hostenv.missing_tunables({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+    assert mine == tuple(t for t in everything if not t.startswith("glibc.malloc.arena_max="))
+    assert hostenv.missing_tunables({**cpu, "GLIBC_TUNABLES": ":".join(everything)}) == ()
+    assert hostenv.missing_tunables({**cpu, "RWML_NO_REEXEC": "1"}) == ()
+    # an accelerator backend keeps glibc's defaults
+    assert hostenv.missing_tunables({"JAX_PLATFORMS": "cuda"}) == ()
+    assert hostenv.missing_tunables({"JAX_PLATFORMS": "tpu,cpu"}) == ()
 
 
-@pytest.mark.skipif(not hostenv.huge_pages_would_help({}), reason="needs Linux, glibc >= 2.35 and THP mode madvise")
-def test_reexec_restarts_the_same_command_once_with_the_tunable(tmp_path):
-    """A program calling reexec_with_huge_pages() runs twice: first without the tunable, then (after the
-    exec, same arguments) with it, and the second run does not exec again."""
+@needs_tunables
+def test_heap_tunables_stop_refaulting_large_buffers():
+    """What the tunables are for: a freed 256 MiB buffer, allocated and written again, costs ~65k page
+    faults with glibc's defaults (a fresh mmap) and next to none with the heap tunables (reused memory)."""
+    probe = textwrap.dedent("""
+        import ctypes, resource
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        n = 256 << 20
+        p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(n); ctypes.memset(p, 2, n); libc.free(p)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+
+    def faults(tunables):
+        env = _clean_env(GLIBC_TUNABLES=tunables)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
+                             check=True)
+        return int(out.stdout)
+
+    pages = (256 << 20) // 4096
+    assert faults("") > pages // 2
+    assert faults(":".join(hostenv.HEAP_TUNABLES)) < pages // 100
+
+
+@needs_tunables
+def test_reexec_restarts_the_same_command_once_with_the_tunables(tmp_path):
+    """A program calling reexec_with_malloc_tunables() runs twice: first without the tunables, then
+    (after the exec, same arguments) with them, and the second run does not exec again."""
     script = tmp_path / "prog.py"
     log = tmp_path / "log"
     script.write_text(textwrap.dedent(f"""
@@ -33,12 +80,11 @@ def test_reexec_restarts_the_same_command_once_with_the_tunable(tmp_path):
         with open({str(log)!r}, "a") as f:
             f.write(repr((os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])) + "\\n")
         from rwml_jax import hostenv
-        hostenv.reexec_with_huge_pages()
+        hostenv.reexec_with_malloc_tunables()
         print("done")
     """))
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RWML_NO_REEXEC")}
-    out = subprocess.run([sys.executable, str(script), "--x", "1"], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run([sys.executable, str(script), "--x", "1"], env=_clean_env(JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "done"
     runs = log.read_text().splitlines()
-    assert runs == [repr(("", ["--x", "1"])), repr((hostenv.TUNABLE, ["--x", "1"]))]
+    assert runs == [repr(("", ["--x", "1"])), repr((":".join(hostenv.malloc_tunables()), ["--x", "1"]))]

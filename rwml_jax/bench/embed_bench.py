@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_huge_pages(argv)
+    hostenv.reexec_with_malloc_tunables(argv)
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         if "jax" in sys.modules:

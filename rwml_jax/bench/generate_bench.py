@@ -244,7 +244,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_huge_pages(argv)
+    hostenv.reexec_with_malloc_tunables(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu or gpu, side by side with transformers on that device; gpu adds the HBM bandwidth "

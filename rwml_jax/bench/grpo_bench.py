@@ -344,7 +344,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_huge_pages(argv)
+    hostenv.reexec_with_malloc_tunables(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help="model shapes")
     p.add_argument("--steps", type=int, default=3, help="measured iterations per shape (median reported)")
