@@ -4,8 +4,9 @@ XLA's CPU runtime allocates every executable's output and temporary buffers afre
 serves allocations above 32 MiB (the most `mmap_threshold` can be raised to) with a new `mmap` and gives
 them back with `munmap` when they are freed, so each call page-faults those buffers in again: the GRPO
 update of the `tiny` benchmark shape faults ~2.4 GB per call, 4 KiB (or, with transparent huge pages,
-2 MiB) at a time, and after another memory-hungry process has run (the TRL peer of the benchmark) the
-kernel must also compact memory to find huge pages: 1.4-3.5 s of system time in a 5-6 s update.
+2 MiB) at a time: 1.4-1.8 s of system time in a ~5 s update, and 1.9-3.5 s right after another
+memory-hungry process has run (the TRL peer of the benchmark), when the kernel must also compact memory
+to find huge pages.
 
 The fix is to keep freed memory in the process and reuse it:
 
