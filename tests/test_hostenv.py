@@ -44,8 +44,9 @@ def test_missing_tunables_respect_the_users_values_and_the_backend():
 
 @needs_tunables
 def test_heap_tunables_stop_refaulting_large_buffers():
-    """What the tunables are for: a freed 256 MiB buffer, allocated and written again, costs ~65k page
-    faults with glibc's defaults (a fresh mmap) and next to none with the heap tunables (reused memory)."""
+    """What the tunables are for: a freed 256 MiB buffer, allocated and written again, is page-faulted in
+    afresh with glibc's defaults (a new mmap: ~65k faults, or 128 with 2 MiB pages) and costs next to no
+    faults with the heap tunables (reused memory)."""
     probe = textwrap.dedent("""
         import ctypes, resource
         libc = ctypes.CDLL(None)
@@ -64,9 +65,9 @@ def test_heap_tunables_stop_refaulting_large_buffers():
                              check=True)
         return int(out.stdout)
 
-    pages = (256 << 20) // 4096
-    assert faults("") > pages // 2
-    assert faults(":".join(hostenv.HEAP_TUNABLES)) < pages // 100
+    default, tuned = faults(""), faults(":".join(hostenv.HEAP_TUNABLES))
+    assert default >= (256 << 20) // (2 << 20)  # at least one fault per page, even with 2 MiB pages (THP "always")
+    assert tuned * 20 < default
 
 
 @needs_tunables
