@@ -94,21 +94,25 @@ def malloc_tunables() -> tuple[str, ...]:
     return HEAP_TUNABLES
 
 
+def _set_tunables(env: dict[str, str]) -> list[str]:
+    """The `name=value` items of GLIBC_TUNABLES, in order."""
+    return [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
+
+
 def missing_tunables(environ: dict[str, str] | None = None) -> tuple[str, ...]:
     """The tunables a re-exec would add: empty when RWML_NO_REEXEC is set, JAX does not run on the CPU,
     or GLIBC_TUNABLES already sets each of them (to any value: the user's choice wins)."""
     env = os.environ if environ is None else environ
     if env.get("RWML_NO_REEXEC") or not jax_runs_on_cpu(env):
         return ()
-    present = {item.split("=")[0] for item in env.get("GLIBC_TUNABLES", "").split(":") if item}
+    present = {item.split("=")[0] for item in _set_tunables(env)}
     return tuple(t for t in malloc_tunables() if t.split("=")[0] not in present)
 
 
 def environment_with_tunables(tunables: tuple[str, ...], environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of the environment with `tunables` appended to GLIBC_TUNABLES (other tunables kept)."""
     env = dict(os.environ if environ is None else environ)
-    items = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
-    env["GLIBC_TUNABLES"] = ":".join([*items, *tunables])
+    env["GLIBC_TUNABLES"] = ":".join([*_set_tunables(env), *tunables])
     return env
 
 
