@@ -66,6 +66,10 @@ def test_greedy_matches_transformers_generate(hf_model):
     for i, row in enumerate(ref):
         assert out[i].token_ids == row, (name, i)
         assert out[i].finish_reason == "length"
+    for orientation in decode_layout.ORIENTATIONS:  # whichever one this machine's "auto" did not pick
+        other = sampling.Sampler(config, max_new_tokens=N, weight_orientation=orientation)
+        got = other.generate(params, prompts, temperature=0.0, stop_at_eos=False)
+        assert got.token_ids == ref, (name, orientation)
 
     stop_tok = ref[0][N // 2]  # a token some rows generate mid-way
     ref = _hf_greedy(torch_model, prompts, N, stop_tok)
@@ -189,6 +193,19 @@ def test_filters_reference_distribution_matches_numpy():
         got = np.asarray(jax.nn.softmax(filters.filtered_logits(logits, mode, np.float32(t), np.float32(p)), -1))
         for r in range(3):
             np.testing.assert_allclose(got[r], _expected_probs(logits[r], t, k, p), atol=1e-6)
+
+
+def test_first_argmax_equals_numpy_argmax_with_ties_nan_and_inf():
+    """The greedy pick (two plain reductions) is numpy's argmax: the first maximum, the first NaN."""
+    x = np.random.default_rng(1).normal(size=(6, 300)).astype(np.float32)
+    x[0, [17, 40]] = 9.0  # tie: the first one
+    x[1, [5, 250]] = np.nan  # NaN wins, the first one
+    x[2] = -np.inf  # all -inf: index 0
+    x[3, :] = 0.0  # all equal
+    x[4, 299] = np.inf
+    got = np.asarray(jax.jit(filters.first_argmax)(x))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
 
 
 def test_same_seed_same_tokens_and_batch_independent(qwen3):
@@ -335,7 +352,8 @@ def test_bad_arguments_are_named(qwen3):
 
 
 def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
-    """8 forced CPU devices, batch over data=8 and over (data=2, fsdp=2, tensor=2): same tokens as 1 device."""
+    """8 forced CPU devices, batch over data=8 and over (data=2, fsdp=2, tensor=2), the latter also in the
+    decode-layout weight orientation that "auto" does not pick here: same tokens as 1 device."""
     config, params = qwen3
     path = str(tmp_path / "model")
     models.save_pretrained(config, params, path)
@@ -353,6 +371,12 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
             for j, s in enumerate({settings!r}):
                 r = sampling.generate(config, params, {prompts!r}, mesh=mesh, **{kw!r}, **s)
                 out[f"{{shape}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
+        # the decode-layout orientation that "auto" did not pick, on the mixed mesh
+        other, = set({decode_layout.ORIENTATIONS!r}) - {{sampling.Sampler(config, max_new_tokens=10).weight_orientation}}
+        sampler = sampling.Sampler(config, max_new_tokens=10, mesh=mesh, weight_orientation=other)
+        for j, s in enumerate({settings!r}):
+            r = sampler.generate(params, {prompts!r}, **{kw!r}, **s)
+            out[f"other-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
         json.dump(out, open({str(tmp_path / "sharded.json")!r}, "w"))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -362,10 +386,11 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
     config1, params1 = models.load_pretrained(path)
     for j, s in enumerate(settings):
         ref = sampling.generate(config1, params1, prompts, **kw, **s)
-        for shape in ["(8, 1, 1)", "(2, 2, 2)"]:
+        for shape in ["(8, 1, 1)", "(2, 2, 2)", "other"]:
             tokens, logprobs = sharded[f"{shape}-{j}"]
             assert tokens == ref.token_ids, (shape, s)
-            np.testing.assert_allclose(np.asarray(logprobs), ref.logprobs, atol=1e-5)
+            logprobs = np.asarray(logprobs)  # [rows, capacity]; the capacities differ, the columns after 10 are 0
+            np.testing.assert_allclose(logprobs, ref.logprobs[:, :logprobs.shape[1]], atol=1e-5)
 
 
 def test_cli_generate_tiny_runs_offline(capsys):
@@ -394,18 +419,43 @@ def test_per_layer_and_stacked_params_agree(qwen3):
         sampler.generate(decoder.unstack_layers(params), prompts, temperature=0.0)
 
 
-@pytest.mark.parametrize("layout", ["stacked", "per-layer", "decode-fused", "decode-unfused"])
+def test_weight_orientations_agree_and_do_not_mix(qwen3):
+    """Both decode-layout orientations give the same tokens and log-probs (up to float rounding); params
+    prepared for one are refused by a sampler of the other; an unknown orientation is named."""
+    config, params = qwen3
+    prompts = _prompts(config.vocab_size, seed=11)
+    samplers = {o: sampling.Sampler(config, max_new_tokens=8, weight_orientation=o) for o in decode_layout.ORIENTATIONS}
+    outs = {o: s.generate(params, prompts, temperature=1.0, seed=3, stop_at_eos=False) for o, s in samplers.items()}
+    a, b = outs.values()
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    auto = sampling.Sampler(config, max_new_tokens=8)
+    assert auto.weight_orientation == decode_layout.default_orientation(jax.devices())
+    prepared = samplers["in_out"].prepare(params)
+    assert "qkv_w" in prepared["layers"][0] and "qkv_t" not in prepared["layers"][0]
+    with pytest.raises(ValueError, match="weight orientation 'out_in'"):
+        samplers["out_in"].generate(prepared, prompts, temperature=0.0)
+    with pytest.raises(ValueError, match="weight orientation 'rows'"):
+        sampling.Sampler(config, max_new_tokens=8, weight_orientation="rows")
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per-layer", "decode-fused-out_in", "decode-unfused-out_in",
+                                    "decode-fused-in_out", "decode-unfused-in_out"])
 def test_cached_decoding_equals_forward(qwen3, layout):
     """`apply` with a KV cache (a left-padded prefill, then one token at a time) gives `forward`'s logits,
     for the stacked cache [L, ...] with stacked params, for the per-layer Flax form, and for the sampler's
-    decode layout (weights transposed, with and without q/k/v and gate/up fused)."""
+    decode layout (with and without q/k/v and gate/up fused, in both weight orientations; the model has
+    a tied head, so "in_out" also runs the transposed head copy)."""
     import jax.numpy as jnp
 
     config, params = qwen3
     per_layer = layout != "stacked"
-    p = {"stacked": params, "per-layer": decoder.unstack_layers(params),
-         "decode-fused": decode_layout.from_stacked(config, params, fuse=True),
-         "decode-unfused": decode_layout.from_stacked(config, params, fuse=False)}[layout]
+    if layout.startswith("decode-"):
+        _, fusion, orientation = layout.split("-")
+        p = decode_layout.from_stacked(config, params, fuse=fusion == "fused", orientation=orientation)
+        assert ("lm_head_w" in p) == (orientation == "in_out")
+    else:
+        p = {"stacked": params, "per-layer": decoder.unstack_layers(params)}[layout]
     rng = np.random.default_rng(4)
     full = rng.integers(1, config.vocab_size, (2, 9))
     pad = np.array([[1] * 9, [0, 0, 0] + [1] * 6])  # row 1 is left-padded by 3

@@ -71,7 +71,7 @@ def matmul_peak_gflops(seconds: float = 3.0) -> float:
 
 
 class Ours:
-    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int):
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, orientation: str = "auto"):
         import jax
         import numpy as np
 
@@ -82,8 +82,9 @@ class Ours:
         self.params = decoder.init_params(config, jax.random.key(seed))
         rng = np.random.default_rng(seed)
         self.prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-        self.sampler = sampling.Sampler(config, max_new_tokens=new_tokens)  # params passed stacked, as an RL
-        # loop would after each update: every timed call includes the per-call weight preparation
+        # params passed stacked, as an RL loop would after each update: every timed call includes the
+        # per-call weight preparation
+        self.sampler = sampling.Sampler(config, max_new_tokens=new_tokens, weight_orientation=orientation)
 
     def __call__(self, mode: str, new_tokens: int | None = None) -> float:
         t = time.perf_counter()
@@ -144,7 +145,7 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
         tokens = args.batch * args.new_tokens
-        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation)
         peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
         for mode in args.modes:
             compile_before = ours.sampler.compile_seconds
@@ -166,12 +167,14 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                        dtype=args.dtype, threads=args.threads, ours_tok_s=ours_tps, peer_tok_s=best,
                        peer_threads=best_th, peer_tok_s_by_threads=peer_tps, ratio=ours_tps / best,
                        compile_s=compile_s, first_call_s=warm, ours_s=t_ours, peer_s=t_peer,
+                       weight_orientation=ours.sampler.weight_orientation,
                        params=config.num_params, mfu=2 * config.num_params * ours_tps / (peak * 1e9),
                        matmul_peak_gflops=peak, load_average=os.getloadavg()[0])
             rows.append(row)
             peers = ", ".join(f"{v:.1f} tok/s with {th} thread{'s' * (th > 1)}" for th, v in peer_tps.items())
             print(f"{shape:>10} {mode:>6}: ours {ours_tps:8.1f} tok/s (runs {[round(x, 2) for x in t_ours]} s, "
-                  f"compile {compile_s:.1f} s, MFU {row['mfu']:.1%}); transformers {peers}; "
+                  f"compile {compile_s:.1f} s, MFU {row['mfu']:.1%}, weights {row['weight_orientation']}); "
+                  f"transformers {peers}; "
                   f"ratio vs fastest {row['ratio']:.2f}x; load {row['load_average']:.1f}", flush=True)
         del ours, peer
     print("\n| workload | model | ours tok/s | transformers tok/s | ratio | JAX compile s |")
@@ -193,7 +196,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
-        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation)
         peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed,
                                               device="cuda", dtype=args.dtype)
         for mode in args.modes:
@@ -267,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter / compute dtype (default float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--peak-bw", type=float, default=4.8e12,
                    help="--device gpu: peak memory bandwidth in B/s (default 4.8e12, H200; H100 SXM 3.35e12)")
+    p.add_argument("--weight-orientation", choices=("auto", "in_out", "out_in"), default="auto",
+                   help="the sampler's decode-layout weight orientation (default auto: per machine)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")

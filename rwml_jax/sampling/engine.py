@@ -5,10 +5,10 @@
 
 One call:
 1. `prepare(params)`: the stacked layer weights are converted to per-layer arrays in the decode layout
-   (`rwml_jax.models.decode_layout`: [out, in] weights, q/k/v and gate/up fused; one jitted copy, placed
-   in the mesh's shardings), so the decode loop runs the layers unrolled, never slices weights per step,
-   and its skinny matmuls read the weights in the order XLA's CPU kernels stream fastest. The copy lives
-   for the call only (pass `prepare`d params to skip it).
+   (`rwml_jax.models.decode_layout`: q/k/v and gate/up fused; one jitted copy, placed in the mesh's
+   shardings), so the decode loop runs the layers unrolled, never slices weights per step, and its skinny
+   matmuls read the weights in the orientation the machine's kernels stream fastest (`weight_orientation`).
+   The copy lives for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
    the logits of the last slot only, and samples token 0.
@@ -90,6 +90,9 @@ class Sampler:
       cache_dtype: KV cache dtype (default: the compute dtype, see `default_cache_dtype`).
       prompt_buckets: allowed prompt slot counts P (default powers of two from 16, see `buckets`).
       rules: logical-axis rules (default `rwml_jax.sharding.DEFAULT_RULES`).
+      weight_orientation: how the decode layout stores projection weights, "in_out" or "out_in"; "auto"
+        picks per machine (`rwml_jax.models.decode_layout.default_orientation`). Both give the same
+        numbers up to float rounding.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Sampler:
         cache_dtype: str | jnp.dtype | None = None,
         prompt_buckets: Sequence[int] | None = None,
         rules: Sequence[tuple[str, Any]] | None = None,
+        weight_orientation: str = "auto",
     ):
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected >= 1")
@@ -118,16 +122,22 @@ class Sampler:
         self._layout_compiled: dict[tuple, Any] = {}
         self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
         fuse = self.mesh.shape["tensor"] == 1  # fusing head-sharded weights would mix shards
-        prepared_axes = decode_layout.logical_axes(config, fuse=fuse)
+        if weight_orientation == "auto":
+            weight_orientation = decode_layout.default_orientation(self.mesh.devices.flat)
+        self.weight_orientation = weight_orientation
+        prepared_axes = decode_layout.logical_axes(config, fuse=fuse, orientation=weight_orientation)
         self._prepared_shardings = sh.logical_to_sharding(prepared_axes, self.mesh, self.rules)
-        self._to_layout = jax.jit(functools.partial(decode_layout.from_stacked, config, fuse=fuse),
-                                  out_shardings=self._prepared_shardings)
+        self._to_layout = jax.jit(
+            functools.partial(decode_layout.from_stacked, config, fuse=fuse, orientation=weight_orientation),
+            out_shardings=self._prepared_shardings,
+        )
 
     # ------------------------------------------------------------------------------------------ params
     def prepare(self, params: Any) -> Any:
         """The parameters in the sampler's layout (`rwml_jax.models.decode_layout`: per layer, projection
-        weights transposed and, on a mesh without tensor parallelism, fused), placed in the mesh's
-        shardings: one jitted copy of the layer weights.
+        weights in `weight_orientation` and, on a mesh without tensor parallelism, fused), placed in the
+        mesh's shardings: one jitted copy of the layer weights (plus, for "in_out" with a tied head, a
+        transposed copy of the embedding).
 
         `generate` calls this on every call with stacked params; callers that generate many times with the
         same params can call it once and pass the result instead (it holds a second copy of the weights,
@@ -138,7 +148,7 @@ class Sampler:
             if jax.tree.structure(params) != jax.tree.structure(self._prepared_shardings):
                 raise ValueError(
                     "per-layer params must come from this sampler's `prepare` (the decode layout for this "
-                    "config and mesh); pass the stacked params (from init_params / load_pretrained) instead"
+                    f"config, mesh and weight orientation {self.weight_orientation!r}); pass the stacked params (from init_params / load_pretrained) instead"
                 )
             return params
         expected = jax.tree.structure(self._stacked_shardings)

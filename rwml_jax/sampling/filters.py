@@ -109,6 +109,15 @@ def categorical(logits: jax.Array, u: jax.Array) -> jax.Array:
     return (j * c + k).astype(jnp.int32)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 [B] for x [B, n] (ties and NaN: the first such index), written as
+    two plain reductions (max, then the smallest index attaining it): XLA:CPU runs these vectorised, while
+    argmax's (value, index) pair reduction runs element by element (~4x slower on a [16, 8192] row)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def row_uniforms(keys: jax.Array) -> jax.Array:
     """One float32 uniform in (0, 1] per key [B]."""
     return 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
@@ -119,7 +128,7 @@ def sample(
 ) -> jax.Array:
     """Next tokens [B] int32 from float32 logits [B, V] and per-row keys [B]."""
     if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     scaled = logits.astype(jnp.float32) / temperature
     u = row_uniforms(keys)
     if not (mode.top_k or mode.top_p):
