@@ -25,8 +25,8 @@ tuple of per-layer subtrees, and `init_cache(..., per_layer=True)` gives per-lay
 then runs the layers as straight-line code instead of a scan. Inside a decode loop this matters: a scan
 slices every layer's weights (and cache) out of the stacked arrays on each step, and XLA materialises
 those slices as copies (on CPU that copy traffic was about a quarter of a decode step). The sampler goes
-one step further and converts to `rwml_jax.models.decode_layout` (per-layer, weights transposed and
-fused for skinny decode matmuls), which `apply` runs as well.
+one step further and converts to `rwml_jax.models.decode_layout` (per-layer, weights fused and in the
+orientation the machine's skinny decode matmuls stream fastest), which `apply` runs as well.
 """
 
 from __future__ import annotations
