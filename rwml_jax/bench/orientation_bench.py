@@ -22,16 +22,14 @@ from typing import Any
 from rwml_jax import hostenv
 from rwml_jax.bench.generate_bench import MODES, SHAPES, Ours, shape_config
 
-ORIENTATIONS = ("out_in", "in_out")
-
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
     import numpy as np
 
-    from rwml_jax.models import decode_layout
+    from rwml_jax.models.decode_layout import ORIENTATIONS, default_orientation
 
-    auto = decode_layout.default_orientation(jax.devices())
+    auto = default_orientation(jax.devices())
     print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"'auto' picks {auto} here", flush=True)
     rows = []

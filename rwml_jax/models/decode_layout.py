@@ -32,6 +32,7 @@ rounding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,7 @@ Params = Any
 ORIENTATIONS = ("out_in", "in_out")
 
 
+@functools.cache
 def _cpu_has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,6 +71,15 @@ def default_orientation(devices: Any) -> str:
 def _check_orientation(orientation: str) -> None:
     if orientation not in ORIENTATIONS:
         raise ValueError(f"weight orientation {orientation!r}; expected one of {ORIENTATIONS}")
+
+
+def _as_in_out(entries: dict[str, Any], flip: Any) -> dict[str, Any]:
+    """One layer's "out_in" entries with every `name_t` replaced by `name_w` = flip(value)."""
+    return {(k[:-2] + "_w" if k.endswith("_t") else k): (flip(v) if k.endswith("_t") else v) for k, v in entries.items()}
+
+
+def _has_weight(lp: Params, name: str) -> bool:
+    return f"{name}_t" in lp or f"{name}_w" in lp
 
 
 def is_decode_layout(layer_params: Params) -> bool:
@@ -105,9 +116,7 @@ def _layer_from_flax(c: ModelConfig, lp: Params, fuse: bool, orientation: str) -
     out["down_t"] = m["down_kernel"].T
     if c.mlp_bias:
         out["down_bias"] = m["down_bias"]
-    if orientation == "in_out":
-        out = {(k[:-2] + "_w" if k.endswith("_t") else k): (v.T if k.endswith("_t") else v) for k, v in out.items()}
-    return out
+    return _as_in_out(out, lambda w: w.T) if orientation == "in_out" else out
 
 
 def from_stacked(config: ModelConfig, params: Params, *, fuse: bool, orientation: str = "out_in") -> Params:
@@ -152,8 +161,7 @@ def logical_axes(config: ModelConfig, *, fuse: bool, orientation: str = "out_in"
     if c.mlp_bias:
         one["down_bias"] = P("embed")
     if orientation == "in_out":
-        one = {(k[:-2] + "_w" if k.endswith("_t") else k): (P(*reversed(tuple(v))) if k.endswith("_t") else v)
-               for k, v in one.items()}
+        one = _as_in_out(one, lambda spec: P(*reversed(tuple(spec))))
     out = {k: v for k, v in param_logical_axes(c).items() if k != "layers"}
     out["layers"] = tuple(dict(one) for _ in range(c.num_hidden_layers))
     if orientation == "in_out" and c.tie_word_embeddings:
@@ -184,7 +192,7 @@ def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: ja
     H, K, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
 
     h = rms_norm(x, lp["input_norm"], c.rms_norm_eps).reshape(B * T, E)
-    if "qkv_t" in lp or "qkv_w" in lp:
+    if _has_weight(lp, "qkv"):
         q, k, v = jnp.split(_dense(h, lp, "qkv"), [H * D, (H + K) * D], axis=1)
     else:
         q, k, v = (_dense(h, lp, n) for n in "qkv")
@@ -197,7 +205,7 @@ def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: ja
     x = x + _dense(out.reshape(B * T, H * D), lp, "o").reshape(B, T, E)
 
     h = rms_norm(x, lp["post_attention_norm"], c.rms_norm_eps).reshape(B * T, E)
-    if "gate_up_t" in lp or "gate_up_w" in lp:
+    if _has_weight(lp, "gate_up"):
         gate, up = jnp.split(_dense(h, lp, "gate_up"), [F], axis=1)
     else:
         gate, up = _dense(h, lp, "gate"), _dense(h, lp, "up")
