@@ -353,7 +353,7 @@ def test_bad_arguments_are_named(qwen3):
 
 def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
     """8 forced CPU devices, batch over data=8 and over (data=2, fsdp=2, tensor=2), the latter also in the
-    decode-layout weight orientation that "auto" does not pick here: same tokens as 1 device."""
+    decode-layout weight formats that "auto" does not pick here: same tokens as 1 device."""
     config, params = qwen3
     path = str(tmp_path / "model")
     models.save_pretrained(config, params, path)
@@ -371,12 +371,15 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
             for j, s in enumerate({settings!r}):
                 r = sampling.generate(config, params, {prompts!r}, mesh=mesh, **{kw!r}, **s)
                 out[f"{{shape}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
-        # the decode-layout orientation that "auto" did not pick, on the mixed mesh
-        other, = set({decode_layout.ORIENTATIONS!r}) - {{sampling.Sampler(config, max_new_tokens=10).weight_orientation}}
-        sampler = sampling.Sampler(config, max_new_tokens=10, mesh=mesh, weight_orientation=other)
-        for j, s in enumerate({settings!r}):
-            r = sampler.generate(params, {prompts!r}, **{kw!r}, **s)
-            out[f"other-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
+        # the decode-layout weight formats that "auto" did not pick, on the mixed mesh
+        auto = sampling.Sampler(config, max_new_tokens=10, mesh=mesh).weight_orientation
+        others = [o for o in {decode_layout.ORIENTATIONS!r} if o != auto]
+        assert len(others) == {len(decode_layout.ORIENTATIONS) - 1}
+        for other in others:
+            sampler = sampling.Sampler(config, max_new_tokens=10, mesh=mesh, weight_orientation=other)
+            for j, s in enumerate({settings!r}):
+                r = sampler.generate(params, {prompts!r}, **{kw!r}, **s)
+                out[f"{{other}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
         json.dump(out, open({str(tmp_path / "sharded.json")!r}, "w"))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -386,7 +389,9 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
     config1, params1 = models.load_pretrained(path)
     for j, s in enumerate(settings):
         ref = sampling.generate(config1, params1, prompts, **kw, **s)
-        for shape in ["(8, 1, 1)", "(2, 2, 2)", "other"]:
+        others = [k[:-2] for k in sharded if k.endswith(f"-{j}") and not k.startswith("(")]
+        assert len(others) == len(decode_layout.ORIENTATIONS) - 1, sorted(sharded)
+        for shape in ["(8, 1, 1)", "(2, 2, 2)", *others]:
             tokens, logprobs = sharded[f"{shape}-{j}"]
             assert tokens == ref.token_ids, (shape, s)
             logprobs = np.asarray(logprobs)  # [rows, capacity]; the capacities differ, the columns after 10 are 0
@@ -420,32 +425,60 @@ def test_per_layer_and_stacked_params_agree(qwen3):
 
 
 def test_weight_orientations_agree_and_do_not_mix(qwen3):
-    """Both decode-layout orientations give the same tokens and log-probs (up to float rounding); params
-    prepared for one are refused by a sampler of the other; an unknown orientation is named."""
+    """All decode-layout weight formats give the same tokens and log-probs (up to float rounding); params
+    prepared for one are refused by a sampler of another; an unknown format is named."""
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=11)
     samplers = {o: sampling.Sampler(config, max_new_tokens=8, weight_orientation=o) for o in decode_layout.ORIENTATIONS}
     outs = {o: s.generate(params, prompts, temperature=1.0, seed=3, stop_at_eos=False) for o, s in samplers.items()}
-    a, b = outs.values()
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    first, *rest = outs.values()
+    for other in rest:
+        np.testing.assert_array_equal(first.tokens, other.tokens)
+        np.testing.assert_allclose(first.logprobs, other.logprobs, atol=1e-5)
     auto = sampling.Sampler(config, max_new_tokens=8)
-    assert auto.weight_orientation == decode_layout.default_orientation(jax.devices())
+    assert auto.weight_orientation == decode_layout.default_orientation(jax.devices(), config)
     prepared = samplers["in_out"].prepare(params)
     assert "qkv_w" in prepared["layers"][0] and "qkv_t" not in prepared["layers"][0]
+    reduced = samplers["out_in_reduce"].prepare(params)
+    assert "qkv_r" in reduced["layers"][0] and "lm_head_w" not in reduced  # the tied head needs no copy
     with pytest.raises(ValueError, match="weight orientation 'out_in'"):
         samplers["out_in"].generate(prepared, prompts, temperature=0.0)
+    with pytest.raises(ValueError, match="weight orientation 'in_out'"):
+        samplers["in_out"].generate(reduced, prompts, temperature=0.0)
     with pytest.raises(ValueError, match="weight orientation 'rows'"):
         sampling.Sampler(config, max_new_tokens=8, weight_orientation="rows")
 
 
+def test_default_weight_format_follows_model_size_and_machine():
+    """"auto": on a CPU, a model whose weights exceed the last-level cache gets the reduction format when
+    this XLA build hands skinny multiply-and-sum products to a library kernel (the JAX pinned here does);
+    a model that fits keeps a dot format; off the CPU always "out_in"."""
+    from rwml_jax.bench.generate_bench import shape_config
+
+    cpus = jax.devices("cpu")
+    small, tiny = shape_config("small"), shape_config("tiny")
+    llc = decode_layout._last_level_cache_bytes()
+    assert decode_layout.weight_bytes(tiny) < llc < decode_layout.weight_bytes(small), llc
+    assert decode_layout._cpu_reduce_is_library_kernel()  # ynn_fusion in the compiled HLO
+    assert decode_layout.default_orientation(cpus, small) == "out_in_reduce"
+    assert decode_layout.default_orientation(cpus, tiny) in ("in_out", "out_in")
+    assert decode_layout.default_orientation(cpus) in ("in_out", "out_in")
+
+    class _Gpu:
+        platform = "gpu"
+
+    assert decode_layout.default_orientation([_Gpu()], small) == "out_in"
+
+
 @pytest.mark.parametrize("layout", ["stacked", "per-layer", "decode-fused-out_in", "decode-unfused-out_in",
-                                    "decode-fused-in_out", "decode-unfused-in_out"])
+                                    "decode-fused-in_out", "decode-unfused-in_out", "decode-fused-out_in_reduce",
+                                    "decode-unfused-out_in_reduce"])
 def test_cached_decoding_equals_forward(qwen3, layout):
     """`apply` with a KV cache (a left-padded prefill, then one token at a time) gives `forward`'s logits,
     for the stacked cache [L, ...] with stacked params, for the per-layer Flax form, and for the sampler's
-    decode layout (with and without q/k/v and gate/up fused, in both weight orientations; the model has
-    a tied head, so "in_out" also runs the transposed head copy)."""
+    decode layout (with and without q/k/v and gate/up fused, in every weight format; the model has a tied
+    head, so "in_out" also runs the transposed head copy). The decode layouts also run a cache-less batch
+    of more than `REDUCE_MAX_ROWS` rows, which "out_in_reduce" multiplies with dots instead."""
     import jax.numpy as jnp
 
     config, params = qwen3
@@ -470,6 +503,12 @@ def test_cached_decoding_equals_forward(qwen3, layout):
     real = pad.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
     assert int(cache["index"]) == 9
+    if layout.startswith("decode-"):
+        many = rng.integers(1, config.vocab_size, (4, 20))
+        assert many.size > decode_layout.REDUCE_MAX_ROWS
+        logits, _ = decoder.apply(config, p, many)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(models.forward(config, params, many)),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_decode_loop_updates_the_kv_cache_in_place(qwen3):

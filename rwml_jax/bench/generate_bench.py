@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter / compute dtype (default float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--peak-bw", type=float, default=4.8e12,
                    help="--device gpu: peak memory bandwidth in B/s (default 4.8e12, H200; H100 SXM 3.35e12)")
-    p.add_argument("--weight-orientation", choices=("auto", "in_out", "out_in"), default="auto",
-                   help="the sampler's decode-layout weight orientation (default auto: per machine)")
+    p.add_argument("--weight-orientation", choices=("auto", "in_out", "out_in", "out_in_reduce"), default="auto",
+                   help="the sampler's decode-layout weight format (default auto: per machine and model size)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")

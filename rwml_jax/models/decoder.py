@@ -462,11 +462,14 @@ def apply(
 
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
-    """Final-norm hidden states [..., E] -> float32 logits [..., V] (tied or untied head; with the decode
-    layout's `lm_head_w` [E, V], a transposed copy of a tied embedding, when params have one)."""
-    if "lm_head_w" in params:
-        cdt = _dtype(config.compute_dtype)
-        return jnp.matmul(hidden.astype(cdt), params["lm_head_w"].astype(cdt), preferred_element_type=jnp.float32)
+    """Final-norm hidden states [..., E] -> float32 logits [..., V] (tied or untied head; params in the
+    sampler's decode layout go to `decode_layout.lm_logits`, which knows its weight formats)."""
+    layers = params.get("layers")
+    if isinstance(layers, (tuple, list)) and layers:
+        from rwml_jax.models import decode_layout  # it builds on this module
+
+        if decode_layout.is_decode_layout(layers[0]):
+            return decode_layout.lm_logits(config, params, hidden)
     head = {k: params[k] for k in ("embed", "lm_head") if k in params}
     return _module(config).apply({"params": head}, hidden, method=Decoder.logits)
 

@@ -7,7 +7,7 @@ One call:
 1. `prepare(params)`: the stacked layer weights are converted to per-layer arrays in the decode layout
    (`rwml_jax.models.decode_layout`: q/k/v and gate/up fused; one jitted copy, placed in the mesh's
    shardings), so the decode loop runs the layers unrolled, never slices weights per step, and its skinny
-   matmuls read the weights in the orientation the machine's kernels stream fastest (`weight_orientation`).
+   matmuls read the weights in the format the machine's kernels stream fastest (`weight_orientation`).
    The copy lives for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
@@ -90,9 +90,10 @@ class Sampler:
       cache_dtype: KV cache dtype (default: the compute dtype, see `default_cache_dtype`).
       prompt_buckets: allowed prompt slot counts P (default powers of two from 16, see `buckets`).
       rules: logical-axis rules (default `rwml_jax.sharding.DEFAULT_RULES`).
-      weight_orientation: how the decode layout stores projection weights, "in_out" or "out_in"; "auto"
-        picks per machine (`rwml_jax.models.decode_layout.default_orientation`). Both give the same
-        numbers up to float rounding.
+      weight_orientation: how the decode layout stores and multiplies projection weights, "in_out",
+        "out_in" or "out_in_reduce"; "auto" picks per machine and model size
+        (`rwml_jax.models.decode_layout.default_orientation`). All give the same numbers up to float
+        rounding.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class Sampler:
         self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
         fuse = self.mesh.shape["tensor"] == 1  # fusing head-sharded weights would mix shards
         if weight_orientation == "auto":
-            weight_orientation = decode_layout.default_orientation(self.mesh.devices.flat)
+            weight_orientation = decode_layout.default_orientation(self.mesh.devices.flat, config)
         self.weight_orientation = weight_orientation
         prepared_axes = decode_layout.logical_axes(config, fuse=fuse, orientation=weight_orientation)
         self._prepared_shardings = sh.logical_to_sharding(prepared_axes, self.mesh, self.rules)
