@@ -12,8 +12,9 @@ the weights fit in its last-level cache (`default_orientation`):
   reduction streams the weights once. On an AMD Zen 4 (2 threads), against XLA's dot with the weight
   [in, out]: [16, 768] x [768, 4096] 0.92 vs 1.18 ms, [16, 2048] x [2048, 768] 0.46 vs 0.65 ms, the tied
   `small` head [16, 768] x [768, 32000] 7.4 vs 10.3 ms, qwen3-0.6b's [16, 1024] x [1024, 151936] 32 vs
-  48 ms; break-even at ~128 rows, so more rows (a prefill) use a dot_general like "out_in". Whole `small`
-  generation 1.31x faster than "in_out"; `tiny`, whose weights stay in the 32 MB L3, 0.86x (slower).
+  48 ms; break-even at ~128 rows, so more rows (a prefill) use a dot_general like "out_in". The `small`
+  decode step 41.9 vs 50.3 ms with "in_out" (whole generate calls 1.10-1.14x); `tiny`, whose weights stay
+  in the 32 MB L3, 0.86-0.92x (slower), so it keeps a dot format.
   The tied head multiplies by the embedding itself (already [V, E]), so this format adds no copy of it.
 - "in_out" ([in, out], the Flax orientation; keys end in `_w`): on an AMD Zen 4 with AVX-512, XLA's
   [16, 768] x [768, 4096] product ran at 109 GFLOP/s this way against 62 GFLOP/s as [out, in], the
