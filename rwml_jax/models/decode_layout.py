@@ -265,8 +265,8 @@ def _dense(x: jax.Array, lp: Params, name: str) -> jax.Array:
 
 
 def is_reduce_format(params: Params) -> bool:
-    """Whether per-layer params are in the "out_in_reduce" format."""
-    return any(k.endswith("_r") for k in params["layers"][0])
+    """Whether per-layer params are in the "out_in_reduce" format (every layer has an o projection)."""
+    return "o_r" in params["layers"][0]
 
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
