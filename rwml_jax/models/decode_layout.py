@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from rwml_jax.models.config import ModelConfig
-from rwml_jax.models.decoder import attend, param_logical_axes, rms_norm, unstack_layers
+from rwml_jax.models.decoder import attend, flax_lm_logits, param_logical_axes, rms_norm, unstack_layers
 from rwml_jax.models.rope import apply_rope
 
 Params = Any
@@ -272,7 +272,7 @@ def is_reduce_format(params: Params) -> bool:
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden [..., E] -> float32 logits [..., V] for params in this layout: "in_out" with a
     tied head multiplies by `lm_head_w` [E, V]; "out_in_reduce" by `lm_head_r` or the tied embedding
-    ([V, E]) as in `_dense`; "out_in" like `decoder.Decoder.logits`."""
+    ([V, E]) as in `_dense`; "out_in" with `decoder.Decoder.logits`."""
     cdt = jnp.dtype(config.compute_dtype)
     h = hidden.astype(cdt)
     if "lm_head_w" in params:
@@ -282,8 +282,7 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
         lead = h.shape[:-1]
         rows = h.reshape(-1, h.shape[-1])
         return _out_in_product(rows, w, True, jnp.float32).reshape(*lead, w.shape[0])
-    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.matmul(h, w.astype(cdt), preferred_element_type=jnp.float32)
+    return flax_lm_logits(config, params, hidden)
 
 
 def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,

@@ -470,6 +470,11 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
 
         if decode_layout.is_decode_layout(layers[0]):
             return decode_layout.lm_logits(config, params, hidden)
+    return flax_lm_logits(config, params, hidden)
+
+
+def flax_lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """`Decoder.logits` on the `embed` / `lm_head` entries of params (stacked, per-layer or decode layout)."""
     head = {k: params[k] for k in ("embed", "lm_head") if k in params}
     return _module(config).apply({"params": head}, hidden, method=Decoder.logits)
 
