@@ -223,6 +223,25 @@ def test_same_seed_same_tokens_and_batch_independent(qwen3):
     assert alone[0].token_ids == a[0].token_ids
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=9, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_num_samples_equals_repeated_prompts(qwen3, settings):
+    """num_samples=n (each prompt prefilled once, its cache copied to n rows) gives the rows of passing
+    every prompt n times: same tokens, log-probs and stops, prompt by prompt."""
+    config, params = qwen3
+    prompts = _prompts(config.vocab_size, [7, 3, 12], seed=6)
+    kw = dict(max_new_tokens=9, seed=2, **settings)
+    want = sampling.generate(config, params, [p for p in prompts for _ in range(4)], **kw)
+    got = sampling.generate(config, params, prompts, num_samples=4, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert got.finish_reasons == want.finish_reasons and got.prompt_lengths == [7] * 4 + [3] * 4 + [12] * 4
+    if settings["temperature"] > 0:  # the samples of one prompt differ from each other
+        assert len({tuple(r.token_ids) for r in got}) > len(prompts)
+    with pytest.raises(ValueError, match="num_samples=0"):
+        sampling.generate(config, params, prompts, num_samples=0, **kw)
+
+
 def test_decode_loop_exits_when_all_rows_stop(qwen3):
     """Once every row has hit a stop token the while_loop ends: fewer steps than max_new_tokens."""
     config, params = qwen3
@@ -353,7 +372,8 @@ def test_bad_arguments_are_named(qwen3):
 
 def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
     """8 forced CPU devices, batch over data=8 and over (data=2, fsdp=2, tensor=2), the latter also in the
-    decode-layout weight formats that "auto" does not pick here: same tokens as 1 device."""
+    decode-layout weight formats that "auto" does not pick here and with num_samples=3: same tokens as
+    1 device."""
     config, params = qwen3
     path = str(tmp_path / "model")
     models.save_pretrained(config, params, path)
@@ -380,6 +400,9 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
             for j, s in enumerate({settings!r}):
                 r = sampler.generate(params, {prompts!r}, **{kw!r}, **s)
                 out[f"{{other}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
+        # each prompt prefilled once for 3 samples, on the mixed mesh
+        r = sampling.generate(config, params, {prompts[:4]!r}, mesh=mesh, num_samples=3, **{kw!r}, **{settings[1]!r})
+        out["samples"] = [r.token_ids, r.logprobs.tolist()]
         json.dump(out, open({str(tmp_path / "sharded.json")!r}, "w"))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -396,6 +419,9 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
             assert tokens == ref.token_ids, (shape, s)
             logprobs = np.asarray(logprobs)  # [rows, capacity]; the capacities differ, the columns after 10 are 0
             np.testing.assert_allclose(logprobs, ref.logprobs[:, :logprobs.shape[1]], atol=1e-5)
+    ref = sampling.generate(config1, params1, [p for p in prompts[:4] for _ in range(3)], **kw, **settings[1])
+    assert sharded["samples"][0] == ref.token_ids
+    np.testing.assert_allclose(np.asarray(sharded["samples"][1]), ref.logprobs, atol=1e-5)
 
 
 def test_cli_generate_tiny_runs_offline(capsys):

@@ -25,6 +25,7 @@ from rwml_jax.rl import batch as bt
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
 from rwml_jax.rl.sft import SFTConfig, make_sft_step
+from rwml_jax.rl.shared_prompt import group_batch, grouped_completion_logprobs
 from rwml_jax.rl.train_state import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
 from rwml_jax.rl.update import GRPOConfig, NonFiniteLossError, make_grpo_step
 
@@ -247,6 +248,55 @@ def test_bad_batches_and_configs_name_the_problem(models):
         OptimizerConfig(schedule="cosine")
 
 
+def shared_prompt_batch(groups=3, G=4, P=9, C=6, seed=2, vocab=160):
+    """GRPO-ordered rows: `groups` prompts of different lengths, G completions each (one empty)."""
+    rng = np.random.default_rng(seed)
+    prompts, comps = [], []
+    for _ in range(groups):
+        p = rng.integers(1, vocab, rng.integers(1, P + 1)).tolist()
+        for _ in range(G):
+            prompts.append(p)
+            comps.append(rng.integers(1, vocab, rng.integers(1, C + 1)).tolist())
+    comps[2] = []
+    return bt.pack(prompts, comps, prompt_len=P, completion_len=C)
+
+
+def test_shared_prompt_logprobs_match_torch(models):
+    """Each group's prompt run once (rl.shared_prompt) gives the log-probs and entropies of every row
+    running its own copy, and those equal transformers'."""
+    pol_dir, torch_pol, _, _ = models
+    cfg, params = load_pretrained(pol_dir)
+    batch = shared_prompt_batch()
+    want = torch_completion_logp(torch_pol, batch).detach().numpy()
+    flat, flat_ent = completion_logprobs(cfg, params, batch, with_entropy=True)
+    got, ent = jax.jit(lambda p, b: grouped_completion_logprobs(cfg, p, b, with_entropy=True))(
+        params, group_batch(batch, 4))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ent), np.asarray(flat_ent), rtol=1e-5, atol=2e-5)
+    assert np.abs(np.asarray(got)[2]).max() == 0.0  # the empty completion
+    assert np.abs(np.asarray(got) - np.asarray(flat)).max() < 2e-5
+
+
+def test_shared_prompt_batches_are_checked(models):
+    pol_dir, _, _, _ = models
+    cfg, _ = load_pretrained(pol_dir)
+    batch = bt.with_grpo_fields(shared_prompt_batch(), np.ones(12))
+    step = make_grpo_step(cfg, GRPOConfig(prompt_group_size=4, micro_batch_size=6), optax.sgd(1.0), sh.make_mesh())
+    with pytest.raises(ValueError, match="micro_batch_size=6 is not a multiple of prompt_group_size=4"):
+        step.prepare_batch(batch)
+    step = make_grpo_step(cfg, GRPOConfig(prompt_group_size=4), optax.sgd(1.0), sh.make_mesh())
+    assert step.prepare_batch(batch)["completion_ids"].shape == (3, 4, 6)
+    mixed = {k: v.copy() for k, v in batch.items()}
+    mixed["input_ids"][5, 8] += 1  # row 5 (group 1) gets a different last prompt token
+    with pytest.raises(ValueError, match=r"group 1 \(rows 4..7\) do not all have the same prompt"):
+        step.prepare_batch(mixed)
+    right = bt.pack([[3, 4]] * 4, [[5], [6, 7], [8], [9]], prompt_len=3, completion_len=2, layout="right")
+    with pytest.raises(ValueError, match="'split' layout"):
+        step.prepare_batch(bt.with_grpo_fields(right, np.ones(4)))
+    with pytest.raises(ValueError, match="not a whole number of prompt groups of 4"):
+        step.prepare_batch({k: v[:6] for k, v in batch.items()})
+
+
 def test_learning_rate_schedules():
     warm = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4))
     assert [float(warm(k)) for k in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
@@ -282,7 +332,8 @@ def test_pack_layouts_and_errors():
 # ------------------------------------------------------------------------------------------------
 
 SCENARIOS = ["grpo_1dev", "grpo_8dev", "grpo_micro_8dev", "seqsum_1dev", "seqsum_micro_8dev", "sft_1dev",
-             "sft_micro_8dev", "adamw_1dev", "adamw_micro_8dev"]
+             "sft_micro_8dev", "adamw_1dev", "adamw_micro_8dev", "shared_flat_1dev", "shared_1dev",
+             "shared_micro_8dev"]
 
 
 def run_worker(out, scenarios, devices=8, extra=(), env=None):
@@ -316,10 +367,14 @@ def assert_same(a, b, rtol, what):
 
 
 @pytest.mark.parametrize("sharded,single", [("grpo_8dev", "grpo_1dev"), ("grpo_micro_8dev", "grpo_1dev"),
-                                            ("seqsum_micro_8dev", "seqsum_1dev"), ("sft_micro_8dev", "sft_1dev")])
+                                            ("seqsum_micro_8dev", "seqsum_1dev"), ("sft_micro_8dev", "sft_1dev"),
+                                            ("shared_1dev", "shared_flat_1dev"),
+                                            ("shared_micro_8dev", "shared_flat_1dev")])
 def test_sharded_and_micro_batched_gradient_equals_single_device(sharded_results, sharded, single):
     """2x2x2 mesh (and 2 or 4 micro-batches) vs one device, whole batch: gradients to 1e-5 of each
-    leaf's scale."""
+    leaf's scale. "shared_*": GRPO groups sharing their prompt, run once per group
+    (prompt_group_size = 2, with and without micro-batches of whole groups on the 2x2x2 mesh) vs every
+    row running its own copy of the prompt."""
     leaves, r = sharded_results
     init = leaves("init")
     assert_same(gradient_of(init, leaves(sharded)), gradient_of(init, leaves(single)), 1e-5, f"{sharded} vs {single}")

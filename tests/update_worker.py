@@ -76,6 +76,11 @@ def main() -> int:
     base = bt.pack(prompts, comps, prompt_len=P, completion_len=C)
     old_logp = np.log(rng.uniform(0.005, 0.05, (B, C)))  # off-policy: ratios far from 1 get clipped
     grpo_batch = bt.with_grpo_fields(base, np.asarray(grpo.group_advantages(rewards, G)), old_logp)
+    # GRPO groups of 2 rows sharing their prompt (8 groups), for prompt_group_size = 2
+    GS = 2
+    shared_prompts = [p for p in prompts[::GS] for _ in range(GS)]
+    shared_batch = bt.with_grpo_fields(bt.pack(shared_prompts, comps, prompt_len=P, completion_len=C),
+                                       np.asarray(grpo.group_advantages(rewards, GS)), old_logp)
 
     # "sgd": one step of p - SGD_SCALE * grad, from which the test recovers the gradient exactly;
     # "adamw": three AdamW steps with warm-up, cosine schedule, weight decay and clipping.
@@ -100,6 +105,9 @@ def main() -> int:
         "seqsum_micro_8dev": ("grpo", "sgd", dict(loss_agg="seq-mean-token-sum", micro_batch_size=8, logits_chunk=1)),
         "sft_1dev": ("sft", "sgd", dict()),
         "sft_micro_8dev": ("sft", "sgd", dict(micro_batch_size=8)),
+        "shared_flat_1dev": ("shared", "sgd", dict(kl_coef=0.05)),
+        "shared_1dev": ("shared", "sgd", dict(kl_coef=0.05, prompt_group_size=GS)),
+        "shared_micro_8dev": ("shared", "sgd", dict(kl_coef=0.05, prompt_group_size=GS, micro_batch_size=8)),
         "adamw_1dev": ("grpo", "adamw", dict(kl_coef=0.1, kl_estimator="k1", loss_agg="seq-mean-token-mean")),
         "adamw_micro_8dev": ("grpo", "adamw", dict(kl_coef=0.1, kl_estimator="k1", loss_agg="seq-mean-token-mean",
                                                    micro_batch_size=4)),
@@ -111,9 +119,9 @@ def main() -> int:
         kind, opt_name, opts = scenarios[name]
         optimizer, n_steps = optimizers[opt_name]
         mesh = mesh_for(name)
-        if kind == "grpo":
+        if kind in ("grpo", "shared"):
             step = make_grpo_step(cfg, GRPOConfig(**opts), optimizer, mesh)
-            data = grpo_batch
+            data = grpo_batch if kind == "grpo" else shared_batch
         else:
             step = make_sft_step(cfg, SFTConfig(**opts), optimizer, mesh)
             data = base

@@ -12,8 +12,15 @@ for TRL), wall-clock seconds:
       micro-batches, clipping, AdamW); TRL = its step minus generation and reward time (so its
       reference / old-policy forwards count as update, as ours do);
   (b) full iteration = generate the 64 completions + score (rewards, advantages, packing) + update.
+Ours shares each group's prompt (the default; `--no-shared-prompts` turns it off): the sampler
+prefills the 8 distinct prompts once (`num_samples=8`) and the update runs each prompt through the model
+once per group (`GRPOConfig.prompt_group_size=8`, `rwml_jax.rl.shared_prompt`), i.e. the layers process
+8 x (128 + 8 x 128) = 9,216 tokens per pass instead of 64 x 256 = 16,384, for the same update up to float
+rounding. `--also-flat` measures the per-row path too, interleaved, as a third column.
 Update MFU = (6 x params x tokens + 2 x params x tokens for the reference forward) / update time /
-matmul peak, tokens = 64 x 256. The peak is the float32 2048^3 matmul GFLOP/s measured in the same run
+matmul peak, tokens = 64 x 256 (the workload's definition: it credits the per-row work, so with shared
+prompts it exceeds what the machine executed); "executed" MFU counts the tokens the layers actually
+process instead (9,216 with shared prompts). The peak is the float32 2048^3 matmul GFLOP/s measured in the same run
 (JAX/XLA, NumPy and PyTorch, best of each, before and after); MFU is given against the best of them
 (the physical peak) and against XLA's own matmul.
 
@@ -52,6 +59,9 @@ TRL_MARK = "@@TRL "
 # (interleaved, 8 steps each); `small`: 4, 8 and 16 within the noise (74.1 / 74.9 / 80.1 s).
 # TRL: its update time does not depend on it (`tiny`: 8.84-8.90 s for 4, 16 and 64).
 DEFAULT_MICRO = {"tiny": 4, "small": 16, "qwen3-0.6b": 8}
+# With shared prompts a micro-batch holds whole groups; one group of 8 (128 + 1,024 tokens) for `tiny`:
+# 3.27 s against 3.35 s with two groups and 4.83 s per-row with 4 sequences (interleaved, 6 steps each).
+DEFAULT_MICRO_SHARED = {"tiny": 8, "small": 16, "qwen3-0.6b": 8}
 DEFAULT_TRL_MICRO = {"tiny": 64, "small": 16, "qwen3-0.6b": 8}
 
 
@@ -102,7 +112,7 @@ def reward_last_token_even(token_ids: list[int]) -> float:
 class Ours:
     """Sampler + jitted GRPO update on a single-process mesh over all local devices."""
 
-    def __init__(self, shape: str, micro_batch: int, seed: int):
+    def __init__(self, shape: str, micro_batch: int, seed: int, shared: bool = True):
         import jax
         import numpy as np
 
@@ -116,14 +126,23 @@ class Ours:
         params = sh.init_params_sharded(self.config, jax.random.key(seed), self.mesh)
         self.ref = jax.tree.map(lambda x: x.copy(), params)
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6, max_grad_norm=1.0))
-        self.grpo = GRPOConfig(kl_coef=BETA, kl_estimator="k3", loss_agg="token-mean", micro_batch_size=micro_batch)
+        self.shared = shared
+        self.grpo = GRPOConfig(kl_coef=BETA, kl_estimator="k3", loss_agg="token-mean", micro_batch_size=micro_batch,
+                               prompt_group_size=GROUP_SIZE if shared else 0)
         self.step = make_grpo_step(self.config, self.grpo, optimizer, self.mesh)
         self.state = create_train_state(params, optimizer, self.step.state_shardings)
         del params
         self.sampler = Sampler(self.config, max_new_tokens=COMPLETION_LEN, mesh=self.mesh)
         rng = np.random.default_rng(seed)
-        prompts = [rng.integers(3, self.config.vocab_size, PROMPT_LEN).tolist() for _ in range(GROUPS)]
-        self.prompts = [p for p in prompts for _ in range(GROUP_SIZE)]  # group by group
+        self.distinct = [rng.integers(3, self.config.vocab_size, PROMPT_LEN).tolist() for _ in range(GROUPS)]
+        self.prompts = [p for p in self.distinct for _ in range(GROUP_SIZE)]  # group by group
+
+    @property
+    def layer_tokens(self) -> int:
+        """Tokens the layers process per forward pass over the batch."""
+        if self.shared:
+            return GROUPS * (PROMPT_LEN + GROUP_SIZE * COMPLETION_LEN)
+        return GROUPS * GROUP_SIZE * (PROMPT_LEN + COMPLETION_LEN)
 
     def iteration(self, it: int) -> dict[str, float]:
         import numpy as np
@@ -132,8 +151,12 @@ class Ours:
         from rwml_jax.rl.grpo import group_advantages
 
         t0 = time.perf_counter()
-        out = self.sampler.generate(self.state.params, self.prompts, max_new_tokens=COMPLETION_LEN,
-                                    temperature=1.0, seed=it, stop_at_eos=False)
+        if self.shared:  # rows come out group by group, as self.prompts
+            out = self.sampler.generate(self.state.params, self.distinct, max_new_tokens=COMPLETION_LEN,
+                                        temperature=1.0, seed=it, stop_at_eos=False, num_samples=GROUP_SIZE)
+        else:
+            out = self.sampler.generate(self.state.params, self.prompts, max_new_tokens=COMPLETION_LEN,
+                                        temperature=1.0, seed=it, stop_at_eos=False)
         t1 = time.perf_counter()
         rewards = np.asarray([reward_last_token_even(r.token_ids) for r in out], np.float32)
         adv = np.asarray(group_advantages(rewards, GROUP_SIZE))
@@ -275,29 +298,34 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     peaks = [matmul_peaks()]
-    micro = args.micro_batch or DEFAULT_MICRO[shape]
+    shared = not args.no_shared_prompts
+    micro = args.micro_batch or (DEFAULT_MICRO_SHARED if shared else DEFAULT_MICRO)[shape]
     trl_micro = args.trl_micro_batch or DEFAULT_TRL_MICRO[shape]
     t = time.perf_counter()
-    ours = Ours(shape, micro, args.seed)
+    ours = Ours(shape, micro, args.seed, shared=shared)
     setup = time.perf_counter() - t
-    print(f"[{shape}] params {ours.config.num_params / 1e6:.2f}M, micro-batch {micro}, {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s); setup {setup:.1f}s", flush=True)
+    flat = Ours(shape, DEFAULT_MICRO[shape], args.seed, shared=False) if args.also_flat and shared else None
+    print(f"[{shape}] params {ours.config.num_params / 1e6:.2f}M, micro-batch {micro}, shared prompts {shared}, "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s); setup {setup:.1f}s", flush=True)
     peer = None if args.no_peer else TRLPeer(shape, args.warmup + args.steps, trl_micro, args.seed)
     if peer:
         print(f"[{shape}] TRL {peer.info['trl']} / torch {peer.info['torch']}, {peer.info['threads']} threads, "
               f"micro-batch {trl_micro}", flush=True)
-    mine, theirs, first = [], [], {}
+    mine, theirs, per_row, first = [], [], [], {}
     try:
         for it in range(args.warmup + args.steps):
-            r = ours.iteration(it)
             tag = "warm-up" if it < args.warmup else "measured"
-            print(f"[{shape}] ours {tag} {it}: generate {r['generate']:.2f}s score {r['score']:.3f}s update "
-                  f"{r['update']:.2f}s total {r['total']:.2f}s (reward {r['reward']:.2f}, loss {r['loss']:+.4f})",
-                  flush=True)
-            if it >= args.warmup:
-                mine.append(r)
-            elif it == 0:
-                first = r
+            for name, impl, rows in (("ours", ours, mine), ("flat", flat, per_row)):
+                if impl is None:
+                    continue
+                r = impl.iteration(it)
+                print(f"[{shape}] {name} {tag} {it}: generate {r['generate']:.2f}s score {r['score']:.3f}s update "
+                      f"{r['update']:.2f}s total {r['total']:.2f}s (reward {r['reward']:.2f}, loss {r['loss']:+.4f})",
+                      flush=True)
+                if it >= args.warmup:
+                    rows.append(r)
+                elif it == 0 and name == "ours":
+                    first = r
             if peer:
                 q = peer.step()
                 print(f"[{shape}] TRL  {tag} {it}: generate {q['generate']:.2f}s score {q['score']:.3f}s update "
@@ -315,17 +343,23 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     tokens = GROUPS * GROUP_SIZE * (PROMPT_LEN + COMPLETION_LEN)
     flops = 8 * ours.config.num_params * tokens
-    res: dict[str, Any] = dict(shape=shape, params=ours.config.num_params, micro_batch=micro, peak_gflops=peak,
-                               update_flops=flops, first_iteration_s=first.get("total"), setup_s=setup)
-    for name, rows in (("ours", mine), ("trl", theirs)):
+    res: dict[str, Any] = dict(shape=shape, params=ours.config.num_params, micro_batch=micro, shared_prompts=shared,
+                               peak_gflops=peak, update_flops=flops, first_iteration_s=first.get("total"),
+                               setup_s=setup)
+    for name, rows, impl in (("ours", mine, ours), ("flat", per_row, flat), ("trl", theirs, None)):
         if not rows:
             continue
         u, tot, gen = med(rows, "update"), med(rows, "total"), med(rows, "generate")
         res[name] = dict(update_s=u, total_s=tot, generate_s=gen, score_s=med(rows, "score"),
                          mfu=flops / u / (best * 1e9), mfu_xla=flops / u / (peak["xla"] * 1e9), steps=len(rows))
-    if "trl" in res:
-        res["speedup_update"] = res["trl"]["update_s"] / res["ours"]["update_s"]
-        res["speedup_total"] = res["trl"]["total_s"] / res["ours"]["total_s"]
+        if impl is not None:
+            executed = 8 * impl.config.num_params * impl.layer_tokens
+            res[name].update(executed_flops=executed, mfu_executed=executed / u / (best * 1e9))
+    for name in ("ours", "flat"):
+        if "trl" in res and name in res:
+            suffix = "" if name == "ours" else "_flat"
+            res["speedup_update" + suffix] = res["trl"]["update_s"] / res[name]["update_s"]
+            res["speedup_total" + suffix] = res["trl"]["total_s"] / res[name]["total_s"]
     return res
 
 
@@ -336,6 +370,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         o, t, pk = r["ours"], r.get("trl"), r["peak_gflops"]
+        if r.get("shared_prompts"):
+            print(f"({r['shape']}: shared prompts; executed-FLOPs MFU {o['mfu_executed']:.0%})")
+        if "flat" in r:
+            f = r["flat"]
+            extra = f", {r['speedup_update_flat']:.2f}x / {r['speedup_total_flat']:.2f}x TRL" if t else ""
+            print(f"({r['shape']}: per-row prompts, interleaved: update {f['update_s']:.2f} s, iteration "
+                  f"{f['total_s']:.2f} s (generate {f['generate_s']:.2f}), MFU {f['mfu']:.0%}{extra})")
         peaks = " / ".join(f"{pk[k]:.0f}" for k in ("xla", "numpy", "torch") if k in pk)
         if t:
             print(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {o['update_s']:.2f} | {t['update_s']:.2f} | "
@@ -354,10 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="measured iterations per shape (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first iterations (compilation, set-up)")
     p.add_argument("--micro-batch", type=int, default=0,
-                   help="our micro-batch size in sequences (0: per-shape default, tiny 4, small 16)")
+                   help="our micro-batch size in sequences (0: per-shape default: tiny 8 with shared prompts, "
+                        "4 without; small 16)")
     p.add_argument("--trl-micro-batch", type=int, default=0,
                    help="TRL per_device_train_batch_size (0: tiny 64, small 16), gradient accumulation to 64")
     p.add_argument("--no-peer", action="store_true", help="skip TRL")
+    p.add_argument("--no-shared-prompts", action="store_true",
+                   help="every row runs its own copy of its group's prompt (prefill and update)")
+    p.add_argument("--also-flat", action="store_true",
+                   help="also measure the per-row path (no shared prompts), interleaved with the others")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)

@@ -169,8 +169,10 @@ def completion_logprobs(
     h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
     logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
                                      gather=gather)
-    m = batch["completion_mask"] > 0
-    logp = jnp.where(m, logp, 0.0)
-    if ent is not None:
-        ent = jnp.where(m, ent, 0.0)
-    return logp, ent
+    return masked(logp, ent, batch["completion_mask"])
+
+
+def masked(logp: jax.Array, ent: jax.Array | None, completion_mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """logp and entropy [B, C] set to 0 where completion_mask [B, C] is 0."""
+    m = completion_mask > 0
+    return jnp.where(m, logp, 0.0), (None if ent is None else jnp.where(m, ent, 0.0))

@@ -16,6 +16,7 @@ Shapes: B batch, T tokens, E hidden, H query heads, K kv heads, G = H / K, D hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -77,12 +78,29 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
+# attend(q [B, T, H, D] (scaled, rotated), k [B, T, K, D] (rotated), v [B, T, K, D]) -> o [B, T, H, D]
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def causal_attend(bias: jax.Array) -> Attend:
+    """Attention of every token over the keys of its own row that `bias` [B, T, T] allows."""
+
+    def attend(q, k, v):
+        B, T, H, D = q.shape
+        K = k.shape[2]
+        qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+        o = attention(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias)  # [B, K, G, T, D]
+        return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+    return attend
+
+
 def _layer(c: ModelConfig, lp: dict[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
-           bias: jax.Array, fuse: bool) -> jax.Array:
-    """One pre-norm block on x [B, T, E] (compute dtype); lp: this layer's slice of params["layers"]."""
+           attend: Attend, fuse: bool) -> jax.Array:
+    """One pre-norm block on x [B, T, E] (compute dtype); lp: this layer's slice of params["layers"];
+    cos, sin: RoPE tables [B, T, D]; attend: how tokens attend to each other (`causal_attend`)."""
     B, T, E = x.shape
     H, K, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-    G = H // K
     cdt = jnp.dtype(c.compute_dtype)
     a, m = lp["attn"], lp["mlp"]
 
@@ -103,9 +121,7 @@ def _layer(c: ModelConfig, lp: dict[str, Any], x: jax.Array, cos: jax.Array, sin
         k = rms_norm(k, a["k_norm"]["scale"], c.rms_norm_eps)
     q = apply_rope(q, cos, sin) * jnp.asarray(D**-0.5, cdt)
     k = apply_rope(k, cos, sin)
-    q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    o = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias)  # [B, K, G, T, D]
-    o = o.transpose(0, 3, 1, 2, 4).reshape(B * T, H * D)
+    o = attend(q, k, v).reshape(B * T, H * D)
     y = o @ a["o_kernel"].reshape(H * D, E).astype(cdt)
     if c.o_bias:
         y = y + a["o_bias"].astype(cdt)
@@ -152,12 +168,27 @@ def hidden_states(
     slot = jnp.arange(T)
     allowed = (slot[None, :] <= slot[:, None])[None] & mask[:, None, :]
     bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)  # [B, T, T]
+    return run_layers(config, params, input_ids, cos, sin, causal_attend(bias), fuse=fuse)
 
+
+def run_layers(
+    config: ModelConfig,
+    params: Any,
+    input_ids: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    attend: Attend,
+    *,
+    fuse: bool = True,
+) -> jax.Array:
+    """Embed input_ids [B, T], run every layer with the given RoPE tables [B, T, D] and attention
+    pattern, and return the final-norm hidden states [B, T, E] (compute dtype)."""
+    c = config
     x = jnp.take(params["embed"], input_ids, axis=0).astype(jnp.dtype(c.compute_dtype))
     x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def body(x, lp):
-        return _layer(c, lp, x, cos, sin, bias, fuse), None
+        return _layer(c, lp, x, cos, sin, attend, fuse), None
 
     if c.remat != "none":
         policy = None if c.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims

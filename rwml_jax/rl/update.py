@@ -10,7 +10,10 @@ state donated (XLA updates parameters and optimizer moments in place). Inside:
    the masks of the *whole* batch, so the summed micro-batch gradients equal the full-batch gradient
    for every loss aggregation;
 3. global-norm clipping and AdamW (`rwml_jax.rl.train_state`);
-4. a non-finite loss or gradient leaves parameters and optimizer state untouched (selected on
+4. with `prompt_group_size` = G > 1 (GRPO groups sharing their prompt, `rwml_jax.rl.shared_prompt`)
+   the batch is regrouped on the host into bp = B / G groups, each prompt runs through the model once
+   per group, and micro-batches hold whole groups;
+5. a non-finite loss or gradient leaves parameters and optimizer state untouched (selected on
    device, no host sync) and sets `metrics["finite"] = 0`; `UpdateStep.__call__` then raises
    `NonFiniteLossError` naming the step, carrying the intact state.
 """
@@ -31,6 +34,7 @@ from rwml_jax import sharding as sh
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
+from rwml_jax.rl.shared_prompt import flat_rows, group_batch, grouped_completion_logprobs
 from rwml_jax.rl.train_state import TrainState, state_shardings
 
 Batch = dict[str, Any]
@@ -61,6 +65,11 @@ class GRPOConfig:
       must divide the batch and be a multiple of the data x fsdp device count.
     logits_chunk: completion positions per LM-head chunk (None = all at once; see rl.logprobs).
     with_entropy: report the policy's token entropy (one extra pass over the logits).
+    prompt_group_size: G > 1 runs each group's prompt through the model once instead of G times
+      (`rwml_jax.rl.shared_prompt`; same update up to float rounding). Batches must then be in the
+      "split" layout with rows ordered group by group, the G rows of a group sharing one prompt (what
+      GRPO sampling produces; checked on every call), and micro_batch_size a multiple of G.
+      0 or 1: every row runs its own prompt.
     """
 
     clip_eps_low: float = 0.2
@@ -71,6 +80,7 @@ class GRPOConfig:
     micro_batch_size: int | None = None
     logits_chunk: int | None = None
     with_entropy: bool = True
+    prompt_group_size: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_agg not in grpo.LOSS_AGGS:
@@ -79,6 +89,8 @@ class GRPOConfig:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; expected one of {grpo.KL_ESTIMATORS}")
         if self.kl_coef < 0 or self.clip_eps_low < 0 or self.clip_eps_high < 0:
             raise ValueError("kl_coef, clip_eps_low and clip_eps_high must be >= 0")
+        if self.prompt_group_size < 0:
+            raise ValueError(f"prompt_group_size={self.prompt_group_size}; expected >= 0")
 
     @property
     def uses_reference(self) -> bool:
@@ -99,17 +111,25 @@ def _combine(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.
     return {k: (jnp.maximum(a[k], b[k]) if k.startswith("max_") else a[k] + b[k]) for k in a}
 
 
-def _num_micro(batch_size: int, micro_batch_size: int | None, mesh: Mesh) -> int:
+def _num_micro(batch_size: int, micro_batch_size: int | None, mesh: Mesh, group: int = 1) -> int:
+    """Micro-batches per step. With shared prompts (group = G > 1) the unit sharded over the data x fsdp
+    devices and split into micro-batches is a group of G rows, not a row."""
     multiple = sh.batch_size_multiple(mesh)
-    if batch_size % multiple:
-        raise ValueError(f"batch size {batch_size} is not a multiple of data x fsdp = {multiple} devices")
+    unit = "groups" if group > 1 else "rows"
+    if batch_size % group:
+        raise ValueError(f"batch size {batch_size} is not a whole number of prompt groups of {group}")
+    if (batch_size // group) % multiple:
+        raise ValueError(f"batch of {batch_size // group} {unit} is not a multiple of data x fsdp = {multiple} devices")
     if not micro_batch_size or micro_batch_size >= batch_size:
         return 1
     if batch_size % micro_batch_size:
         raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch size {batch_size}")
-    if micro_batch_size % multiple:
+    if micro_batch_size % group:
+        raise ValueError(f"micro_batch_size={micro_batch_size} is not a multiple of prompt_group_size={group}")
+    if (micro_batch_size // group) % multiple:
         raise ValueError(
-            f"micro_batch_size={micro_batch_size} is not a multiple of data x fsdp = {multiple} devices"
+            f"micro_batch_size={micro_batch_size} ({micro_batch_size // group} {unit}) is not a multiple of "
+            f"data x fsdp = {multiple} devices"
         )
     return batch_size // micro_batch_size
 
@@ -122,7 +142,8 @@ class UpdateStep:
     """A compiled optimizer step: `state, metrics = step(state, batch[, ref_params])`.
 
     The state argument is donated (do not use it after the call). `batch` may hold NumPy arrays (the
-    same global batch on every process; they are placed into their shardings) or global jax.Arrays.
+    same global batch on every process; they are placed into their shardings) or global jax.Arrays
+    (fully addressable ones when prompt_group_size > 1: the batch is regrouped on the host).
     Metrics are replicated float32 scalars (jax.Arrays; `float()` them when needed).
     """
 
@@ -143,8 +164,10 @@ class UpdateStep:
         rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
         learning_rate: Callable[[jax.Array], jax.Array] | None = None,
         check_finite: bool = True,
+        prompt_group_size: int = 0,
     ):
         self.model_config = model_config
+        self.group = prompt_group_size if prompt_group_size > 1 else 1
         self.optimizer = optimizer
         self.mesh = mesh
         self.rules = tuple(rules)
@@ -174,16 +197,17 @@ class UpdateStep:
     # -- traced -------------------------------------------------------------------------------------
     def _micro_grads(self, params: Any, ref_params: Any, mb: Batch, den: jax.Array):
         cfg = self.model_config
-        ref_logp = mb.get("ref_logp")
+        logprobs = grouped_completion_logprobs if self.group > 1 else completion_logprobs
+        rows = flat_rows(mb) if self.group > 1 else mb  # per-row entries [b, ...] for the loss
+        ref_logp = rows.get("ref_logp")
         if ref_logp is None and ref_params is not None:
-            ref_logp, _ = completion_logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse,
-                                              gather=self._fuse)
+            ref_logp, _ = logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse)
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
-            logp, ent = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
-                                            fuse=self._fuse, gather=self._fuse)
-            num, sums = self._loss_terms(logp, ent, mb, ref_logp)
+            logp, ent = logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
+                                 fuse=self._fuse, gather=self._fuse)
+            num, sums = self._loss_terms(logp, ent, rows, ref_logp)
             return num / den, sums
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -192,9 +216,10 @@ class UpdateStep:
 
     def _step(self, state: TrainState, batch: Batch, ref_params: Any = None):
         with sh.tracing_context(self.mesh, self.rules):
-            B = batch["input_ids"].shape[0]
-            num_micro = _num_micro(B, self.micro_batch_size, self.mesh)
-            den = self._denominator(batch)
+            rows = flat_rows(batch) if self.group > 1 else batch
+            B = rows["completion_mask"].shape[0]
+            num_micro = _num_micro(B, self.micro_batch_size, self.mesh, self.group)
+            den = self._denominator(rows)
             if num_micro == 1:
                 loss, sums, grads = self._micro_grads(state.params, ref_params, batch, den)
             else:
@@ -261,7 +286,9 @@ class UpdateStep:
                 raise ValueError(f"batch[{key!r}] has shape {shape}; every entry needs the batch dimension {B} first")
         if C > T - 1:
             raise ValueError(f"completion length {C} does not fit sequences of length {T} after a prompt")
-        _num_micro(B, self.micro_batch_size, self.mesh)
+        _num_micro(B, self.micro_batch_size, self.mesh, self.group)
+        if self.group > 1:
+            batch = group_batch({k: np.asarray(v) for k, v in batch.items()}, self.group)
         out: Batch = {}
         for key, value in batch.items():
             if isinstance(value, jax.Array):
@@ -282,7 +309,8 @@ class UpdateStep:
         return new_state, metrics
 
     def lower(self, state: Any, batch: Mapping[str, Any], ref_params: Any = None):
-        """`jax.jit(...).lower` on (abstract) arguments, e.g. to inspect or pre-compile the step."""
+        """`jax.jit(...).lower` on (abstract) arguments, e.g. to inspect or pre-compile the step (with
+        prompt_group_size > 1 the batch in its grouped form, `rl.shared_prompt`)."""
         args: tuple[Any, ...] = (state, batch)
         if self.uses_reference:
             args = args + (ref_params,)
@@ -337,6 +365,7 @@ def make_grpo_step(
         rules=rules,
         learning_rate=learning_rate,
         check_finite=check_finite,
+        prompt_group_size=grpo_config.prompt_group_size,
     )
 
 

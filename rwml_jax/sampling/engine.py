@@ -11,7 +11,8 @@ One call:
    The copy lives for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
-   the logits of the last slot only, and samples token 0.
+   the logits of the last slot only, and samples token 0. With `num_samples` = n > 1 (GRPO groups) it runs
+   the B / n distinct prompts once and copies each one's cache slots and last logits to its n rows.
 4. `decode` (jit, state donated): one `lax.while_loop` on device; each iteration feeds every row's last
    token (one cache slot, all rows advance together), samples the next, records it and its log-prob, and
    checks the stop conditions. It exits as soon as every row is done (stop token, stop sequence,
@@ -25,7 +26,7 @@ KV cache: per layer k [B, K, D, S] and v [B, K, S, D] in `cache_dtype` (see `dec
 (data, fsdp), kv heads over tensor when they divide it.
 
 Compilations: one for `prepare` per Sampler; then two (prefill + decode) per distinct (batch bucket,
-prompt bucket, sampling mode, stop-condition size bucket). The sampling mode is greedy (temperature 0),
+prompt bucket, num_samples, sampling mode, stop-condition size bucket). The sampling mode is greedy (temperature 0),
 plain sampling, or sampling with top-k (per k) and/or top-p; temperature and top_p values, the seed and
 max_new_tokens (up to the capacity) are runtime values and never recompile. A run with fixed settings whose
 prompts fall in one bucket pair costs 3 compilations in total; `num_compilations` / `compile_seconds` count
@@ -75,6 +76,7 @@ def default_cache_dtype(config: ModelConfig) -> jnp.dtype:
 class _Key:
     batch: int
     prompt: int
+    samples: int
     mode: filters.SamplingMode
     stop_shapes: tuple[tuple[int, ...], ...]
 
@@ -236,19 +238,29 @@ class Sampler:
             step=step + 1,
         )
 
-    def _prefill_fn(self, mode: filters.SamplingMode, window: int):
+    def _prefill_fn(self, mode: filters.SamplingMode, window: int, samples: int):
         c, N = self.config, self.max_new_tokens
 
         def prefill(lparams, cache, ids, mask, valid, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
-            B, P = ids.shape
-            cache = dict(
-                cache,
-                mask=jnp.zeros_like(cache["mask"]),
-                pos=jnp.zeros_like(cache["pos"]),
-                index=jnp.zeros_like(cache["index"]),
-            )
+            B = valid.shape[0]  # ids, mask: [B / samples, P]
+            if samples == 1:
+                cache = dict(
+                    cache,
+                    mask=jnp.zeros_like(cache["mask"]),
+                    pos=jnp.zeros_like(cache["pos"]),
+                    index=jnp.zeros_like(cache["index"]),
+                )
+            else:  # the distinct prompts into a cache of their own, then each copied to its rows
+                del cache  # donated: its buffers hold the copies
+                S = ids.shape[1] + N
+                cache = jax.lax.with_sharding_constraint(
+                    decoder.init_cache(c, ids.shape[0], S, self.cache_dtype, per_layer=True),
+                    self._shardings()["cache"])
             hidden, cache = decoder.apply(c, lparams, ids, mask, cache=cache, return_hidden=True)
             logits = decoder.lm_logits(c, lparams, hidden[:, -1])  # left padding: the last slot is real
+            if samples > 1:
+                cache = jax.tree.map(lambda a: jnp.repeat(a, samples, axis=0) if a.ndim else a, cache)
+                logits = jnp.repeat(logits, samples, axis=0)
             state = dict(
                 cache=cache,
                 tokens=jnp.full((B, N), -1, jnp.int32),
@@ -286,7 +298,7 @@ class Sampler:
         repl, rows, rows2 = shd["repl"], shd["rows"], shd["rows2"]
         scalars = (repl,) * 7  # seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens
         prefill = jax.jit(
-            self._prefill_fn(key.mode, key.stop_shapes[1][1]),
+            self._prefill_fn(key.mode, key.stop_shapes[1][1], key.samples),
             in_shardings=(self._prepared_shardings, shd["cache"], rows2, rows2, rows) + scalars,
             out_shardings=shd["state"],
             donate_argnums=(1,),
@@ -323,8 +335,13 @@ class Sampler:
         stop_strings: Sequence[str] | str | None = None,
         tokenizer: Any = None,
         stop_at_eos: bool = True,
+        num_samples: int = 1,
     ) -> GenerationOutput:
         """Generate continuations of `prompts` (token-id lists, or strings when a tokenizer is given).
+
+        num_samples: continuations per prompt (a GRPO group). Rows come out prompt by prompt (row
+        i * num_samples + j is sample j of prompt i), exactly the rows of `prompts` with each prompt
+        repeated num_samples times and the same seed, but each prompt is prefilled once.
 
         max_new_tokens: at most this many tokens per row (default: the capacity). temperature 0 = greedy.
         stop_token_ids: extra stop tokens; with `stop_at_eos`, the config's and the tokenizer's EOS ids are
@@ -336,6 +353,9 @@ class Sampler:
         if not 1 <= n_new <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}; this sampler allows 1..{self.max_new_tokens}")
         token_lists = _as_token_lists(prompts, tokenizer, c.vocab_size)
+        G = int(num_samples)
+        if G < 1:
+            raise ValueError(f"num_samples={num_samples!r}; expected >= 1")
         mode = filters.sampling_mode(float(temperature), top_k, float(top_p), c.vocab_size)
         stop_ids = list(stop_token_ids)
         if stop_at_eos:
@@ -345,10 +365,13 @@ class Sampler:
         criteria = stop.build_stop_criteria(stop_ids, stop_strings, tokenizer, c.vocab_size)
         stop_arrays = criteria.device_arrays()
 
-        n_rows = len(token_lists)
-        B = buckets.batch_bucket(n_rows, self.batch_multiple)
+        n_prompts = len(token_lists)
+        n_rows = n_prompts * G
+        B_prompts = buckets.batch_bucket(n_prompts, self.batch_multiple) if G > 1 else buckets.batch_bucket(
+            n_rows, self.batch_multiple)
+        B = B_prompts * G if G > 1 else B_prompts
         P = buckets.prompt_bucket(max(len(t) for t in token_lists), self.prompt_buckets)
-        ids, mask = buckets.left_pad(token_lists, P, B)
+        ids, mask = buckets.left_pad(token_lists, P, B_prompts)
         valid = np.arange(B) < n_rows
 
         shd = self._shardings()
@@ -362,7 +385,7 @@ class Sampler:
         cache = self._caches.pop((B, P), None)
         if cache is None:
             cache = self._new_cache(B, P)
-        key = _Key(B, P, mode, tuple(a.shape for a in stop_arrays))
+        key = _Key(B, P, G, mode, tuple(a.shape for a in stop_arrays))
         if key not in self._executables:
             self._executables[key] = self._compile(key, lparams, cache, (dev_ids, dev_mask, dev_valid) + scalars, scalars)
         prefill, decode = self._executables[key]
@@ -370,7 +393,7 @@ class Sampler:
         state = decode(lparams, state, *scalars)
         self._caches[(B, P)] = state["cache"]
         host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "lengths", "reason", "step")})
-        return _finish(host, n_rows, [len(t) for t in token_lists], criteria, tokenizer)
+        return _finish(host, n_rows, [len(t) for t in token_lists for _ in range(G)], criteria, tokenizer)
 
 
 def _as_token_lists(prompts: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:

@@ -62,6 +62,7 @@ def generate(
     cache_dtype: str | jnp.dtype | None = None,
     stop_at_eos: bool = True,
     prompt_buckets: Sequence[int] | None = None,
+    num_samples: int = 1,
 ) -> GenerationOutput:
     """Sample continuations of a batch of prompts with a jitted prefill + on-device decode loop.
 
@@ -78,6 +79,8 @@ def generate(
       mesh: device mesh (batch sharded over data x fsdp); None = default device.
       cache_dtype: KV cache dtype (default: the compute dtype; bfloat16 under the accelerator dtype policy).
       prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
+      num_samples: continuations per prompt (a GRPO group): rows come out prompt by prompt, the same as
+        passing each prompt num_samples times with the same seed, but every prompt is prefilled once.
 
     Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending
     with the stop token or the token that completed a stop string (included; `finish_reason` says which,
@@ -91,5 +94,5 @@ def generate(
     return sampler.generate(
         params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-        stop_at_eos=stop_at_eos,
+        stop_at_eos=stop_at_eos, num_samples=num_samples,
     )

@@ -45,14 +45,16 @@ class PolicySampler:
         return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
 
     def sample_ids(self, params: Any, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float = 1.0,
-                   seed: int = 0, max_new_tokens: int | None = None) -> list[Completion]:
-        """Sample one completion per prompt (token-id lists of any lengths)."""
+                   seed: int = 0, max_new_tokens: int | None = None, n: int = 1) -> list[Completion]:
+        """Sample `n` completions per prompt (token-id lists of any lengths), prompt by prompt; each prompt
+        is prefilled once for its n samples."""
         from rwml_jax.sampling import generate
 
         out = generate(
             self.model_config, params, [list(p) for p in prompts],
             max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, stop_token_ids=self.stop_token_ids, mesh=self.mesh, cache_dtype=self.cache_dtype,
+            num_samples=n,
         )
         return [Completion(r.token_ids, np.asarray(r.logprobs, np.float32), self.decode(r.token_ids)) for r in out]
 
@@ -60,8 +62,8 @@ class PolicySampler:
                top_p: float = 1.0, seed: int = 0, max_new_tokens: int | None = None) -> tuple[list[list[int]], list[list[Completion]]]:
         """`n` completions of each conversation -> (prompt ids per conversation, completions[conv][k])."""
         prompt_ids = [self.encode(m) for m in conversations]
-        flat = self.sample_ids(params, [p for p in prompt_ids for _ in range(n)], temperature=temperature,
-                               top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+        flat = self.sample_ids(params, prompt_ids, temperature=temperature, top_p=top_p, seed=seed,
+                               max_new_tokens=max_new_tokens, n=n)
         return prompt_ids, [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     def decode(self, ids: Sequence[int]) -> str:

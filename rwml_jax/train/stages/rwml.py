@@ -111,7 +111,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
                      every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
     grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
                           kl_estimator=r.kl_estimator, loss_agg=r.loss_agg,
-                          micro_batch_size=r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
+                          micro_batch_size=r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None,
+                          prompt_group_size=G if r.share_prompts else 0)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh)
     ref_params = start_params if grpo_cfg.uses_reference else None
 
