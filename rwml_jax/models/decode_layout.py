@@ -286,11 +286,11 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
 
 
 def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
-          k_cache: Any, v_cache: Any, index: jax.Array) -> tuple[jax.Array, Any, Any]:
+          k_cache: Any, v_cache: Any, index: jax.Array, prefix: Any = None) -> tuple[jax.Array, Any, Any]:
     """One pre-norm block in this layout: x [B, T, E] -> (x [B, T, E], k_cache, v_cache).
 
     Same arguments and numbers as `decoder.DecoderLayer` with one layer's cache (k [B, K, D, S],
-    v [B, K, S, D]) or none.
+    v [B, K, S, D]) or none; prefix: this layer's shared prefix (`decoder.attend`) or None.
     """
     c = config
     B, T, E = x.shape
@@ -306,7 +306,7 @@ def layer(config: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: ja
         q = rms_norm(q, lp["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, k_cache, v_cache = attend(q, k, v, allowed, k_cache, v_cache, None, index)
+    out, k_cache, v_cache = attend(q, k, v, allowed, k_cache, v_cache, None, index, prefix)
     x = x + _dense(out.reshape(B * T, H * D), lp, "o").reshape(B, T, E)
 
     h = rms_norm(x, lp["post_attention_norm"], c.rms_norm_eps).reshape(B * T, E)

@@ -27,6 +27,13 @@ slices every layer's weights (and cache) out of the stacked arrays on each step,
 those slices as copies (on CPU that copy traffic was about a quarter of a decode step). The sampler goes
 one step further and converts to `rwml_jax.models.decode_layout` (per-layer, weights fused and in the
 orientation the machine's skinny decode matmuls stream fastest), which `apply` runs as well.
+
+Shared prefix (for GRPO groups, `apply(..., prefix=...)`, one-token decode steps with per-layer params):
+rows b * n .. b * n + n - 1 continue the same prompt, whose keys and values sit once in a prefix
+    k:    L arrays [Bp, K, D, P]   v: L arrays [Bp, K, P, D]   mask: [Bp, P] bool      (B = Bp * n)
+and the cache holds only each row's own tokens (its `pos` already counts the prompt). Each step attends
+over the P prefix slots and the row's own slots with one softmax; the prefix is read once per group
+instead of once per row.
 """
 
 from __future__ import annotations
@@ -130,12 +137,14 @@ class Attention(nn.Module):
         return y, k_cache, v_cache
 
 
-def attend(q, k, v, allowed, k_cache, v_cache, layer, index):
+def attend(q, k, v, allowed, k_cache, v_cache, layer, index, prefix=None):
     """Scaled dot-product attention of this call's queries over the cache (or over themselves).
 
     q: [B, T, H, D], k, v: [B, T, K, D] (after norms and RoPE, compute dtype); allowed: [B, T, S] bool.
     k_cache, v_cache, layer: as in `Attention` (None, None: no cache, S == T). The new keys / values are
-    written into slots [index, index + T) first. Returns (out [B, T, H * D] in q's dtype, heads in
+    written into slots [index, index + T) first. prefix: None, or this layer's shared prefix (k [Bp, K, D, P],
+    v [Bp, K, P, D], mask [Bp, P] bool) that rows b * n .. b * n + n - 1 attend to as well (one-token
+    decode steps only; module docstring). Returns (out [B, T, H * D] in q's dtype, heads in
     (kv head, group) order, i.e. head h = kv_head * G + g; k_cache, v_cache).
     """
     B, T, H, D = q.shape
@@ -155,14 +164,45 @@ def attend(q, k, v, allowed, k_cache, v_cache, layer, index):
         batch = ((0, 1), (0, 1))
         scores = jax.lax.dot_general(q[:, 0], k, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
         scores = jnp.where(allowed[:, None], scores * (D**-0.5), _NEG_INF)  # [B, K, G, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
+        if prefix is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+            out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, G, D]
+        else:
+            out = _attend_with_prefix(q[:, 0], scores, v, prefix)
     else:
         scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(allowed[:, None, None, :, :], scores * (D**-0.5), _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
         out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v)
     return out.reshape(B, T, H * D), k_cache, v_cache
+
+
+def _attend_with_prefix(q, scores, v, prefix):
+    """One decode step over a shared prefix and the rows' own slots, one softmax over both.
+
+    q: [B, K, G, D]; scores: [B, K, G, S] over the own slots (masked, scaled, float32); v: [B, K, S, D];
+    prefix: (k [Bp, K, D, P], v [Bp, K, P, D], mask [Bp, P]) with B = Bp * n. The n rows of a prefix are
+    folded into its query axis, so each prefix product is one [n * G, D] x [D, P] matmul per (prefix,
+    kv head). Returns out [B, K, G, D] in q's dtype.
+    """
+    k_p, v_p, mask_p = prefix
+    B, K, G, D = q.shape
+    Bp, P = mask_p.shape
+    n = B // Bp
+    batch = ((0, 1), (0, 1))
+
+    def fold(x):  # [B, K, G, X] -> [Bp, K, n * G, X]
+        return x.reshape(Bp, n, K, G, -1).transpose(0, 2, 1, 3, 4).reshape(Bp, K, n * G, x.shape[-1])
+
+    def unfold(x):  # [Bp, K, n * G, X] -> [B, K, G, X]
+        return x.reshape(Bp, K, n, G, -1).transpose(0, 2, 1, 3, 4).reshape(B, K, G, x.shape[-1])
+
+    s_p = jax.lax.dot_general(fold(q), k_p.astype(q.dtype), (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    s_p = jnp.where(mask_p[:, None, None, :], s_p * (D**-0.5), _NEG_INF)  # [Bp, K, n * G, P]
+    probs = jax.nn.softmax(jnp.concatenate([unfold(s_p), scores], axis=-1), axis=-1).astype(q.dtype)
+    out = jax.lax.dot_general(probs[..., P:], v, (((3,), (2,)), batch))  # [B, K, G, D]
+    out_p = jax.lax.dot_general(fold(probs[..., :P]), v_p.astype(q.dtype), (((3,), (2,)), batch))
+    return out + unfold(out_p)
 
 
 def _write_cache(k_cache, v_cache, k, v, layer, index):
@@ -363,8 +403,9 @@ def unstack_layers(params: Params) -> Params:
     return out
 
 
-def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache, v_cache, index):
-    """Decoder.__call__ for per-layer params / caches: the same DecoderLayer, as straight-line code."""
+def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache, v_cache, index, prefix=None):
+    """Decoder.__call__ for per-layer params / caches: the same DecoderLayer, as straight-line code
+    (decode-layout layers also attend to a shared `prefix`, see `apply`)."""
     c = config
     x = jnp.take(params["embed"], input_ids, axis=0).astype(_dtype(c.compute_dtype))
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -377,7 +418,10 @@ def _run_layers_unrolled(config, params, input_ids, positions, allowed, k_cache,
         kc = None if k_cache is None else k_cache[i]
         vc = None if v_cache is None else v_cache[i]
         if decode_layout.is_decode_layout(layer_params):
-            x, kc, vc = decode_layout.layer(c, layer_params, x, cos, sin, allowed, kc, vc, index)
+            lprefix = None if prefix is None else (prefix["k"][i], prefix["v"][i], prefix["mask"])
+            x, kc, vc = decode_layout.layer(c, layer_params, x, cos, sin, allowed, kc, vc, index, lprefix)
+        elif prefix is not None:
+            raise ValueError("a shared prefix needs params in the sampler's decode layout (decode_layout.from_stacked)")
         else:
             (x, kc, vc, _), _ = layer.apply({"params": layer_params}, (x, kc, vc, None), cos, sin, allowed, index)
         if kc is not None:
@@ -398,6 +442,7 @@ def apply(
     positions: jax.Array | None = None,
     cache: Cache | None = None,
     return_hidden: bool = False,
+    prefix: Cache | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder on `input_ids` [B, T].
 
@@ -408,6 +453,8 @@ def apply(
     params may be stacked (from `init_params` / `load_pretrained`) or per-layer (`unstack_layers`, or
     `decode_layout.from_stacked`); a per-layer params tree needs a per-layer cache
     (`init_cache(..., per_layer=True)`) and vice versa.
+    prefix: a shared prefix (module docstring) for one-token decode steps (T == 1) with a cache and
+      decode-layout params; the cache then holds the rows' own tokens only.
     Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`;
     the updated cache or None).
     """
@@ -434,6 +481,8 @@ def apply(
         k_cache, v_cache = cache["k"], cache["v"]
 
     unrolled = isinstance(params["layers"], (tuple, list))
+    if prefix is not None and (cache is None or T != 1 or not unrolled):
+        raise ValueError("a shared prefix is for one-token decode steps with a per-layer cache and per-layer params")
     if cache is not None and unrolled != isinstance(k_cache, (tuple, list)):
         raise ValueError(
             "params and cache disagree on the layer layout: per-layer params (unstack_layers) need "
@@ -441,7 +490,7 @@ def apply(
         )
     if unrolled:
         hidden, k_cache, v_cache = _run_layers_unrolled(
-            config, params, input_ids, positions, allowed, k_cache, v_cache, index
+            config, params, input_ids, positions, allowed, k_cache, v_cache, index, prefix
         )
     else:
         hidden, k_cache, v_cache = model.apply(

@@ -12,7 +12,9 @@ One call:
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
    the logits of the last slot only, and samples token 0. With `num_samples` = n > 1 (GRPO groups) it runs
-   the B / n distinct prompts once and copies each one's cache slots and last logits to its n rows.
+   the B / n distinct prompts once into a shared prefix (`decoder`, "Shared prefix") and copies their
+   last logits to their n rows; the rows' cache then holds only their own N slots, and every decode step
+   reads each prompt's keys and values once for its n rows.
 4. `decode` (jit, state donated): one `lax.while_loop` on device; each iteration feeds every row's last
    token (one cache slot, all rows advance together), samples the next, records it and its log-prob, and
    checks the stop conditions. It exits as soon as every row is done (stop token, stop sequence,
@@ -182,26 +184,29 @@ class Sampler:
         size = int(np.prod([self.mesh.shape[a] for a in names]))
         return axis if self.config.num_key_value_heads % size == 0 else None
 
-    def _shardings(self) -> dict[str, Any]:
+    def _shardings(self, samples: int = 1) -> dict[str, Any]:
         m = self.mesh
         kv = NamedSharding(m, PartitionSpec(_BATCH, self._kv_axis(), None, None))
         L = self.config.num_hidden_layers
+        rows = NamedSharding(m, PartitionSpec(_BATCH))
+        rows2 = NamedSharding(m, PartitionSpec(_BATCH, None))
         cache = dict(
             k=tuple(kv for _ in range(L)),
             v=tuple(kv for _ in range(L)),
-            mask=NamedSharding(m, PartitionSpec(_BATCH, None)),
-            pos=NamedSharding(m, PartitionSpec(_BATCH)),
+            mask=rows2,
+            pos=rows,
             index=NamedSharding(m, PartitionSpec()),
         )
-        rows = NamedSharding(m, PartitionSpec(_BATCH))
-        rows2 = NamedSharding(m, PartitionSpec(_BATCH, None))
         state = dict(
             cache=cache, tokens=rows2, logprobs=rows2, window=rows2, last=rows, done=rows, reason=rows,
             lengths=rows, step=NamedSharding(m, PartitionSpec()),
         )
+        if samples > 1:  # the prompts' shared prefix (decoder, "Shared prefix")
+            state["prefix"] = dict(k=cache["k"], v=cache["v"], mask=rows2)
         return dict(cache=cache, state=state, rows=rows, rows2=rows2, repl=NamedSharding(m, PartitionSpec()))
 
     def _new_cache(self, batch: int, prompt: int) -> dict[str, Any]:
+        """An empty cache of prompt + max_new_tokens slots per row (prompt 0: the rows' own slots only)."""
         c = self.config
         S = prompt + self.max_new_tokens
         zeros = jax.jit(
@@ -243,24 +248,20 @@ class Sampler:
 
         def prefill(lparams, cache, ids, mask, valid, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
             B = valid.shape[0]  # ids, mask: [B / samples, P]
+            empty = dict(mask=jnp.zeros_like(cache["mask"]), pos=jnp.zeros_like(cache["pos"]),
+                         index=jnp.zeros_like(cache["index"]))
+            prefix = None
             if samples == 1:
-                cache = dict(
-                    cache,
-                    mask=jnp.zeros_like(cache["mask"]),
-                    pos=jnp.zeros_like(cache["pos"]),
-                    index=jnp.zeros_like(cache["index"]),
-                )
-            else:  # the distinct prompts into a cache of their own, then each copied to its rows
-                del cache  # donated: its buffers hold the copies
-                S = ids.shape[1] + N
-                cache = jax.lax.with_sharding_constraint(
-                    decoder.init_cache(c, ids.shape[0], S, self.cache_dtype, per_layer=True),
+                hidden, cache = decoder.apply(c, lparams, ids, mask, cache=dict(cache, **empty), return_hidden=True)
+                logits = decoder.lm_logits(c, lparams, hidden[:, -1])  # left padding: the last slot is real
+            else:  # the distinct prompts into a prefix of P slots; the rows' cache starts empty
+                prompt_cache = jax.lax.with_sharding_constraint(
+                    decoder.init_cache(c, ids.shape[0], ids.shape[1], self.cache_dtype, per_layer=True),
                     self._shardings()["cache"])
-            hidden, cache = decoder.apply(c, lparams, ids, mask, cache=cache, return_hidden=True)
-            logits = decoder.lm_logits(c, lparams, hidden[:, -1])  # left padding: the last slot is real
-            if samples > 1:
-                cache = jax.tree.map(lambda a: jnp.repeat(a, samples, axis=0) if a.ndim else a, cache)
-                logits = jnp.repeat(logits, samples, axis=0)
+                hidden, prompt_cache = decoder.apply(c, lparams, ids, mask, cache=prompt_cache, return_hidden=True)
+                logits = jnp.repeat(decoder.lm_logits(c, lparams, hidden[:, -1]), samples, axis=0)
+                prefix = dict(k=prompt_cache["k"], v=prompt_cache["v"], mask=prompt_cache["mask"])
+                cache = dict(cache, **dict(empty, pos=jnp.repeat(prompt_cache["pos"], samples, axis=0)))
             state = dict(
                 cache=cache,
                 tokens=jnp.full((B, N), -1, jnp.int32),
@@ -272,6 +273,8 @@ class Sampler:
                 lengths=jnp.zeros((B,), jnp.int32),
                 step=jnp.zeros((), jnp.int32),
             )
+            if prefix is not None:
+                state["prefix"] = prefix
             return self._advance(state, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
 
         return prefill
@@ -284,7 +287,8 @@ class Sampler:
                 return (s["step"] < max_new) & ~jnp.all(s["done"])
 
             def body(s):
-                logits, cache = decoder.apply(c, lparams, s["last"][:, None], None, cache=s["cache"])
+                logits, cache = decoder.apply(c, lparams, s["last"][:, None], None, cache=s["cache"],
+                                              prefix=s.get("prefix"))
                 s = dict(s, cache=cache)
                 return self._advance(s, logits[:, 0], seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
 
@@ -294,7 +298,7 @@ class Sampler:
 
     def _compile(self, key: _Key, lparams, cache, args_prefill, args_decode):
         t0 = time.perf_counter()
-        shd = self._shardings()
+        shd = self._shardings(key.samples)
         repl, rows, rows2 = shd["repl"], shd["rows"], shd["rows2"]
         scalars = (repl,) * 7  # seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens
         prefill = jax.jit(
@@ -382,16 +386,17 @@ class Sampler:
             (seed, np.int32), (temperature if temperature > 0 else 1.0, np.float32), (top_p, np.float32),
             (n_new, np.int32)))
         scalars += tuple(put(a, shd["repl"]) for a in stop_arrays)
-        cache = self._caches.pop((B, P), None)
+        cache_key = (B, P) if G == 1 else (B, 0)  # shared prompts: the rows' own slots only
+        cache = self._caches.pop(cache_key, None)
         if cache is None:
-            cache = self._new_cache(B, P)
+            cache = self._new_cache(*cache_key)
         key = _Key(B, P, G, mode, tuple(a.shape for a in stop_arrays))
         if key not in self._executables:
             self._executables[key] = self._compile(key, lparams, cache, (dev_ids, dev_mask, dev_valid) + scalars, scalars)
         prefill, decode = self._executables[key]
         state = prefill(lparams, cache, dev_ids, dev_mask, dev_valid, *scalars)
         state = decode(lparams, state, *scalars)
-        self._caches[(B, P)] = state["cache"]
+        self._caches[cache_key] = state["cache"]
         host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "lengths", "reason", "step")})
         return _finish(host, n_rows, [len(t) for t in token_lists for _ in range(G)], criteria, tokenizer)
 
