@@ -123,7 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rwml.max_new_tokens = 512  # think + <next_state> budget (verl: 512)
     c.rwml.micro_batch_size = 16  # sequences per forward/backward; divides batch_prompts x group_size
     # each triplet's prompt runs through prefill and the update once for its G predictions (same update
-    # up to float rounding); needs micro_batch_size = a multiple of group_size x data x fsdp devices
+    # up to float rounding); a group is then the unit each device holds, so micro_batch_size is rounded
+    # up to whole groups per data x fsdp device (logged; rl.shared_prompt.micro_batching)
     c.rwml.share_prompts = True
     c.rwml.warmup_steps = 0  # linear learning-rate warm-up steps, then constant
     c.rwml.max_grad_norm = 1.0  # global gradient-norm clip (verl: 1.0)

@@ -294,7 +294,7 @@ def test_dry_run_plan_alfworld():
     assert "2,048" in text and "6,144 episodes" in text
     assert "~15,813" in text  # the paper's final set
     assert f"= {15813 // 32 * 2:,} steps" in text  # rwml: 2 epochs of 32-prompt batches
-    assert "256 sequences/step in 16 micro-batches" in text
+    assert "256 sequences/step in 4 micro-batches of 64; prompts shared by 8 rows" in text  # a group per device
     # memory per device at 8-way fsdp: (4 + 4 + 8) bytes/param f32 train state + 2 bytes bf16 reference + bf16 embedder
     m = re.search(r"Memory per device .*?: ([\d.]+) GiB", text)
     expect = (7_615_616_512 * (4 + 4 + 8 + 2) + 7_567_295_488 * 2) / 8 / 1024**3

@@ -297,6 +297,35 @@ def test_shared_prompt_batches_are_checked(models):
         step.prepare_batch({k: v[:6] for k, v in batch.items()})
 
 
+@pytest.mark.parametrize("prompts,G,micro,devices,want", [
+    (32, 8, 16, 1, (8, 16)),  # one device: the requested micro-batch holds 2 groups
+    (32, 8, 16, 8, (8, 64)),  # 8 devices: rounded up to one group per device
+    (32, 8, 16, 64, (4, None)),  # 32 groups cannot spread over 64 devices; sub-groups of 4 can
+    (32, 16, 16, 8, (16, 128)),
+    (3, 8, 8, 2, (4, 8)),  # 3 groups over 2 devices: sub-groups of 4, 6 of them
+    (3, 7, 7, 2, (0, 7)),  # no sub-group size fits: rows run their own prompts
+    (8, 8, 64, 1, (8, None)),  # the micro-batch is the whole batch
+])
+def test_shared_prompt_micro_batching(prompts, G, micro, devices, want):
+    from rwml_jax.rl.shared_prompt import micro_batching
+
+    got = micro_batching(prompts, G, micro, devices)
+    assert got == want
+    share, m = got
+    rows, m = prompts * G, got[1] or prompts * G
+    assert rows % m == 0 and (not share or (G % share == 0 and m % (share * devices) == 0))
+
+
+def test_plan_reports_the_shared_prompt_micro_batches():
+    from rwml_jax.config import load_config
+    from rwml_jax.train.plan import describe_plan
+
+    text = describe_plan(load_config("rwml_alfworld"), num_devices=8)
+    assert "256 sequences/step in 4 micro-batches of 64; prompts shared by 8 rows" in text, text
+    text = describe_plan(load_config("rwml_alfworld", ["--config.rwml.share_prompts=False"]), num_devices=8)
+    assert "256 sequences/step in 16 micro-batches of 16;" in text
+
+
 def test_learning_rate_schedules():
     warm = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4))
     assert [float(warm(k)) for k in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])

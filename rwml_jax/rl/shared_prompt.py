@@ -48,6 +48,30 @@ Batch = dict[str, Any]
 _ROW_KEYS = ("completion_mask", "advantages", "old_logp", "ref_logp")
 
 
+def micro_batching(num_prompts: int, group_size: int, micro_batch_size: int, devices: int) -> tuple[int, int | None]:
+    """(prompt_group_size, micro_batch_size) for a GRPO batch of num_prompts x group_size rows on a mesh
+    with `devices` = data x fsdp devices, sharing prompts as far as the mesh allows.
+
+    Shared prompts make a group the unit that is sharded and split into micro-batches, so each device
+    needs whole groups. The rows of a group may also share their prompt in sub-groups (consecutive rows
+    of one group still have one prompt), so this picks the largest divisor g of group_size for which the
+    batch's sub-groups spread evenly over the devices, and rounds micro_batch_size up to the smallest
+    multiple of g x devices that divides the batch (one sub-group per device at least). Returns
+    (0, micro_batch_size) when no g > 1 fits (every row runs its own prompt); a micro_batch_size of None
+    means the whole batch at once.
+    """
+    rows = num_prompts * group_size
+    for g in range(group_size, 1, -1):
+        if group_size % g or (rows // g) % devices:
+            continue
+        unit = g * devices
+        micro = -(-micro_batch_size // unit) * unit
+        while rows % micro:
+            micro += unit
+        return g, (micro if micro < rows else None)
+    return 0, (micro_batch_size if micro_batch_size < rows else None)
+
+
 def group_batch(batch: Mapping[str, Any], group_size: int) -> Batch:
     """A "split"-layout batch of B = bp x G rows (host arrays) -> the grouped batch (module docstring).
 

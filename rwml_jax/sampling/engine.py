@@ -25,7 +25,9 @@ One call:
 Shapes: B rows (a batch bucket, a multiple of the mesh's data x fsdp size), P prompt slots (a prompt
 bucket), N = `max_new_tokens` capacity, S = P + N cache slots, L layers, K kv heads, D head_dim.
 KV cache: per layer k [B, K, D, S] and v [B, K, S, D] in `cache_dtype` (see `decoder`), batch sharded over
-(data, fsdp), kv heads over tensor when they divide it.
+(data, fsdp), kv heads over tensor when they divide it. With num_samples = n > 1 the rows' cache has N slots
+and the prompts' shared prefix [B / n, K, D, P] / [B / n, K, P, D] lives for the call only (the cache
+memory falls from B x (P + N) to B x N + B / n x P slots).
 
 Compilations: one for `prepare` per Sampler; then two (prefill + decode) per distinct (batch bucket,
 prompt bucket, num_samples, sampling mode, stop-condition size bucket). The sampling mode is greedy (temperature 0),

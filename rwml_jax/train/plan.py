@@ -287,14 +287,24 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             capped = r.max_steps > 0 and steps < _steps(d["final"], r.batch_prompts, r.epochs)
             steps_total += steps
             seqs = r.batch_prompts * r.group_size
-            accum = max(1, seqs // r.micro_batch_size)
+            micro = min(r.micro_batch_size, seqs)
+            shared = ""
+            if r.share_prompts:
+                from rwml_jax.rl.shared_prompt import micro_batching
+
+                share, m = micro_batching(r.batch_prompts, r.group_size, r.micro_batch_size,
+                                          mesh["data"] * mesh["fsdp"])
+                micro = m or seqs
+                shared = (f"; prompts shared by {share} rows" if share else
+                          "; prompts not shared (groups do not spread evenly over the devices)")
+            accum = max(1, seqs // micro)
             thr = (f"d < {config.rewards.threshold_observation}" if env == "alfworld" else
                    f"user reply d < {config.rewards.threshold_user_reply}, tool response ROUGE on a "
                    f"{config.rewards.rouge_grid} grid")
             evals = steps // r.eval_every + 1 if steps else 0
             add(f"  rwml: GRPO on ~{d['final']:,} triplets: {r.epochs} epoch(s) / {r.batch_prompts} prompts = {steps:,} "
                 f"steps" + (f" (capped by max_steps={r.max_steps})" if capped else ""))
-            add(f"        G={r.group_size} -> {seqs} sequences/step in {accum} micro-batches of {r.micro_batch_size}; "
+            add(f"        G={r.group_size} -> {seqs} sequences/step in {accum} micro-batches of {micro}{shared}; "
                 f"<= {seqs * (r.max_prompt_tokens + r.max_new_tokens):,} tokens/step; lr {r.learning_rate:g}, "
                 f"KL {r.kl_estimator} x {r.kl_coef}, clip [{1 - r.clip_eps_low:.2f}, {1 + r.clip_eps_high:.2f}], "
                 f"{r.loss_agg}")

@@ -76,7 +76,9 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     from rwml_jax.rl.batch import pack, with_grpo_fields
     from rwml_jax.rl.grpo import group_advantages
     from rwml_jax.rl.train_state import OptimizerConfig
+    from rwml_jax.rl.shared_prompt import micro_batching
     from rwml_jax.rl.update import GRPOConfig, make_grpo_step
+    from rwml_jax.sharding import batch_size_multiple
     from rwml_jax.rwml.embed_cache import EmbeddingCache
     from rwml_jax.rwml.rewards import compute_rewards
     from rwml_jax.rwml.wm_prompts import wm_messages
@@ -109,10 +111,14 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
                           max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps)
     loop = TrainLoop(stage.path, rt.mesh, model_config, opt, len(train), r.batch_prompts, total, c.seed,
                      every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
+    share, micro = 0, (r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
+    if r.share_prompts:
+        share, micro = micro_batching(r.batch_prompts, G, r.micro_batch_size, batch_size_multiple(rt.mesh))
+        log.info("rwml: prompts shared by groups of %d rows, micro-batches of %s sequences (rwml.micro_batch_size=%d)",
+                 share, micro or r.batch_prompts * G, r.micro_batch_size)
     grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
-                          kl_estimator=r.kl_estimator, loss_agg=r.loss_agg,
-                          micro_batch_size=r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None,
-                          prompt_group_size=G if r.share_prompts else 0)
+                          kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro,
+                          prompt_group_size=share)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh)
     ref_params = start_params if grpo_cfg.uses_reference else None
 
