@@ -4,7 +4,8 @@
 #      TESTS overrides the pytest selection (default: the parity and sampler files in full);
 #   2. the generation benchmark on the GPU, side by side with transformers generate (bfloat16);
 #   3. two rows without the peer for the bandwidth question: qwen3-0.6b greedy at batch 64, and at
-#      batch 16 with the decode while-loop captured as a CUDA graph (XLA command buffers incl. WHILE).
+#      batch 16 with the decode while-loop captured as a CUDA graph (XLA command buffers incl. WHILE);
+#      and a GRPO-shaped row with the peer: batch 64 = 8 prompts x 8 samples (`--num-samples 8`).
 # Writes logs and JSON to ${OUT:-bench_results}. Usage: bash launch/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-bench_results}
@@ -22,6 +23,9 @@ timeout "${BENCH_TIMEOUT:-300}" "${BENCH[@]}" --shapes small qwen3-0.6b \
     --json "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate_gpu.log"
 timeout 120 "${BENCH[@]}" --shapes qwen3-0.6b --modes greedy --no-peer --batch 64 \
     --json "$OUT/generate_gpu_b64.json" 2>&1 | tee "$OUT/generate_gpu_b64.log"
+# GRPO-shaped rollouts: 8 prompts x 8 samples, each prompt prefilled once and read once per group
+timeout 180 "${BENCH[@]}" --shapes qwen3-0.6b --modes sample --batch 64 --num-samples 8 \
+    --json "$OUT/generate_gpu_groups.json" 2>&1 | tee "$OUT/generate_gpu_groups.log"
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 120 "${BENCH[@]}" --shapes qwen3-0.6b --modes greedy --no-peer \
     --json "$OUT/generate_gpu_cmdbuf.json" 2>&1 | tee "$OUT/generate_gpu_cmdbuf.log"

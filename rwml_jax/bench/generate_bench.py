@@ -71,17 +71,21 @@ def matmul_peak_gflops(seconds: float = 3.0) -> float:
 
 
 class Ours:
-    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, orientation: str = "auto"):
+    def __init__(self, config, batch: int, prompt_len: int, new_tokens: int, seed: int, orientation: str = "auto",
+                 num_samples: int = 1):
         import jax
         import numpy as np
 
         from rwml_jax import sampling
         from rwml_jax.models import decoder
 
-        self.config, self.new_tokens = config, new_tokens
+        if batch % num_samples:
+            raise SystemExit(f"--num-samples {num_samples} does not divide --batch {batch}")
+        self.config, self.new_tokens, self.num_samples, self.batch = config, new_tokens, num_samples, batch
         self.params = decoder.init_params(config, jax.random.key(seed))
         rng = np.random.default_rng(seed)
-        self.prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+        # batch / num_samples distinct prompts, each sampled num_samples times (a GRPO group)
+        self.prompts = rng.integers(0, config.vocab_size, (batch // num_samples, prompt_len)).tolist()
         # params passed stacked, as an RL loop would after each update: every timed call includes the
         # per-call weight preparation
         self.sampler = sampling.Sampler(config, max_new_tokens=new_tokens, weight_orientation=orientation)
@@ -89,9 +93,9 @@ class Ours:
     def __call__(self, mode: str, new_tokens: int | None = None) -> float:
         t = time.perf_counter()
         out = self.sampler.generate(self.params, self.prompts, max_new_tokens=new_tokens or self.new_tokens, seed=1,
-                                    stop_at_eos=False, **MODES[mode])
+                                    stop_at_eos=False, num_samples=self.num_samples, **MODES[mode])
         dt = time.perf_counter() - t
-        expected = len(self.prompts) * (new_tokens or self.new_tokens)
+        expected = self.batch * (new_tokens or self.new_tokens)
         assert out.num_generated == expected, (out.num_generated, expected)
         return dt
 
@@ -145,7 +149,8 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
         tokens = args.batch * args.new_tokens
-        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation)
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation,
+                    args.num_samples)
         peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed)
         for mode in args.modes:
             compile_before = ours.sampler.compile_seconds
@@ -196,7 +201,8 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for shape in args.shapes:
         config = shape_config(shape, args.dtype)
-        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation)
+        ours = Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, args.weight_orientation,
+                    args.num_samples)
         peer = None if args.no_peer else Peer(config, args.batch, args.prompt_len, args.new_tokens, args.seed,
                                               device="cuda", dtype=args.dtype)
         for mode in args.modes:
@@ -222,7 +228,12 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             from rwml_jax.sampling.buckets import prompt_bucket
 
             S = ours.sampler.max_new_tokens + prompt_bucket(args.prompt_len)
-            kv_bytes = (2 * c.num_hidden_layers * args.batch * c.num_key_value_heads * S * c.head_dim
+            # every step reads the whole cache; with --num-samples n the rows' own N slots plus each prompt's
+            # P slots once per group
+            P = prompt_bucket(args.prompt_len)
+            slots = args.batch * S if args.num_samples == 1 else (args.batch * ours.sampler.max_new_tokens
+                                                                 + args.batch // args.num_samples * P)
+            kv_bytes = (2 * c.num_hidden_layers * slots * c.num_key_value_heads * c.head_dim
                         * ours.sampler.cache_dtype.itemsize)
             bw = (param_bytes + kv_bytes) / step_s
             row = dict(shape=shape, mode=mode, device=dev.device_kind, dtype=args.dtype, batch=args.batch,
@@ -257,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["greedy", "sample"],
                    help="greedy and/or temperature-1.0 sampling (default both)")
     p.add_argument("--batch", type=int, default=16, help="sequences per generate call (default 16)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="ours: batch / N distinct prompts sampled N times each (`generate(num_samples=N)`: each "
+                        "prompt prefilled once and read once per group); the peer runs B rows of the same shapes (its "
+                        "speed does not depend on repeated prompts) (default 1: batch distinct prompts)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration; median (default 3)")
