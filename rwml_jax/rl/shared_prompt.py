@@ -41,7 +41,13 @@ from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.decoder import positions_from_mask
 from rwml_jax.models.rope import rope_tables
 from rwml_jax.rl.logprobs import logprobs_from_hidden, masked
-from rwml_jax.rl.train_forward import _NEG_INF, Attend, attention, run_layers
+from rwml_jax.rl.train_forward import (
+    _NEG_INF,
+    Attend,
+    bias_attend,
+    causal_bias,
+    run_layers,
+)
 
 Batch = dict[str, Any]
 # per-row entries with a completion axis: [B, C] in the plain layout, [bp, G, C] grouped
@@ -132,32 +138,22 @@ def flat_rows(gbatch: Mapping[str, Any]) -> Batch:
 def _grouped_attend(P: int, G: int, C: int, prompt_mask: jax.Array, completion_mask: jax.Array) -> Attend:
     """Attention over a group's [P + G*C] tokens; prompt_mask [bp, P], completion_mask [bp, G, C]."""
     bp = prompt_mask.shape[0]
-    pm = prompt_mask.astype(bool)
-    cm = completion_mask.astype(bool).reshape(bp * G, C)
-    i = jnp.arange(P)
-    bias_p = jnp.where((i[None, :] <= i[:, None])[None] & pm[:, None, :], 0.0, _NEG_INF).astype(jnp.float32)
-    j = jnp.arange(C)
-    own = (j[None, :] <= j[:, None])[None] & cm[:, None, :]  # [bp*G, C, C]
-    see_prompt = jnp.broadcast_to(jnp.repeat(pm, G, axis=0)[:, None, :], (bp * G, C, P))
-    bias_c = jnp.where(jnp.concatenate([see_prompt, own], axis=2), 0.0, _NEG_INF).astype(jnp.float32)
+    see_prompt = jnp.where(jnp.repeat(prompt_mask.astype(bool), G, axis=0), 0.0, _NEG_INF).astype(jnp.float32)
+    bias_p = causal_bias(prompt_mask)  # [bp, P, P]
+    bias_c = jnp.concatenate([jnp.broadcast_to(see_prompt[:, None, :], (bp * G, C, P)),
+                              causal_bias(completion_mask.reshape(bp * G, C))], axis=2)  # [bp*G, C, P + C]
 
     def attend(q, k, v):
-        H, D = q.shape[2], q.shape[3]
-        K = k.shape[2]
         # prompt tokens: causal attention within the prompt, once per group
-        qp = q[:, :P].reshape(bp, P, K, H // K, D).transpose(0, 2, 3, 1, 4)
-        kp, vp = k[:, :P].transpose(0, 2, 1, 3), v[:, :P].transpose(0, 2, 1, 3)  # [bp, K, P, D]
-        op = attention(qp, kp, vp, bias_p)  # [bp, K, Hg, P, D]
-        op = op.transpose(0, 3, 1, 2, 4).reshape(bp, P, H, D)
-        # completion tokens: each row over the group's prompt keys + its own keys
-        qc = q[:, P:].reshape(bp * G, C, K, H // K, D).transpose(0, 2, 3, 1, 4)
-        kc = k[:, P:].reshape(bp * G, C, K, D).transpose(0, 2, 1, 3)
-        vc = v[:, P:].reshape(bp * G, C, K, D).transpose(0, 2, 1, 3)
-        kc = jnp.concatenate([jnp.repeat(kp, G, axis=0), kc], axis=2)  # [bp*G, K, P + C, D]
-        vc = jnp.concatenate([jnp.repeat(vp, G, axis=0), vc], axis=2)
-        oc = attention(qc, kc, vc, bias_c)  # [bp*G, K, Hg, C, D]
-        oc = oc.transpose(0, 3, 1, 2, 4).reshape(bp, G * C, H, D)
-        return jnp.concatenate([op, oc], axis=1)
+        op = bias_attend(bias_p)(q[:, :P], k[:, :P], v[:, :P])  # [bp, P, H, D]
+
+        # completion tokens: each row over its group's prompt keys, then its own keys
+        def rows(x, prompt):  # [bp, G*C, n, D] -> [bp*G, C, n, D] (after the prompt's [bp, P, n, D])
+            own = x.reshape(bp * G, C, *x.shape[2:])
+            return own if prompt is None else jnp.concatenate([jnp.repeat(prompt, G, axis=0), own], axis=1)
+
+        oc = bias_attend(bias_c)(rows(q[:, P:], None), rows(k[:, P:], k[:, :P]), rows(v[:, P:], v[:, :P]))
+        return jnp.concatenate([op, oc.reshape(bp, G * C, *oc.shape[2:])], axis=1)
 
     return attend
 

@@ -82,8 +82,16 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def causal_attend(bias: jax.Array) -> Attend:
-    """Attention of every token over the keys of its own row that `bias` [B, T, T] allows."""
+def causal_bias(mask: jax.Array) -> jax.Array:
+    """[B, T, T] float32 additive bias: token t attends to the real tokens (mask [B, T]) at slots <= t."""
+    slot = jnp.arange(mask.shape[1])
+    allowed = (slot[None, :] <= slot[:, None])[None] & mask.astype(bool)[:, None, :]
+    return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+def bias_attend(bias: jax.Array) -> Attend:
+    """Attention of each row's T queries over that row's S keys, as `bias` [B, T, S] allows (S may
+    differ from T: the keys are whatever `attend` is given)."""
 
     def attend(q, k, v):
         B, T, H, D = q.shape
@@ -98,7 +106,7 @@ def causal_attend(bias: jax.Array) -> Attend:
 def _layer(c: ModelConfig, lp: dict[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
            attend: Attend, fuse: bool) -> jax.Array:
     """One pre-norm block on x [B, T, E] (compute dtype); lp: this layer's slice of params["layers"];
-    cos, sin: RoPE tables [B, T, D]; attend: how tokens attend to each other (`causal_attend`)."""
+    cos, sin: RoPE tables [B, T, D]; attend: how tokens attend to each other (`bias_attend`)."""
     B, T, E = x.shape
     H, K, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
     cdt = jnp.dtype(c.compute_dtype)
@@ -165,10 +173,7 @@ def hidden_states(
         attention_mask = jnp.ones((B, T), bool)
     mask = attention_mask.astype(bool)
     cos, sin = rope_tables(c, positions_from_mask(mask))
-    slot = jnp.arange(T)
-    allowed = (slot[None, :] <= slot[:, None])[None] & mask[:, None, :]
-    bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)  # [B, T, T]
-    return run_layers(config, params, input_ids, cos, sin, causal_attend(bias), fuse=fuse)
+    return run_layers(config, params, input_ids, cos, sin, bias_attend(causal_bias(mask)), fuse=fuse)
 
 
 def run_layers(
