@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.compute_dtype = "bfloat16"  # matmul dtype (norms, softmax, logits, losses stay float32)
     c.model.remat = "full"  # per-layer rematerialisation in the backward pass: none | full | dots
+    c.model.layer_loop = "auto"  # training forward's layer loop: scan | unroll | auto (unroll on CPU, <= 12 layers)
 
     # ---- the frozen reward embedder E(.) -----------------------------------------------------------
     c.embedder = ml_collections.ConfigDict()

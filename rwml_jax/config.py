@@ -48,6 +48,7 @@ ALFWORLD_TASK_TYPES = (  # = rwml_jax.envs.alfworld_data.TASK_TYPES (kept here s
 ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+LAYER_LOOPS = ("auto", "scan", "unroll")  # = rwml_jax.models.config.LAYER_LOOPS (a test keeps them equal)
 KL_ESTIMATORS = ("k1", "k3")  # = rwml_jax.rl.grpo.KL_ESTIMATORS (a test keeps them equal)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # = rwml_jax.rl.grpo.LOSS_AGGS
 REWARD_KINDS = ("embedding", "judge", "judge_binary")
@@ -469,6 +470,7 @@ def validate_config(config: ConfigDict) -> None:
     c.one_of("model.dtype", DTYPES)
     c.one_of("model.compute_dtype", DTYPES)
     c.one_of("model.remat", REMAT)
+    c.one_of("model.layer_loop", LAYER_LOOPS)
     if c.has("model.path") and c.has("model.preset") and not c.get("model.path") and not c.get("model.preset"):
         c.fail("model.path", "set model.path (HF folder or hub name) or model.preset (random init)")
     if c.has("model.preset") and c.get("model.preset"):

@@ -12,6 +12,7 @@ import pytest
 from rwml_jax.config import (
     ALFWORLD_TASK_TYPES,
     KL_ESTIMATORS,
+    LAYER_LOOPS,
     LOSS_AGGS,
     ConfigError,
     apply_overrides,
@@ -102,11 +103,13 @@ def test_every_base_field_is_commented():
 
 def test_enum_tables_match_the_code_that_consumes_them():
     from rwml_jax.envs.alfworld_data import TASK_TYPES
+    from rwml_jax.models import config as model_config
     from rwml_jax.rl import grpo
 
     assert KL_ESTIMATORS == grpo.KL_ESTIMATORS
     assert LOSS_AGGS == grpo.LOSS_AGGS
     assert ALFWORLD_TASK_TYPES == TASK_TYPES
+    assert LAYER_LOOPS == model_config.LAYER_LOOPS
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ def test_wrong_types_are_rejected_with_the_field_name():
     ("env.name=webshop", r"env\.name='webshop': expected one of 'alfworld', 'tau2'"),
     ("rewards.kind=vibes", r"rewards\.kind='vibes'"),
     ("model.remat=some", r"model\.remat='some'"),
+    ("model.layer_loop=loop", r"model\.layer_loop='loop': expected one of 'auto', 'scan', 'unroll'"),
     ("filter.keep_easy_prob=1.5", r"filter\.keep_easy_prob=1\.5: must be in \[0\.0, 1\.0\]"),
     ("filter.tau_easy=-0.1", r"filter\.tau_easy=-0\.1: must be in"),
     ("rwml.group_size=1", r"rwml\.group_size=1: must be in \[2"),

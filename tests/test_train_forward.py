@@ -10,7 +10,7 @@ from hf_fixtures import VARIANTS, build_hf_model, padded_batch
 
 from rwml_jax.models import decoder
 from rwml_jax.models.hf_io import load_pretrained
-from rwml_jax.rl.train_forward import hidden_states
+from rwml_jax.rl.train_forward import hidden_states, unrolls_layers
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,27 @@ def test_hidden_states_equal_decoder(checkpoints, variant):
     want = np.asarray(jax.jit(lambda p, i, m: decoder.apply(cfg, p, i, m, return_hidden=True)[0])(params, ids, mask))
     real = mask.astype(bool)
     for fuse in (True, False) if variant in ("qwen2-gqa-untied", "llama3-scaled") else (True,):
-        got = np.asarray(jax.jit(lambda p, i, m: hidden_states(cfg, p, i, m, fuse=fuse))(params, ids, mask))
-        np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5, err_msg=f"fuse={fuse}")
+        for loop in ("scan", "unroll") if variant == "qwen2-gqa-untied" else ("auto",):
+            c = cfg.replace(layer_loop=loop)
+            got = np.asarray(jax.jit(lambda p, i, m: hidden_states(c, p, i, m, fuse=fuse))(params, ids, mask))
+            np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5, err_msg=f"fuse={fuse} {loop}")
 
 
-@pytest.mark.parametrize("variant,remat", [("qwen2-gqa-untied", "none"), ("llama-mqa-tied-oddhd", "full"),
-                                           ("qwen3-bias", "dots")])
-def test_gradients_equal_decoder(checkpoints, variant, remat):
-    cfg, params = load_pretrained(checkpoints[variant], remat=remat)
+def test_layer_loop_is_checked_and_auto_unrolls_small_models_on_cpu(checkpoints):
+    cfg, _ = load_pretrained(checkpoints["qwen2-gqa-untied"])
+    with pytest.raises(ValueError, match="layer_loop='loop'; expected one of"):
+        cfg.replace(layer_loop="loop")
+    assert cfg.layer_loop == "auto" and unrolls_layers(cfg) == (jax.default_backend() == "cpu")
+    assert not unrolls_layers(cfg.replace(num_hidden_layers=13))
+    assert unrolls_layers(cfg.replace(layer_loop="unroll", num_hidden_layers=28))
+    assert not unrolls_layers(cfg.replace(layer_loop="scan"))
+
+
+@pytest.mark.parametrize("variant,remat,loop", [("qwen2-gqa-untied", "none", "unroll"),
+                                                ("llama-mqa-tied-oddhd", "full", "scan"),
+                                                ("qwen3-bias", "dots", "unroll"), ("qwen3-bias", "none", "scan")])
+def test_gradients_equal_decoder(checkpoints, variant, remat, loop):
+    cfg, params = load_pretrained(checkpoints[variant], remat=remat, layer_loop=loop)
     ids, mask = padded_batch(cfg.vocab_size, [8, 5, 3, 8], left=True, seed=2)
     w = jnp.asarray(np.random.default_rng(0).normal(size=(*ids.shape, cfg.hidden_size)), jnp.float32)
     w = w * jnp.asarray(mask)[..., None]  # padding slots do not contribute

@@ -72,7 +72,8 @@ class Runtime:
         """Load a decoder into this run's mesh with the recipe's dtype policy."""
         path = path or self.policy_source()
         c = self.config.model
-        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh, remat=c.remat)
+        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh, remat=c.remat,
+                                       layer_loop=c.layer_loop)
 
     def tokenizer(self, path: str | None = None):
         from transformers import AutoTokenizer

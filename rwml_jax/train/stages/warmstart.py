@@ -171,7 +171,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     preset.update(vocab_size=preset["vocab_size"], eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model_config = ModelConfig.from_hf_dict(preset, param_dtype=c.model.dtype, compute_dtype=c.model.compute_dtype,
-                                            remat=c.model.remat)
+                                            remat=c.model.remat, layer_loop=c.model.layer_loop)
 
     def init_params():
         from rwml_jax import sharding as sh
