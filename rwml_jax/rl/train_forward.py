@@ -170,8 +170,8 @@ def _layer(c: ModelConfig, lp: dict[str, Any], x: jax.Array, cos: jax.Array, sin
     y = act @ m["down_kernel"].astype(cdt)
     if c.mlp_bias:
         y = y + m["down_bias"].astype(cdt)
-    x = x + y
-    return _constrain(x.reshape(B, T, E), ("activation_batch", "activation_length", "activation_embed")).reshape(B * T, E)
+    x = _constrain((x + y).reshape(B, T, E), ("activation_batch", "activation_length", "activation_embed"))
+    return x.reshape(B * T, E)
 
 
 def hidden_states(

@@ -60,8 +60,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 IGNORED_KEYS: tuple[str, ...] = (
     "name", "work_dir", "stages", "mesh.*", "logging.*", "checkpoint.*", "*.micro_batch_size",
     "env.num_workers", "env.step_timeout_s", "collect.max_live_episodes", "filter.batch_prompts",
-    "embedder.batch_size", "model.remat", "model.layer_loop",
-    "rwml.eval_every",
+    "embedder.batch_size", "model.remat", "model.layer_loop", "rwml.eval_every",
 )
 
 
