@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from rwml_jax import hostenv
+from rwml_jax.platform import reexec_with_malloc_tunables
 
 # (subcommand module, one-line help). Order is the order `--help` lists them in.
 SUBCOMMANDS: list[str] = [
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_malloc_tunables(argv)
+    reexec_with_malloc_tunables(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = sampling.apply_chat_template(tok, convs)
     else:
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
-    sampler = sampling.get_sampler(config, args.max_new_tokens, mesh=mesh, cache_dtype=args.cache_dtype)
+    sampler = sampling.SamplerPool().get(config, args.max_new_tokens, mesh=mesh, cache_dtype=args.cache_dtype)
     for r in range(max(1, args.repeat)):
         compile_before = sampler.compile_seconds
         t0 = time.perf_counter()

@@ -125,13 +125,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def param_shardings(config: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for a decoder's parameters (see `rwml_jax.models.decoder.param_logical_axes`)."""
-    from rwml_jax.models.decoder import param_logical_axes
-
-    return logical_to_sharding(param_logical_axes(config), mesh, rules)
-
-
 def axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
     """Context manager that activates the rules for `nn.with_logical_constraint` inside traced code."""
     return nn.logical_axis_rules(list(rules))
@@ -202,17 +195,6 @@ def batch_size_multiple(mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Creating arrays directly in their shardings
 # ---------------------------------------------------------------------------------------------------
-
-def init_params_sharded(
-    config: Any, rng: jax.Array, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-) -> Any:
-    """Random decoder parameters created on the mesh: each device computes only its own shards
-    (`jit` with `out_shardings`), so the full model never exists on one device."""
-    from rwml_jax.models.decoder import init_params
-
-    shardings = param_shardings(config, mesh, rules)
-    return jax.jit(lambda r: init_params(config, r), out_shardings=shardings)(rng)
-
 
 def shard_batch(batch: Any, mesh: Mesh, sharding: NamedSharding | None = None) -> Any:
     """Global host batch (a pytree of NumPy arrays, identical on every process) -> global jax.Arrays

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from rwml_jax import sharding as sh
+from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import batch as bt
 from rwml_jax.rl.grpo import group_advantages
@@ -23,7 +24,7 @@ def test_grpo_raises_reward_on_verifiable_task():
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_norm=True,
                       tie_word_embeddings=True, rope_theta=1e6)
     mesh = sh.make_mesh()
-    params = sh.init_params_sharded(cfg, jax.random.key(0), mesh)
+    params = decoder.init_params_sharded(cfg, jax.random.key(0), mesh)
     ref = jax.tree.map(lambda x: x.copy(), params)
     ocfg = OptimizerConfig(learning_rate=3e-3, warmup_steps=3, max_grad_norm=1.0)
     step = make_grpo_step(cfg, GRPOConfig(kl_coef=0.01, kl_estimator="k3"), make_optimizer(ocfg), mesh)

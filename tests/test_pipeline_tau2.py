@@ -51,7 +51,7 @@ def tiny_model(tmp_path_factory, tau2_trajectories):
     import jax
 
     from rwml_jax.models import ModelConfig, init_params, save_pretrained
-    from rwml_jax.train.tokenizer_train import train_tokenizer
+    from rwml_jax.models.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("tau2_model")
     texts = [t.first_observation for t in tau2_trajectories]

@@ -12,9 +12,16 @@ import pytest
 from scipy import stats
 
 from hf_fixtures import VARIANTS, build_hf_model
-from rwml_jax import models, sampling
-from rwml_jax.models import decode_layout, decoder
+from rwml_jax import models, platform, sampling
+from rwml_jax.models import decoder
 from rwml_jax.sampling import filters, tiny
+from rwml_jax.sampling.weight_format import FORMATS, DecodeWeights
+
+POOL = sampling.SamplerPool()  # compiled samplers shared by this module's tests
+
+
+def generate(*args, **kw):
+    return sampling.generate(*args, pool=POOL, **kw)
 
 LENGTHS = [7, 3, 12, 1, 5]
 
@@ -62,18 +69,18 @@ def test_greedy_matches_transformers_generate(hf_model):
     prompts = _prompts(config.vocab_size)
     N = 12
     ref = _hf_greedy(torch_model, prompts, N, None)
-    out = sampling.generate(config, params, prompts, max_new_tokens=N, temperature=0.0, stop_at_eos=False)
+    out = generate(config, params, prompts, max_new_tokens=N, temperature=0.0, stop_at_eos=False)
     for i, row in enumerate(ref):
         assert out[i].token_ids == row, (name, i)
         assert out[i].finish_reason == "length"
-    for orientation in decode_layout.ORIENTATIONS:  # whichever one this machine's "auto" did not pick
+    for orientation in FORMATS:  # whichever one this machine's "auto" did not pick
         other = sampling.Sampler(config, max_new_tokens=N, weight_orientation=orientation)
         got = other.generate(params, prompts, temperature=0.0, stop_at_eos=False)
         assert got.token_ids == ref, (name, orientation)
 
     stop_tok = ref[0][N // 2]  # a token some rows generate mid-way
     ref = _hf_greedy(torch_model, prompts, N, stop_tok)
-    out = sampling.generate(config, params, prompts, max_new_tokens=N, temperature=0.0, stop_at_eos=False,
+    out = generate(config, params, prompts, max_new_tokens=N, temperature=0.0, stop_at_eos=False,
                             stop_token_ids=[stop_tok])
     assert out.token_ids == ref, name
     assert out[0].finish_reason == "stop_token" and out[0].token_ids[-1] == stop_tok
@@ -100,7 +107,7 @@ def test_logprobs_equal_forward_log_softmax(qwen3, settings):
     """Returned log-probs are log_softmax(forward logits) at the chosen tokens, whatever the sampling filter."""
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=3)
-    out = sampling.generate(config, params, prompts, max_new_tokens=10, seed=5, stop_at_eos=False, **settings)
+    out = generate(config, params, prompts, max_new_tokens=10, seed=5, stop_at_eos=False, **settings)
     for i, p in enumerate(prompts):
         logp, logits = _forward_logprobs(config, params, p, out[i].token_ids)
         chosen = logp[np.arange(len(out[i].token_ids)), out[i].token_ids]
@@ -157,7 +164,7 @@ def test_sampled_frequencies_match_softmax(qwen3, temperature, top_k, top_p):
     params = dict(params, final_norm={"scale": params["final_norm"]["scale"] * 4})
     prompt = _prompts(config.vocab_size, [6], seed=11)[0]
     rows = 2048
-    out = sampling.generate(config, params, [prompt] * rows, max_new_tokens=2, temperature=temperature,
+    out = generate(config, params, [prompt] * rows, max_new_tokens=2, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=17, stop_at_eos=False)
     first, second = out.tokens[:, 0], out.tokens[:, 1]
 
@@ -213,13 +220,13 @@ def test_same_seed_same_tokens_and_batch_independent(qwen3):
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=4)
     kw = dict(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
-    a = sampling.generate(config, params, prompts, seed=1, **kw)
-    b = sampling.generate(config, params, prompts, seed=1, **kw)
-    c = sampling.generate(config, params, prompts, seed=2, **kw)
+    a = generate(config, params, prompts, seed=1, **kw)
+    b = generate(config, params, prompts, seed=1, **kw)
+    c = generate(config, params, prompts, seed=2, **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert not np.array_equal(a.tokens, c.tokens)
-    alone = sampling.generate(config, params, prompts[:1], seed=1, **kw)  # batch bucket 1 instead of 8
+    alone = generate(config, params, prompts[:1], seed=1, **kw)  # batch bucket 1 instead of 8
     assert alone[0].token_ids == a[0].token_ids
 
 
@@ -233,8 +240,8 @@ def test_num_samples_shares_the_prompt_and_keeps_the_rows(qwen3, settings):
     config, params = qwen3
     prompts = _prompts(config.vocab_size, [7, 3, 12], seed=6)
     kw = dict(max_new_tokens=9, seed=2, stop_at_eos=False, **settings)
-    want = sampling.generate(config, params, [p for p in prompts for _ in range(4)], **kw)
-    got = sampling.generate(config, params, prompts, num_samples=4, **kw)
+    want = generate(config, params, [p for p in prompts for _ in range(4)], **kw)
+    got = generate(config, params, prompts, num_samples=4, **kw)
     assert got.prompt_lengths == [7] * 4 + [3] * 4 + [12] * 4
     same = [a.token_ids == b.token_ids for a, b in zip(got, want)]
     if settings["temperature"] == 0.0:
@@ -247,17 +254,17 @@ def test_num_samples_shares_the_prompt_and_keeps_the_rows(qwen3, settings):
         chosen = logp[np.arange(len(row.token_ids)), row.token_ids]
         assert np.abs(chosen - row.logprobs).max() < 1e-4, i
     with pytest.raises(ValueError, match="num_samples=0"):
-        sampling.generate(config, params, prompts, num_samples=0, **kw)
+        generate(config, params, prompts, num_samples=0, **kw)
 
 
 def test_decode_loop_exits_when_all_rows_stop(qwen3):
     """Once every row has hit a stop token the while_loop ends: fewer steps than max_new_tokens."""
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=6)
-    free = sampling.generate(config, params, prompts, max_new_tokens=16, temperature=0.0, stop_at_eos=False)
+    free = generate(config, params, prompts, max_new_tokens=16, temperature=0.0, stop_at_eos=False)
     assert free.decode_steps == 16
     stops = sorted({row[2] for row in free.token_ids})  # every row stops at or before its 3rd token
-    out = sampling.generate(config, params, prompts, max_new_tokens=16, temperature=0.0, stop_at_eos=False,
+    out = generate(config, params, prompts, max_new_tokens=16, temperature=0.0, stop_at_eos=False,
                             stop_token_ids=stops)
     assert out.decode_steps <= 3
     for i, row in enumerate(free.token_ids):
@@ -269,9 +276,9 @@ def test_decode_loop_exits_when_all_rows_stop(qwen3):
 def test_stop_at_eos_uses_the_config_eos(qwen3):
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=12)
-    free = sampling.generate(config, params, prompts, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+    free = generate(config, params, prompts, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
     eos = free[0].token_ids[2]
-    out = sampling.generate(config.replace(eos_token_id=eos), params, prompts, max_new_tokens=8, temperature=0.0)
+    out = generate(config.replace(eos_token_id=eos), params, prompts, max_new_tokens=8, temperature=0.0)
     assert out[0].finish_reason == "stop_token" and out[0].token_ids[-1] == eos
     assert out[0].token_ids == free[0].token_ids[: free[0].token_ids.index(eos) + 1]
 
@@ -305,12 +312,12 @@ def test_stop_strings_cut_tokens_and_text(tiny_chat_model):
     tokens and log-probs as the free run up to there), the text ends right before it."""
     tok, config, params = tiny_chat_model
     prompts = [tok.encode("Action: go to countertop 1\nObservation:"), tok.encode("Your task is to")]
-    free = sampling.generate(config, params, prompts, max_new_tokens=24, temperature=0.0, tokenizer=tok,
+    free = generate(config, params, prompts, max_new_tokens=24, temperature=0.0, tokenizer=tok,
                              stop_at_eos=False)
     text0 = free.texts[0]
     stop_str = text0[len(text0) // 2: len(text0) // 2 + 3]
     assert len(stop_str) == 3
-    out = sampling.generate(config, params, prompts, max_new_tokens=24, temperature=0.0, tokenizer=tok,
+    out = generate(config, params, prompts, max_new_tokens=24, temperature=0.0, tokenizer=tok,
                             stop_at_eos=False, stop_strings=[stop_str])
     for i in range(2):
         full = free.texts[i]
@@ -324,20 +331,20 @@ def test_stop_strings_cut_tokens_and_text(tiny_chat_model):
         else:
             assert out[i].token_ids == free[i].token_ids and out.texts[i] == full
     with pytest.raises(ValueError, match="tokenizer"):
-        sampling.generate(config, params, prompts, max_new_tokens=4, stop_strings=["x"])
+        generate(config, params, prompts, max_new_tokens=4, stop_strings=["x"])
 
 
 def test_stop_sequence_ends_decode_on_device(tiny_chat_model):
     """A stop string whose canonical tokenization is generated stops the row inside the decode loop."""
     tok, config, params = tiny_chat_model
     prompt = tok.encode("Thought: I need to find")
-    free = sampling.generate(config, params, [prompt], max_new_tokens=32, temperature=0.0, tokenizer=tok,
+    free = generate(config, params, [prompt], max_new_tokens=32, temperature=0.0, tokenizer=tok,
                              stop_at_eos=False)
     ids = free[0].token_ids
     # a two-token span whose decoded text re-encodes to the same two tokens
     j = next(j for j in range(4, 30) if tok.encode(tok.decode(ids[j:j + 2])) == ids[j:j + 2])
     stop_str = tok.decode(ids[j:j + 2])
-    out = sampling.generate(config, params, [prompt], max_new_tokens=32, temperature=0.0, tokenizer=tok,
+    out = generate(config, params, [prompt], max_new_tokens=32, temperature=0.0, tokenizer=tok,
                             stop_at_eos=False, stop_strings=stop_str)
     assert out[0].finish_reason == "stop_string"
     assert out.decode_steps <= j + 2 < 32
@@ -351,7 +358,7 @@ def test_generate_chat_applies_template_and_stops_at_end_of_turn(tiny_chat_model
     texts = sampling.generate_chat(config, params, tok, convs, max_new_tokens=12, temperature=0.0)
     prompts = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for c in convs]
-    ref = sampling.generate(config, params, prompts, max_new_tokens=12, temperature=0.0, tokenizer=tok)
+    ref = generate(config, params, prompts, max_new_tokens=12, temperature=0.0, tokenizer=tok)
     assert texts == ref.texts and all(isinstance(t, str) for t in texts)
     assert all(r.finish_reason in ("stop_token", "length") for r in ref)
     with pytest.raises(ValueError, match="role"):
@@ -363,17 +370,17 @@ def test_generate_chat_applies_template_and_stops_at_end_of_turn(tiny_chat_model
 def test_bad_arguments_are_named(qwen3):
     config, params = qwen3
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        sampling.generate(config, params, [[1], []], max_new_tokens=2)
+        generate(config, params, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"outside \[0, 160\)"):
-        sampling.generate(config, params, [[1, 999]], max_new_tokens=2)
+        generate(config, params, [[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):
-        sampling.generate(config, params, [[1]], max_new_tokens=2, temperature=-1.0)
+        generate(config, params, [[1]], max_new_tokens=2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
-        sampling.generate(config, params, [[1]], max_new_tokens=2, top_p=0.0)
+        generate(config, params, [[1]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="stop token id"):
-        sampling.generate(config, params, [[1]], max_new_tokens=2, stop_token_ids=[10_000])
+        generate(config, params, [[1]], max_new_tokens=2, stop_token_ids=[10_000])
     with pytest.raises(ValueError, match="string; pass tokenizer"):
-        sampling.generate(config, params, ["hello"], max_new_tokens=2)
+        generate(config, params, ["hello"], max_new_tokens=2)
     with pytest.raises(ValueError, match="allows 1..8"):
         sampling.Sampler(config, max_new_tokens=8).generate(params, [[1]], max_new_tokens=9)
 
@@ -393,23 +400,24 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
         from rwml_jax import models, sampling, sharding
         assert jax.device_count() == 8
         out = {{}}
+        pool = sampling.SamplerPool()
         for shape in [(8, 1, 1), (2, 2, 2)]:
             mesh = sharding.make_mesh(*shape)
             config, params = models.load_pretrained({path!r}, mesh=mesh)
             for j, s in enumerate({settings!r}):
-                r = sampling.generate(config, params, {prompts!r}, mesh=mesh, **{kw!r}, **s)
+                r = sampling.generate(config, params, {prompts!r}, mesh=mesh, pool=pool, **{kw!r}, **s)
                 out[f"{{shape}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
         # the decode-layout weight formats that "auto" did not pick, on the mixed mesh
         auto = sampling.Sampler(config, max_new_tokens=10, mesh=mesh).weight_orientation
-        others = [o for o in {decode_layout.ORIENTATIONS!r} if o != auto]
-        assert len(others) == {len(decode_layout.ORIENTATIONS) - 1}
+        others = [o for o in {FORMATS!r} if o != auto]
+        assert len(others) == {len(FORMATS) - 1}
         for other in others:
             sampler = sampling.Sampler(config, max_new_tokens=10, mesh=mesh, weight_orientation=other)
             for j, s in enumerate({settings!r}):
                 r = sampler.generate(params, {prompts!r}, **{kw!r}, **s)
                 out[f"{{other}}-{{j}}"] = [r.token_ids, r.logprobs.tolist()]
         # each prompt prefilled once for 3 samples, on the mixed mesh
-        r = sampling.generate(config, params, {prompts[:4]!r}, mesh=mesh, num_samples=3, **{kw!r}, **{settings[1]!r})
+        r = sampling.generate(config, params, {prompts[:4]!r}, mesh=mesh, pool=pool, num_samples=3, **{kw!r}, **{settings[1]!r})
         out["samples"] = [r.token_ids, r.logprobs.tolist()]
         json.dump(out, open({str(tmp_path / "sharded.json")!r}, "w"))
     """)
@@ -419,15 +427,15 @@ def test_sharded_run_gives_single_device_tokens(qwen3, tmp_path):
     sharded = json.load(open(tmp_path / "sharded.json"))
     config1, params1 = models.load_pretrained(path)
     for j, s in enumerate(settings):
-        ref = sampling.generate(config1, params1, prompts, **kw, **s)
+        ref = generate(config1, params1, prompts, **kw, **s)
         others = [k[:-2] for k in sharded if k.endswith(f"-{j}") and not k.startswith("(")]
-        assert len(others) == len(decode_layout.ORIENTATIONS) - 1, sorted(sharded)
+        assert len(others) == len(FORMATS) - 1, sorted(sharded)
         for shape in ["(8, 1, 1)", "(2, 2, 2)", *others]:
             tokens, logprobs = sharded[f"{shape}-{j}"]
             assert tokens == ref.token_ids, (shape, s)
             logprobs = np.asarray(logprobs)  # [rows, capacity]; the capacities differ, the columns after 10 are 0
             np.testing.assert_allclose(logprobs, ref.logprobs[:, :logprobs.shape[1]], atol=1e-5)
-    ref = sampling.generate(config1, params1, prompts[:4], num_samples=3, **kw, **settings[1])
+    ref = generate(config1, params1, prompts[:4], num_samples=3, **kw, **settings[1])
     assert sharded["samples"][0] == ref.token_ids
     np.testing.assert_allclose(np.asarray(sharded["samples"][1]), ref.logprobs, atol=1e-5)
 
@@ -451,7 +459,7 @@ def test_per_layer_and_stacked_params_agree(qwen3):
     prompts = _prompts(config.vocab_size, seed=9)
     a = sampler.generate(params, prompts, temperature=0.0, stop_at_eos=False)
     prepared = sampler.prepare(params)
-    assert decode_layout.is_decode_layout(prepared["layers"][0])
+    assert "attn" not in prepared["layers"][0]  # the decode weight format, not the model's tree
     b = sampler.generate(prepared, prompts, temperature=0.0, stop_at_eos=False)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="must come from this sampler's `prepare`"):
@@ -463,14 +471,14 @@ def test_weight_orientations_agree_and_do_not_mix(qwen3):
     prepared for one are refused by a sampler of another; an unknown format is named."""
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=11)
-    samplers = {o: sampling.Sampler(config, max_new_tokens=8, weight_orientation=o) for o in decode_layout.ORIENTATIONS}
+    samplers = {o: sampling.Sampler(config, max_new_tokens=8, weight_orientation=o) for o in FORMATS}
     outs = {o: s.generate(params, prompts, temperature=1.0, seed=3, stop_at_eos=False) for o, s in samplers.items()}
     first, *rest = outs.values()
     for other in rest:
         np.testing.assert_array_equal(first.tokens, other.tokens)
         np.testing.assert_allclose(first.logprobs, other.logprobs, atol=1e-5)
     auto = sampling.Sampler(config, max_new_tokens=8)
-    assert auto.weight_orientation == decode_layout.default_orientation(jax.devices(), config)
+    assert auto.weight_orientation == platform.default_weight_format(jax.devices(), config)
     prepared = samplers["in_out"].prepare(params)
     assert "qkv_w" in prepared["layers"][0] and "qkv_t" not in prepared["layers"][0]
     reduced = samplers["out_in_reduce"].prepare(params)
@@ -495,22 +503,22 @@ def test_default_weight_format_follows_model_size_and_machine(qwen3):
     cpus = jax.devices("cpu")
     fits = qwen3[0]
     big = shape_config("small")
-    llc = decode_layout._last_level_cache_bytes()
-    while decode_layout.weight_bytes(big) <= llc:  # a machine with a larger cache than this one's 32 MB
+    llc = platform.last_level_cache_bytes()
+    while platform.weight_bytes(big) <= llc:  # a machine with a larger cache than this one's 32 MB
         big = dataclasses.replace(big, vocab_size=big.vocab_size * 4)
-    assert decode_layout.weight_bytes(fits) < llc, llc
-    library = decode_layout._cpu_reduce_is_library_kernel()
+    assert platform.weight_bytes(fits) < llc, llc
+    library = platform.cpu_reduce_is_library_kernel()
     if jax.__version_info__[:2] == (0, 10):
         assert library, "expected XLA:CPU to lower the multiply-and-sum to a ynn_fusion"
-    dot_format = decode_layout.default_orientation(cpus)
+    dot_format = platform.default_weight_format(cpus)
     assert dot_format in ("in_out", "out_in")
-    assert decode_layout.default_orientation(cpus, big) == ("out_in_reduce" if library else dot_format)
-    assert decode_layout.default_orientation(cpus, fits) == dot_format
+    assert platform.default_weight_format(cpus, big) == ("out_in_reduce" if library else dot_format)
+    assert platform.default_weight_format(cpus, fits) == dot_format
 
     class _Gpu:
         platform = "gpu"
 
-    assert decode_layout.default_orientation([_Gpu()], big) == "out_in"
+    assert platform.default_weight_format([_Gpu()], big) == "out_in"
 
 
 @pytest.mark.parametrize("layout", ["stacked", "per-layer", "decode-fused-out_in", "decode-unfused-out_in",
@@ -528,19 +536,21 @@ def test_cached_decoding_equals_forward(qwen3, layout):
     per_layer = layout != "stacked"
     if layout.startswith("decode-"):
         _, fusion, orientation = layout.split("-")
-        p = decode_layout.from_stacked(config, params, fuse=fusion == "fused", orientation=orientation)
+        weights = DecodeWeights(config, orientation, fuse=fusion == "fused")
+        p = weights.convert(params)
         assert ("lm_head_w" in p) == (orientation == "in_out")
     else:
+        weights = None
         p = {"stacked": params, "per-layer": decoder.unstack_layers(params)}[layout]
     rng = np.random.default_rng(4)
     full = rng.integers(1, config.vocab_size, (2, 9))
     pad = np.array([[1] * 9, [0, 0, 0] + [1] * 6])  # row 1 is left-padded by 3
     ref = np.asarray(models.forward(config, params, full, pad))
     cache = decoder.init_cache(config, 2, 12, jnp.float32, per_layer=per_layer)
-    logits, cache = decoder.apply(config, p, full[:, :6], pad[:, :6], cache=cache)
+    logits, cache = decoder.apply(config, p, full[:, :6], pad[:, :6], cache=cache, weights=weights)
     got = [np.asarray(logits)]
     for t in range(6, 9):
-        logits, cache = decoder.apply(config, p, full[:, t:t + 1], pad[:, t:t + 1], cache=cache)
+        logits, cache = decoder.apply(config, p, full[:, t:t + 1], pad[:, t:t + 1], cache=cache, weights=weights)
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)
     real = pad.astype(bool)
@@ -548,8 +558,8 @@ def test_cached_decoding_equals_forward(qwen3, layout):
     assert int(cache["index"]) == 9
     if layout.startswith("decode-"):
         many = rng.integers(1, config.vocab_size, (4, 20))
-        assert many.size > decode_layout.REDUCE_MAX_ROWS
-        logits, _ = decoder.apply(config, p, many)
+        assert many.size > platform.REDUCE_MAX_ROWS
+        logits, _ = decoder.apply(config, p, many, weights=weights)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(models.forward(config, params, many)),
                                    atol=1e-4, rtol=1e-4)
 

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from rwml_jax import hostenv
+from rwml_jax.platform import reexec_with_malloc_tunables
 
 OBJECTS = ["apple", "bread", "butterknife", "cd", "cellphone", "creditcard", "dishsponge", "egg", "fork",
            "kettle", "knife", "lettuce", "mug", "pan", "pen", "pencil", "peppershaker", "plate", "pot", "potato",
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_malloc_tunables(argv)
+    reexec_with_malloc_tunables(argv)
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         if "jax" in sys.modules:

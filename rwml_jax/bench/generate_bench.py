@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from rwml_jax import hostenv
+from rwml_jax.platform import reexec_with_malloc_tunables
 
 SHAPES: dict[str, dict[str, int]] = {  # workloads.md, "Model shapes"
     "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -258,7 +258,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_malloc_tunables(argv)
+    reexec_with_malloc_tunables(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu or gpu, side by side with transformers on that device; gpu adds the HBM bandwidth "

@@ -49,7 +49,7 @@ import tempfile
 import time
 from typing import Any
 
-from rwml_jax import hostenv
+from rwml_jax.platform import reexec_with_malloc_tunables
 from rwml_jax.bench.generate_bench import SHAPES, shape_config
 
 GROUPS, GROUP_SIZE, PROMPT_LEN, COMPLETION_LEN, BETA = 8, 8, 128, 128, 0.04
@@ -117,13 +117,14 @@ class Ours:
         import numpy as np
 
         from rwml_jax import sharding as sh
+        from rwml_jax.models import decoder
         from rwml_jax.rl.train_state import OptimizerConfig, create_train_state, make_optimizer
         from rwml_jax.rl.update import GRPOConfig, make_grpo_step
         from rwml_jax.sampling import Sampler
 
         self.config = shape_config(shape)
         self.mesh = sh.make_mesh()
-        params = sh.init_params_sharded(self.config, jax.random.key(seed), self.mesh)
+        params = decoder.init_params_sharded(self.config, jax.random.key(seed), self.mesh)
         self.ref = jax.tree.map(lambda x: x.copy(), params)
         optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6, max_grad_norm=1.0))
         self.shared = shared
@@ -389,7 +390,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_malloc_tunables(argv)
+    reexec_with_malloc_tunables(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help="model shapes")
     p.add_argument("--steps", type=int, default=3, help="measured iterations per shape (median reported)")

@@ -1,9 +1,9 @@
-"""The sampler's decode-layout weight formats against each other, interleaved in one process.
+"""The sampler's decode weight formats against each other, interleaved in one process.
 
-`rwml_jax.models.decode_layout` stores the projection weights [in, out] ("in_out"), [out, in] ("out_in"),
+`rwml_jax.sampling.weight_format` stores the projection weights [in, out] ("in_out"), [out, in] ("out_in"),
 or [out, in] multiplied as an element-wise product summed over `in` ("out_in_reduce"), and
-`default_orientation` picks one per machine and model size from measurements like this one. Workload: the
-generation workload of ../shared/bench/workloads.md (batch 16, prompt 128, 128 new tokens, no early stop)
+`rwml_jax.platform.default_weight_format` picks one per machine and model size from measurements like this
+one. Workload: the generation workload of docs/benchmarks.md (batch 16, prompt 128, 128 new tokens, no early stop)
 on `tiny` and `small`; figure: generated tokens/s of each format (median of `--repeats` calls after a
 warm-up, rotating which goes first), each one's ratio to "out_in" and to the format "auto" picks, and
 whether all produced the same tokens (they compute the same products; only float rounding may differ).
@@ -20,7 +20,7 @@ import platform
 import statistics
 from typing import Any
 
-from rwml_jax import hostenv
+from rwml_jax.platform import reexec_with_malloc_tunables
 from rwml_jax.bench.generate_bench import MODES, SHAPES, Ours, shape_config
 
 
@@ -28,14 +28,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
     import numpy as np
 
-    from rwml_jax.models.decode_layout import default_orientation
+    from rwml_jax.platform import default_weight_format
 
     print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__} ({jax.devices()[0].platform})",
           flush=True)
     rows = []
     for shape in args.shapes:
         config = shape_config(shape)
-        auto = default_orientation(jax.devices(), config)
+        auto = default_weight_format(jax.devices(), config)
         formats = tuple(args.formats)
         runs = {o: Ours(config, args.batch, args.prompt_len, args.new_tokens, args.seed, o) for o in formats}
         for mode in args.modes:
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostenv.reexec_with_malloc_tunables(argv)
-    from rwml_jax.models.decode_layout import ORIENTATIONS  # imports JAX: after the re-exec
+    reexec_with_malloc_tunables(argv)
+    from rwml_jax.sampling.weight_format import FORMATS  # imports JAX: after the re-exec
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["tiny", "small"])
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=6, help="timed calls per format (default 6)")
-    p.add_argument("--formats", nargs="+", choices=ORIENTATIONS, default=list(ORIENTATIONS),
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
                    help="weight formats to compare (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")

@@ -1,7 +1,16 @@
-"""Models: the Flax decoder (Qwen2 / Qwen3 / Llama 3), HF checkpoint I/O, and embedding models."""
+"""Models: the decoder (Qwen2 / Qwen3 / Llama 3) as one block, its attention strategies and forward, HF
+checkpoint I/O, tokenizer training, and embedding models (BERT / decoder embedders)."""
 
 from rwml_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
-from rwml_jax.models.decoder import apply, forward, init_cache, init_params, param_logical_axes
+from rwml_jax.models.decoder import (
+    apply,
+    forward,
+    init_cache,
+    init_params,
+    init_params_sharded,
+    param_logical_axes,
+    param_shardings,
+)
 from rwml_jax.models.hf_io import CheckpointError, load_pretrained, save_pretrained
 
 
@@ -21,8 +30,10 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "init_params_sharded",
     "load_embedder",
     "load_pretrained",
     "param_logical_axes",
+    "param_shardings",
     "save_pretrained",
 ]

@@ -26,9 +26,6 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's family or an option of it is not implemented."""
 
 
-LAYER_LOOPS = ("auto", "scan", "unroll")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of a decoder-only LLM, plus the dtype policy it runs under.
@@ -63,12 +60,6 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    # Rematerialise each decoder layer in the backward pass ("none" | "full" | "dots").
-    remat: str = "none"
-    # How the training forward (`rl.train_forward`) loops over layers: "scan" (one compiled layer body),
-    # "unroll" (every layer inlined: no stacked residual buffers, a faster backward, a longer compile), or
-    # "auto" (unroll on CPU up to 12 layers, else scan; see `rl.train_forward.unrolls_layers`).
-    layer_loop: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -89,10 +80,6 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'")
-        if self.layer_loop not in LAYER_LOOPS:
-            raise ValueError(f"layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
 
     # ----------------------------------------------------------------------------------------------
     @property

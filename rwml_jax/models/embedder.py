@@ -42,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rwml_jax import sharding as sh
+from rwml_jax.models import decoder, hf_io
+from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.safetensors_io import SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -515,8 +518,6 @@ def _place(host: Any, shardings: Any) -> Any:
 def _load_decoder_backbone(tdir: str, dtype: str, mesh: Mesh) -> tuple[Any, Any]:
     """Decoder config + params on `mesh`. Accepts `model.`-prefixed (…ForCausalLM) checkpoints and bare
     `Qwen3Model` ones (Qwen3-Embedding ships the latter, without an lm_head)."""
-    from rwml_jax.models import hf_io
-    from rwml_jax.models.config import ModelConfig
 
     # Embeddings never use the LM head: treat the model as tied so no lm_head tensor is needed.
     config = ModelConfig.from_pretrained(tdir, param_dtype=dtype, compute_dtype=dtype, tie_word_embeddings=True)
@@ -531,9 +532,7 @@ def _load_decoder_backbone(tdir: str, dtype: str, mesh: Mesh) -> tuple[Any, Any]
                 return index.get(name)
             return index.get(name[len("model."):])
 
-    from rwml_jax import sharding as sh
-
-    shardings = dict(hf_io._leaf_paths(sh.param_shardings(config, mesh, _rules())))
+    shardings = dict(hf_io._leaf_paths(decoder.param_shardings(config, mesh, _rules())))
     target = np.dtype(jnp.dtype(dtype))
     leaves: dict[tuple[str, ...], Any] = {}
     tensors = _Prefixed()
@@ -636,7 +635,6 @@ def load_embedder(
         def backbone_fn(p, ids, mask):
             return bert.apply(config, p, ids, mask)
     else:
-        from rwml_jax.models import decoder
 
         dconfig, backbone = _load_decoder_backbone(plan.transformer_dir, dtype, mesh)
         hidden = dconfig.hidden_size

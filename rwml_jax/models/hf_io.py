@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwml_jax import sharding as sh
 from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.safetensors_io import SafetensorsFile, save_file
@@ -147,7 +148,7 @@ def load_pretrained(
     dtype: the parameter dtype ("float32", "bfloat16", "float16"). compute_dtype: matmul dtype
     (defaults to `dtype`). mesh / rules: place every parameter directly into its sharding on `mesh`
     (rules default to `rwml_jax.sharding.DEFAULT_RULES`); without a mesh, parameters go to the default
-    device. Extra keyword arguments override config fields (e.g. remat="full").
+    device. Extra keyword arguments override config fields (e.g. compute_dtype="bfloat16").
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -161,9 +162,8 @@ def load_pretrained(
     tensors = _TensorIndex(path)
     shardings = None
     if mesh is not None:
-        from rwml_jax import sharding as sh
 
-        shardings = dict(_leaf_paths(sh.param_shardings(config, mesh, rules or sh.DEFAULT_RULES)))
+        shardings = dict(_leaf_paths(decoder.param_shardings(config, mesh, rules or sh.DEFAULT_RULES)))
     target = np.dtype(jnp.dtype(dtype))
 
     leaves: dict[tuple[str, ...], jax.Array] = {}

@@ -16,20 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rwml_jax import platform
+from rwml_jax.models import decoder
+from rwml_jax.models.block import ParamWeights
 from rwml_jax.models.config import ModelConfig
-from rwml_jax.rl.train_forward import hidden_states
 
 
 def completion_positions(completion_start: jax.Array, completion_len: int, seq_len: int) -> jax.Array:
     """[B, C] int32: the slot of completion token j of each row (clipped into [0, T))."""
     idx = completion_start[:, None].astype(jnp.int32) + jnp.arange(completion_len, dtype=jnp.int32)[None, :]
     return jnp.clip(idx, 0, seq_len - 1)
-
-
-def lm_head_weight(config: ModelConfig, params: Any) -> jax.Array:
-    """The output projection [E, V] in the compute dtype (the transposed embedding when tied)."""
-    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return w.astype(jnp.dtype(config.compute_dtype))
 
 
 def _logits_lse(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,20 +41,22 @@ def _pick(logits: jax.Array, targets: jax.Array, gather: bool) -> jax.Array:
     return jnp.sum(jnp.where(vocab == targets[:, None], logits, 0.0), axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool, gather: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool, gather: bool,
+                   ordered: bool = False):
     """log softmax(h w)[target] and the entropy of softmax(h w), row by row, in float32.
 
     h: [N, E], w: [E, V] (compute dtype), targets: [N] int32. Returns (logp [N], entropy [N]; zeros
     unless with_entropy). The entropy carries no gradient. The hand-written VJP turns the saved
     float32 logits into d logits = g (onehot - softmax) in one pass and feeds it to the two
     matmuls, instead of the several [N, V] passes of the autodiff version. gather: pick the target
-    logit with a gather (False: compare-and-reduce, for a vocabulary sharded over devices).
+    logit with a gather (False: compare-and-reduce, for a vocabulary sharded over devices). ordered: the
+    backward computes dh before dw, each on every thread (`platform.ExecutionConfig.ordered_head_grad`).
     """
-    return _token_logprobs_fwd(h, w, targets, with_entropy, gather)[0]
+    return _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered)[0]
 
 
-def _token_logprobs_fwd(h, w, targets, with_entropy, gather):
+def _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered):
     logits, lse = _logits_lse(h, w)
     logp = _pick(logits, targets, gather) - lse
     if with_entropy:
@@ -68,22 +66,17 @@ def _token_logprobs_fwd(h, w, targets, with_entropy, gather):
     return (logp, ent), (h, w, targets, logits, lse)
 
 
-def _token_logprobs_bwd(with_entropy, gather, res, cotangents):
+def _token_logprobs_bwd(with_entropy, gather, ordered, res, cotangents):
     h, w, targets, logits, lse = res
     g, _ = cotangents  # the entropy is a metric: no gradient
     vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     onehot = (vocab == targets[:, None]).astype(jnp.float32)
     dlogits = (g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
     dh = jax.lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    order = jax.default_backend() == "cpu"  # measured there only
-    if order:
-        # dw after dh, each on every thread, and dw in w's [E, V] orientation: left alone, XLA:CPU runs the
-        # two products side by side on one thread each and folds the tied embedding's transpose into dw
-        # ([V, E], ~1.4x slower): 224 against 182 ms for a [4096, 8192] x [8192, 256] pair on 2 threads;
-        # the `tiny` GRPO update 2-3 % shorter in an interleaved A/B.
+    if ordered:  # dw after dh, in w's [E, V] orientation (see `rwml_jax.platform`)
         dh, dlogits = jax.lax.optimization_barrier((dh, dlogits))
     dw = jax.lax.dot_general(h, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    if order:
+    if ordered:
         dw = jax.lax.optimization_barrier(dw)
     return dh.astype(h.dtype), dw.astype(w.dtype), None
 
@@ -93,13 +86,13 @@ token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 def _logp_and_entropy(
     config: ModelConfig, params: Any, hidden: jax.Array, targets: jax.Array, with_entropy: bool,
-    gather: bool = True,
+    gather: bool, ordered: bool,
 ) -> tuple[jax.Array, jax.Array | None]:
     """hidden [B, c, E], targets [B, c] -> (log p(target) [B, c] f32, entropy [B, c] f32 or None)."""
     B, c, E = hidden.shape
     h = hidden.reshape(B * c, E).astype(jnp.dtype(config.compute_dtype))
-    logp, ent = token_logprobs(h, lm_head_weight(config, params), targets.reshape(B * c).astype(jnp.int32),
-                               with_entropy, gather)
+    logp, ent = token_logprobs(h, ParamWeights(config).head(params), targets.reshape(B * c).astype(jnp.int32),
+                               with_entropy, gather, ordered)
     return logp.reshape(B, c), (jax.lax.stop_gradient(ent).reshape(B, c) if with_entropy else None)
 
 
@@ -112,16 +105,19 @@ def logprobs_from_hidden(
     chunk: int | None = None,
     with_entropy: bool = False,
     gather: bool = True,
+    execution: platform.ExecutionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of `targets` [B, C] given the hidden states that predict them, hidden [B, C, E].
 
     chunk: completion positions per LM-head chunk (must divide C); None or 0 = all at once.
     gather: pick target logits with a gather (False when the vocabulary is sharded over devices).
+    execution: the LM head's gradient order (default `platform.default_execution`).
     Returns (logp [B, C] float32, entropy [B, C] float32 (no gradient) or None).
     """
     B, C, E = hidden.shape
+    ordered = (execution or platform.default_execution(config)).ordered_head_grad
     if not chunk or chunk >= C:
-        return _logp_and_entropy(config, params, hidden, targets, with_entropy, gather)
+        return _logp_and_entropy(config, params, hidden, targets, with_entropy, gather, ordered)
     if C % chunk:
         raise ValueError(f"logits chunk {chunk} does not divide the completion length {C}")
     n = C // chunk
@@ -131,7 +127,7 @@ def logprobs_from_hidden(
     @jax.checkpoint
     def one(h_t):
         h, t = h_t
-        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy, gather)
+        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy, gather, ordered)
         return logp, (ent if ent is not None else jnp.zeros_like(logp))
 
     logp, ent = jax.lax.map(one, (hs, ts))
@@ -149,26 +145,28 @@ def completion_logprobs(
     with_entropy: bool = False,
     fuse: bool = True,
     gather: bool = True,
+    execution: platform.ExecutionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each row's completion tokens under (config, params).
 
     batch: `input_ids` [B, T], `attention_mask` [B, T], `completion_start` [B], `completion_mask`
-    [B, C] (see `rwml_jax.rl.batch`). The decoder runs through `rl.train_forward.hidden_states`
-    (fuse: fused q/k/v and gate/up matmuls; gather: gather the target logits; use False for both
-    when the mesh's tensor axis is > 1).
+    [B, C] (see `rwml_jax.rl.batch`). fuse: fused q/k/v and gate/up matmuls; gather: gather the target
+    logits (use False for both when the mesh's tensor axis is > 1); execution: layer loop, remat and
+    head-gradient order (default `platform.default_execution`).
     Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None).
     Differentiable with respect to `params`.
     """
     ids = batch["input_ids"]
     B, T = ids.shape
     C = batch["completion_mask"].shape[1]
-    hidden = hidden_states(config, params, ids, batch["attention_mask"], fuse=fuse)
+    hidden, _ = decoder.apply(config, params, ids, batch["attention_mask"], return_hidden=True,
+                              weights=ParamWeights(config, fuse), execution=execution)
     pos = completion_positions(batch["completion_start"], C, T)  # [B, C] slots of the targets
     targets = jnp.take_along_axis(ids, pos, axis=1)
     # The hidden state at slot s - 1 predicts the token at slot s.
     h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
     logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
-                                     gather=gather)
+                                     gather=gather, execution=execution)
     return masked(logp, ent, batch["completion_mask"])
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from rwml_jax import platform
 from rwml_jax import sharding as sh
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
@@ -78,8 +79,10 @@ def make_sft_step(
     rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
     learning_rate: Callable[[jax.Array], jax.Array] | None = None,
     check_finite: bool = True,
+    execution: platform.ExecutionConfig | None = None,
 ) -> UpdateStep:
     """The SFT update: `state, metrics = step(state, batch)`; batch from `rwml_jax.rl.batch.pack`.
+    execution: as in `rwml_jax.rl.update.make_grpo_step`.
 
     Metrics: loss, nll (token mean, = loss for "token-mean"), perplexity, grad_norm, tokens, seqs,
     step, finite, learning_rate (when given), entropy (when enabled).
@@ -100,4 +103,5 @@ def make_sft_step(
         rules=rules,
         learning_rate=learning_rate,
         check_finite=check_finite,
+        execution=execution,
     )

@@ -37,17 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwml_jax import platform
+from rwml_jax.models import attention, decoder
+from rwml_jax.models.block import ParamWeights
 from rwml_jax.models.config import ModelConfig
-from rwml_jax.models.decoder import positions_from_mask
-from rwml_jax.models.rope import rope_tables
 from rwml_jax.rl.logprobs import logprobs_from_hidden, masked
-from rwml_jax.rl.train_forward import (
-    _NEG_INF,
-    Attend,
-    bias_attend,
-    causal_bias,
-    run_layers,
-)
 
 Batch = dict[str, Any]
 # per-row entries with a completion axis: [B, C] in the plain layout, [bp, G, C] grouped
@@ -135,43 +129,21 @@ def flat_rows(gbatch: Mapping[str, Any]) -> Batch:
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in gbatch.items() if k in _ROW_KEYS}
 
 
-def _grouped_attend(P: int, G: int, C: int, prompt_mask: jax.Array, completion_mask: jax.Array) -> Attend:
-    """Attention over a group's [P + G*C] tokens; prompt_mask [bp, P], completion_mask [bp, G, C]."""
-    bp = prompt_mask.shape[0]
-    see_prompt = jnp.where(jnp.repeat(prompt_mask.astype(bool), G, axis=0), 0.0, _NEG_INF).astype(jnp.float32)
-    bias_p = causal_bias(prompt_mask)  # [bp, P, P]
-    bias_c = jnp.concatenate([jnp.broadcast_to(see_prompt[:, None, :], (bp * G, C, P)),
-                              causal_bias(completion_mask.reshape(bp * G, C))], axis=2)  # [bp*G, C, P + C]
-
-    def attend(q, k, v):
-        # prompt tokens: causal attention within the prompt, once per group
-        op = bias_attend(bias_p)(q[:, :P], k[:, :P], v[:, :P])  # [bp, P, H, D]
-
-        # completion tokens: each row over its group's prompt keys, then its own keys
-        def rows(x, prompt):  # [bp, G*C, n, D] -> [bp*G, C, n, D] (after the prompt's [bp, P, n, D])
-            own = x.reshape(bp * G, C, *x.shape[2:])
-            return own if prompt is None else jnp.concatenate([jnp.repeat(prompt, G, axis=0), own], axis=1)
-
-        oc = bias_attend(bias_c)(rows(q[:, P:], None), rows(k[:, P:], k[:, :P]), rows(v[:, P:], v[:, :P]))
-        return jnp.concatenate([op, oc.reshape(bp, G * C, *oc.shape[2:])], axis=1)
-
-    return attend
-
-
 def grouped_hidden_states(config: ModelConfig, params: Any, gbatch: Mapping[str, jax.Array], *,
-                          fuse: bool = True) -> jax.Array:
-    """Final-norm hidden states [bp, P + G*C, E] of the grouped sequences (module docstring)."""
+                          fuse: bool = True, execution: platform.ExecutionConfig | None = None) -> jax.Array:
+    """Final-norm hidden states [bp, P + G*C, E] of the grouped sequences (module docstring), through the
+    decoder with `attention.grouped_prompt`."""
     p_ids, p_mask = gbatch["prompt_ids"], gbatch["prompt_mask"]
     c_ids, c_mask = gbatch["completion_ids"], gbatch["completion_mask"]
     bp, G, C = c_ids.shape
-    P = p_ids.shape[1]
-    p_pos = positions_from_mask(p_mask)  # [bp, P]
+    p_pos = decoder.positions_from_mask(p_mask)  # [bp, P]
     n_prompt = jnp.sum(p_mask.astype(jnp.int32), axis=1)  # [bp]
     c_pos = jnp.broadcast_to(n_prompt[:, None, None] + jnp.arange(C, dtype=jnp.int32), (bp, G, C))
     positions = jnp.concatenate([p_pos, c_pos.reshape(bp, G * C)], axis=1)
-    cos, sin = rope_tables(config, positions)
     ids = jnp.concatenate([p_ids, c_ids.reshape(bp, G * C)], axis=1)
-    return run_layers(config, params, ids, cos, sin, _grouped_attend(P, G, C, p_mask, c_mask), fuse=fuse)
+    hidden, _ = decoder.hidden_states(config, params, ids, positions, attention.grouped_prompt(p_mask, c_mask),
+                                      weights=ParamWeights(config, fuse), execution=execution)
+    return hidden
 
 
 def grouped_completion_logprobs(
@@ -183,6 +155,7 @@ def grouped_completion_logprobs(
     with_entropy: bool = False,
     fuse: bool = True,
     gather: bool = True,
+    execution: platform.ExecutionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`rl.logprobs.completion_logprobs` for a grouped batch: (logp [bp * G, C] float32, zero where the
     completion mask is 0; entropy [bp * G, C] or None). Rows come out group by group, as in the plain
@@ -190,12 +163,12 @@ def grouped_completion_logprobs(
     c_ids = gbatch["completion_ids"]
     bp, G, C = c_ids.shape
     P = gbatch["prompt_ids"].shape[1]
-    hidden = grouped_hidden_states(config, params, gbatch, fuse=fuse)
+    hidden = grouped_hidden_states(config, params, gbatch, fuse=fuse, execution=execution)
     E = hidden.shape[-1]
     # completion token 0 is predicted by the prompt's last slot, token j > 0 by completion token j - 1
     first = jnp.broadcast_to(hidden[:, P - 1][:, None, None, :], (bp, G, 1, E))
     rest = hidden[:, P:].reshape(bp, G, C, E)[:, :, : C - 1]
     h = jnp.concatenate([first, rest], axis=2).reshape(bp * G, C, E)
     logp, ent = logprobs_from_hidden(config, params, h, c_ids.reshape(bp * G, C), chunk=chunk,
-                                     with_entropy=with_entropy, gather=gather)
+                                     with_entropy=with_entropy, gather=gather, execution=execution)
     return masked(logp, ent, gbatch["completion_mask"].reshape(bp * G, C))

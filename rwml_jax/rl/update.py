@@ -30,7 +30,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rwml_jax import platform
 from rwml_jax import sharding as sh
+from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
@@ -165,8 +167,10 @@ class UpdateStep:
         learning_rate: Callable[[jax.Array], jax.Array] | None = None,
         check_finite: bool = True,
         prompt_group_size: int = 0,
+        execution: platform.ExecutionConfig | None = None,
     ):
         self.model_config = model_config
+        self.execution = execution or platform.resolve(model_config, mesh.devices.flat)
         self.group = prompt_group_size if prompt_group_size > 1 else 1
         self.optimizer = optimizer
         self.mesh = mesh
@@ -175,7 +179,7 @@ class UpdateStep:
         self.micro_batch_size = micro_batch_size
         self.uses_reference = uses_reference
         self.check_finite = check_finite
-        self.param_shardings = sh.param_shardings(model_config, mesh, self.rules)
+        self.param_shardings = decoder.param_shardings(model_config, mesh, self.rules)
         self.state_shardings = state_shardings(optimizer, self.param_shardings, mesh)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(sh.batch_axes(mesh)))
         self._loss_terms = loss_terms
@@ -201,12 +205,13 @@ class UpdateStep:
         rows = flat_rows(mb) if self.group > 1 else mb  # per-row entries [b, ...] for the loss
         ref_logp = rows.get("ref_logp")
         if ref_logp is None and ref_params is not None:
-            ref_logp, _ = logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse)
+            ref_logp, _ = logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse,
+                                   execution=self.execution)
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
             logp, ent = logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
-                                 fuse=self._fuse, gather=self._fuse)
+                                 fuse=self._fuse, gather=self._fuse, execution=self.execution)
             num, sums = self._loss_terms(logp, ent, rows, ref_logp)
             return num / den, sums
 
@@ -344,9 +349,11 @@ def make_grpo_step(
     rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
     learning_rate: Callable[[jax.Array], jax.Array] | None = None,
     check_finite: bool = True,
+    execution: platform.ExecutionConfig | None = None,
 ) -> UpdateStep:
     """The GRPO update: `state, metrics = step(state, batch, ref_params)` (ref_params only when
-    kl_coef > 0; a batch may instead carry precomputed `ref_logp` [B, C]).
+    kl_coef > 0; a batch may instead carry precomputed `ref_logp` [B, C]). execution: layer loop, remat
+    and head-gradient order (default: `platform.resolve` for the mesh's devices).
 
     batch: the arrays of `rwml_jax.rl.batch` plus `advantages` [B] and optionally `old_logp` [B, C].
     Metrics: loss, pg_loss, kl_loss, ref_kl, clip_frac(_low/_high), sampler_kl(_k1), ratio_mean,
@@ -366,6 +373,7 @@ def make_grpo_step(
         learning_rate=learning_rate,
         check_finite=check_finite,
         prompt_group_size=grpo_config.prompt_group_size,
+        execution=execution,
     )
 
 
@@ -375,16 +383,19 @@ def make_logprob_fn(
     *,
     rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
     logits_chunk: int | None = None,
+    execution: platform.ExecutionConfig | None = None,
 ) -> Callable[[Any, Batch], jax.Array]:
     """A jitted `fn(params, batch) -> logp [B, C]` (e.g. reference log-probs for several epochs over
     one batch, or sampler-free `old_logp`). The batch is placed like the update's."""
-    param_sh = sh.param_shardings(model_config, mesh, rules)
+    param_sh = decoder.param_shardings(model_config, mesh, rules)
+    execution = execution or platform.resolve(model_config, mesh.devices.flat)
     batch_sh = NamedSharding(mesh, PartitionSpec(sh.batch_axes(mesh)))
 
     def fn(params, batch):
         with sh.tracing_context(mesh, rules):
             single = mesh.shape["tensor"] == 1
-            logp, _ = completion_logprobs(model_config, params, batch, chunk=logits_chunk, fuse=single, gather=single)
+            logp, _ = completion_logprobs(model_config, params, batch, chunk=logits_chunk, fuse=single, gather=single,
+                                          execution=execution)
             return logp
 
     jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)

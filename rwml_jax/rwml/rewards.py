@@ -408,7 +408,9 @@ class JudgeReward:
         The tokenizer needs a chat template. generate_kwargs go to the sampler (seed, mesh, top_p,
         chat_template_kwargs such as {"enable_thinking": False} for Qwen3, ...).
         """
-        from rwml_jax.sampling import generate_chat
+        from rwml_jax.sampling import SamplerPool, generate_chat
+
+        generate_kwargs.setdefault("pool", SamplerPool())
 
         def generate_fn(messages_batch: list[list[dict[str, str]]]) -> list[str]:
             out = generate_chat(config, params, tokenizer, messages_batch, max_new_tokens=max_new_tokens,

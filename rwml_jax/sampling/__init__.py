@@ -13,7 +13,7 @@ from rwml_jax.sampling.buckets import batch_bucket, prompt_bucket
 from rwml_jax.sampling.chat import apply_chat_template, generate_chat
 from rwml_jax.sampling.engine import Sampler
 from rwml_jax.sampling.filters import SamplingMode
-from rwml_jax.sampling.generate import generate, get_sampler
+from rwml_jax.sampling.generate import SamplerPool, generate
 from rwml_jax.sampling.outputs import GenerationOutput, GenerationResult
 
 __all__ = [
@@ -25,6 +25,6 @@ __all__ = [
     "batch_bucket",
     "generate",
     "generate_chat",
-    "get_sampler",
+    "SamplerPool",
     "prompt_bucket",
 ]

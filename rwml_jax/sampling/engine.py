@@ -4,15 +4,15 @@
     out = sampler.generate(params, prompts, temperature=1.0, seed=step)   # -> GenerationOutput
 
 One call:
-1. `prepare(params)`: the stacked layer weights are converted to per-layer arrays in the decode layout
-   (`rwml_jax.models.decode_layout`: q/k/v and gate/up fused; one jitted copy, placed in the mesh's
-   shardings), so the decode loop runs the layers unrolled, never slices weights per step, and its skinny
-   matmuls read the weights in the format the machine's kernels stream fastest (`weight_orientation`).
+1. `prepare(params)`: the stacked layer weights are converted to the sampler's decode weight format
+   (`rwml_jax.sampling.weight_format`: per layer, q/k/v and gate/up fused; one jitted copy, placed in the
+   mesh's shardings), so the decode loop runs the layers unrolled, never slices weights per step, and its
+   skinny matmuls read the weights in the orientation the machine streams fastest (`weight_orientation`).
    The copy lives for the call only (pass `prepare`d params to skip it).
 2. Prompts are left-padded to [B, P] (batch and prompt-length buckets, see `buckets`).
 3. `prefill` (jit, cache donated): runs the P prompt slots through the model into cache slots [0, P), takes
    the logits of the last slot only, and samples token 0. With `num_samples` = n > 1 (GRPO groups) it runs
-   the B / n distinct prompts once into a shared prefix (`decoder`, "Shared prefix") and copies their
+   the B / n distinct prompts once into a shared prefix (`models.decoder`, "Shared prefix") and copies their
    last logits to their n rows; the rows' cache then holds only their own N slots, and every decode step
    reads each prompt's keys and values once for its n rows.
 4. `decode` (jit, state donated): one `lax.while_loop` on device; each iteration feeds every row's last
@@ -24,7 +24,8 @@ One call:
 
 Shapes: B rows (a batch bucket, a multiple of the mesh's data x fsdp size), P prompt slots (a prompt
 bucket), N = `max_new_tokens` capacity, S = P + N cache slots, L layers, K kv heads, D head_dim.
-KV cache: per layer k [B, K, D, S] and v [B, K, S, D] in `cache_dtype` (see `decoder`), batch sharded over
+The carried state is a `DecodeState` (`rwml_jax.sampling.state`).
+KV cache: per layer k [B, K, D, S] and v [B, K, S, D] in `cache_dtype` (see `models.decoder`), batch sharded over
 (data, fsdp), kv heads over tensor when they divide it. With num_samples = n > 1 the rows' cache has N slots
 and the prompts' shared prefix [B / n, K, D, P] / [B / n, K, P, D] lives for the call only (the cache
 memory falls from B x (P + N) to B x N + B / n x P slots).
@@ -42,7 +43,6 @@ Multi-host: inputs are placed with `jax.device_put`, i.e. every process must pas
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -52,13 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rwml_jax import platform
 from rwml_jax import sharding as sh
-from rwml_jax.models import decode_layout, decoder
+from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.sampling import buckets, filters, stop
-from rwml_jax.sampling.outputs import _DEVICE_REASONS, LENGTH, STOP_STRING, GenerationOutput
+from rwml_jax.sampling.outputs import STOP_STRING, GenerationOutput
+from rwml_jax.sampling.state import DecodeState, FinishReason
+from rwml_jax.sampling.weight_format import DecodeWeights
 
 _BATCH = ("data", "fsdp")
+_DECODE = platform.ExecutionConfig()  # per-layer weights run as straight-line code; no backward, no remat
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
@@ -96,10 +100,9 @@ class Sampler:
       cache_dtype: KV cache dtype (default: the compute dtype, see `default_cache_dtype`).
       prompt_buckets: allowed prompt slot counts P (default powers of two from 16, see `buckets`).
       rules: logical-axis rules (default `rwml_jax.sharding.DEFAULT_RULES`).
-      weight_orientation: how the decode layout stores and multiplies projection weights, "in_out",
+      weight_orientation: the decode weight format (`rwml_jax.sampling.weight_format`): "in_out",
         "out_in" or "out_in_reduce"; "auto" picks per machine and model size
-        (`rwml_jax.models.decode_layout.default_orientation`). All give the same numbers up to float
-        rounding.
+        (`rwml_jax.platform.default_weight_format`). All give the same numbers up to float rounding.
     """
 
     def __init__(
@@ -127,22 +130,19 @@ class Sampler:
         self._executables: dict[_Key, tuple[Any, Any]] = {}
         self._caches: dict[tuple[int, int], dict[str, Any]] = {}
         self._layout_compiled: dict[tuple, Any] = {}
-        self._stacked_shardings = sh.param_shardings(config, self.mesh, self.rules)
-        fuse = self.mesh.shape["tensor"] == 1  # fusing head-sharded weights would mix shards
+        self._stacked_shardings = decoder.param_shardings(config, self.mesh, self.rules)
         if weight_orientation == "auto":
-            weight_orientation = decode_layout.default_orientation(self.mesh.devices.flat, config)
+            weight_orientation = platform.default_weight_format(self.mesh.devices.flat, config)
         self.weight_orientation = weight_orientation
-        prepared_axes = decode_layout.logical_axes(config, fuse=fuse, orientation=weight_orientation)
-        self._prepared_shardings = sh.logical_to_sharding(prepared_axes, self.mesh, self.rules)
-        self._to_layout = jax.jit(
-            functools.partial(decode_layout.from_stacked, config, fuse=fuse, orientation=weight_orientation),
-            out_shardings=self._prepared_shardings,
-        )
+        # fusing head-sharded weights would mix shards
+        self.weights = DecodeWeights(config, weight_orientation, fuse=self.mesh.shape["tensor"] == 1)
+        self._prepared_shardings = sh.logical_to_sharding(self.weights.logical_axes(), self.mesh, self.rules)
+        self._to_layout = jax.jit(self.weights.convert, out_shardings=self._prepared_shardings)
 
     # ------------------------------------------------------------------------------------------ params
     def prepare(self, params: Any) -> Any:
-        """The parameters in the sampler's layout (`rwml_jax.models.decode_layout`: per layer, projection
-        weights in `weight_orientation` and, on a mesh without tensor parallelism, fused), placed in the
+        """The parameters in the sampler's decode weight format (`rwml_jax.sampling.weight_format`: per layer,
+        projection weights in `weight_orientation` and, on a mesh without tensor parallelism, fused), placed in the
         mesh's shardings: one jitted copy of the layer weights (plus, for "in_out" with a tied head, a
         transposed copy of the embedding).
 
@@ -154,7 +154,7 @@ class Sampler:
         if isinstance(layers, (tuple, list)):
             if jax.tree.structure(params) != jax.tree.structure(self._prepared_shardings):
                 raise ValueError(
-                    "per-layer params must come from this sampler's `prepare` (the decode layout for this "
+                    "per-layer params must come from this sampler's `prepare` (the decode weight format for this "
                     f"config, mesh and weight orientation {self.weight_orientation!r}); pass the stacked params (from init_params / load_pretrained) instead"
                 )
             return params
@@ -199,12 +199,9 @@ class Sampler:
             pos=rows,
             index=NamedSharding(m, PartitionSpec()),
         )
-        state = dict(
-            cache=cache, tokens=rows2, logprobs=rows2, window=rows2, last=rows, done=rows, reason=rows,
-            lengths=rows, step=NamedSharding(m, PartitionSpec()),
-        )
-        if samples > 1:  # the prompts' shared prefix (decoder, "Shared prefix")
-            state["prefix"] = dict(k=cache["k"], v=cache["v"], mask=rows2)
+        prefix = dict(k=cache["k"], v=cache["v"], mask=rows2) if samples > 1 else None
+        state = DecodeState(cache=cache, tokens=rows2, logprobs=rows2, window=rows2, last=rows, done=rows,
+                            reason=rows, lengths=rows, step=NamedSharding(m, PartitionSpec()), prefix=prefix)
         return dict(cache=cache, state=state, rows=rows, rows2=rows2, repl=NamedSharding(m, PartitionSpec()))
 
     def _new_cache(self, batch: int, prompt: int) -> dict[str, Any]:
@@ -218,35 +215,34 @@ class Sampler:
         return zeros()
 
     # ------------------------------------------------------------------------------------ device code
-    def _advance(self, state, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode):
+    def _advance(self, state: DecodeState, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs,
+                 stop_lens, mode) -> DecodeState:
         """Sample one token per row from logits [B, V] and record it (shared by prefill and decode)."""
         B = logits.shape[0]
-        step = state["step"]
+        step = state.step
         tok = filters.sample(logits, filters.row_keys(seed, step, B), mode, temperature, top_p)
         logp = filters.token_logprobs(logits, tok)
-        live = ~state["done"]
+        live = ~state.done
         zero = jnp.zeros((), jnp.int32)
-        tokens = jax.lax.dynamic_update_slice(state["tokens"], jnp.where(live, tok, -1)[:, None], (zero, step))
-        logprobs = jax.lax.dynamic_update_slice(state["logprobs"], jnp.where(live, logp, 0.0)[:, None], (zero, step))
-        window = stop.push_window(state["window"], tok)
+        window = stop.push_window(state.window, tok)
         tok_hit, seq_hit = stop.stop_hits(tok, window, stop_ids, stop_seqs, stop_lens)
-        length_hit = step + 1 >= max_new
-        reason = jnp.where(tok_hit, 1, jnp.where(seq_hit, 2, jnp.where(length_hit, 3, 0)))
-        reason = jnp.where(live, reason, state["reason"]).astype(jnp.int32)
-        return dict(
-            state,
-            tokens=tokens,
-            logprobs=logprobs,
+        r = {k: jnp.int32(v) for k, v in FinishReason.__members__.items()}
+        reason = jnp.where(tok_hit, r["STOP_TOKEN"], jnp.where(
+            seq_hit, r["STOP_STRING"], jnp.where(step + 1 >= max_new, r["LENGTH"], r["NONE"])))
+        reason = jnp.where(live, reason, state.reason)
+        return state.replace(
+            tokens=jax.lax.dynamic_update_slice(state.tokens, jnp.where(live, tok, -1)[:, None], (zero, step)),
+            logprobs=jax.lax.dynamic_update_slice(state.logprobs, jnp.where(live, logp, 0.0)[:, None], (zero, step)),
             window=window,
             last=tok,
-            done=state["done"] | (reason > 0),
+            done=state.done | (reason != r["NONE"]),
             reason=reason,
-            lengths=state["lengths"] + live.astype(jnp.int32),
+            lengths=state.lengths + live.astype(jnp.int32),
             step=step + 1,
         )
 
     def _prefill_fn(self, mode: filters.SamplingMode, window: int, samples: int):
-        c, N = self.config, self.max_new_tokens
+        c, N, w = self.config, self.max_new_tokens, self.weights
 
         def prefill(lparams, cache, ids, mask, valid, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
             B = valid.shape[0]  # ids, mask: [B / samples, P]
@@ -254,17 +250,19 @@ class Sampler:
                          index=jnp.zeros_like(cache["index"]))
             prefix = None
             if samples == 1:
-                hidden, cache = decoder.apply(c, lparams, ids, mask, cache=dict(cache, **empty), return_hidden=True)
-                logits = decoder.lm_logits(c, lparams, hidden[:, -1])  # left padding: the last slot is real
+                hidden, cache = decoder.apply(c, lparams, ids, mask, cache=dict(cache, **empty), return_hidden=True,
+                                              weights=w, execution=_DECODE)
+                logits = decoder.lm_logits(c, lparams, hidden[:, -1], w)  # left padding: the last slot is real
             else:  # the distinct prompts into a prefix of P slots; the rows' cache starts empty
                 prompt_cache = jax.lax.with_sharding_constraint(
                     decoder.init_cache(c, ids.shape[0], ids.shape[1], self.cache_dtype, per_layer=True),
                     self._shardings()["cache"])
-                hidden, prompt_cache = decoder.apply(c, lparams, ids, mask, cache=prompt_cache, return_hidden=True)
-                logits = jnp.repeat(decoder.lm_logits(c, lparams, hidden[:, -1]), samples, axis=0)
+                hidden, prompt_cache = decoder.apply(c, lparams, ids, mask, cache=prompt_cache, return_hidden=True,
+                                                     weights=w, execution=_DECODE)
+                logits = jnp.repeat(decoder.lm_logits(c, lparams, hidden[:, -1], w), samples, axis=0)
                 prefix = dict(k=prompt_cache["k"], v=prompt_cache["v"], mask=prompt_cache["mask"])
                 cache = dict(cache, **dict(empty, pos=jnp.repeat(prompt_cache["pos"], samples, axis=0)))
-            state = dict(
+            state = DecodeState(
                 cache=cache,
                 tokens=jnp.full((B, N), -1, jnp.int32),
                 logprobs=jnp.zeros((B, N), jnp.float32),
@@ -274,25 +272,24 @@ class Sampler:
                 reason=jnp.zeros((B,), jnp.int32),
                 lengths=jnp.zeros((B,), jnp.int32),
                 step=jnp.zeros((), jnp.int32),
+                prefix=prefix,
             )
-            if prefix is not None:
-                state["prefix"] = prefix
             return self._advance(state, logits, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
 
         return prefill
 
     def _decode_fn(self, mode: filters.SamplingMode):
-        c = self.config
+        c, w = self.config, self.weights
 
         def decode(lparams, state, seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens):
             def cond(s):
-                return (s["step"] < max_new) & ~jnp.all(s["done"])
+                return (s.step < max_new) & ~jnp.all(s.done)
 
             def body(s):
-                logits, cache = decoder.apply(c, lparams, s["last"][:, None], None, cache=s["cache"],
-                                              prefix=s.get("prefix"))
-                s = dict(s, cache=cache)
-                return self._advance(s, logits[:, 0], seed, temperature, top_p, max_new, stop_ids, stop_seqs, stop_lens, mode)
+                logits, cache = decoder.apply(c, lparams, s.last[:, None], None, cache=s.cache, prefix=s.prefix,
+                                              weights=w, execution=_DECODE)
+                return self._advance(s.replace(cache=cache), logits[:, 0], seed, temperature, top_p, max_new,
+                                     stop_ids, stop_seqs, stop_lens, mode)
 
             return jax.lax.while_loop(cond, body, state)
 
@@ -398,8 +395,9 @@ class Sampler:
         prefill, decode = self._executables[key]
         state = prefill(lparams, cache, dev_ids, dev_mask, dev_valid, *scalars)
         state = decode(lparams, state, *scalars)
-        self._caches[cache_key] = state["cache"]
-        host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "lengths", "reason", "step")})
+        self._caches[cache_key] = state.cache
+        host = jax.device_get(dict(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
+                                   reason=state.reason, step=state.step))
         return _finish(host, n_rows, [len(t) for t in token_lists for _ in range(G)], criteria, tokenizer)
 
 
@@ -429,7 +427,7 @@ def _finish(host: dict[str, np.ndarray], n_rows: int, prompt_lens: list[int], cr
     tokens = np.array(host["tokens"][:n_rows])
     logprobs = np.array(host["logprobs"][:n_rows])
     lengths = np.array(host["lengths"][:n_rows])
-    reasons = [_DEVICE_REASONS.get(int(r), LENGTH) for r in host["reason"][:n_rows]]
+    reasons = [FinishReason(int(r) or FinishReason.LENGTH).label for r in host["reason"][:n_rows]]
     texts = None if tokenizer is None else []
     for i in range(n_rows):
         n = int(lengths[i])

@@ -1,4 +1,4 @@
-"""`generate`: the functional entry point, backed by a small pool of reusable `Sampler`s."""
+"""`generate`: the functional entry point, and `SamplerPool`, the reusable samplers a caller holds."""
 
 from __future__ import annotations
 
@@ -15,34 +15,38 @@ from rwml_jax.sampling.engine import Sampler
 from rwml_jax.sampling.outputs import GenerationOutput
 
 MIN_CAPACITY = 16
-_POOL_SIZE = 4
-_POOL: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()
 
 
-def get_sampler(
-    config: ModelConfig,
-    max_new_tokens: int,
-    *,
-    mesh: Mesh | None = None,
-    cache_dtype: str | jnp.dtype | None = None,
-    prompt_buckets: Sequence[int] | None = None,
-) -> Sampler:
-    """A pooled `Sampler` whose capacity is `max_new_tokens` rounded up to a power of two (>= 16).
+class SamplerPool:
+    """The `size` most recently used `Sampler`s, keyed by (config, mesh, capacity, cache dtype, prompt
+    buckets), each with a capacity of `max_new_tokens` rounded up to a power of two (>= 16). Whoever
+    generates repeatedly holds one (e.g. `rwml_jax.train.policy.PolicySampler`), so repeated calls reuse
+    compiled functions and KV caches; nothing is cached behind the caller's back.
 
-    Repeated `generate` calls with the same config / mesh / settings reuse its compiled functions and KV
-    cache; the pool keeps the 4 most recently used samplers.
+    weight_format: the decode weight format of its samplers ("auto": `rwml_jax.platform`'s rule).
     """
-    capacity = max(MIN_CAPACITY, next_pow2(int(max_new_tokens)))
-    key = (config, mesh, capacity, None if cache_dtype is None else str(jnp.dtype(cache_dtype)),
-           tuple(prompt_buckets) if prompt_buckets else None)
-    if key in _POOL:
-        _POOL.move_to_end(key)
-        return _POOL[key]
-    sampler = Sampler(config, max_new_tokens=capacity, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
-    _POOL[key] = sampler
-    while len(_POOL) > _POOL_SIZE:
-        _POOL.popitem(last=False)
-    return sampler
+
+    def __init__(self, size: int = 4, weight_format: str = "auto"):
+        self.size, self.weight_format = int(size), weight_format
+        self._samplers: collections.OrderedDict[tuple, Sampler] = collections.OrderedDict()
+
+    def get(self, config: ModelConfig, max_new_tokens: int, *, mesh: Mesh | None = None,
+            cache_dtype: str | jnp.dtype | None = None, prompt_buckets: Sequence[int] | None = None) -> Sampler:
+        capacity = max(MIN_CAPACITY, next_pow2(int(max_new_tokens)))
+        key = (config, mesh, capacity, None if cache_dtype is None else str(jnp.dtype(cache_dtype)),
+               tuple(prompt_buckets) if prompt_buckets else None)
+        if key in self._samplers:
+            self._samplers.move_to_end(key)
+            return self._samplers[key]
+        sampler = Sampler(config, max_new_tokens=capacity, mesh=mesh, cache_dtype=cache_dtype,
+                          prompt_buckets=prompt_buckets, weight_orientation=self.weight_format)
+        self._samplers[key] = sampler
+        while len(self._samplers) > self.size:
+            self._samplers.popitem(last=False)
+        return sampler
+
+    def clear(self) -> None:
+        self._samplers.clear()
 
 
 def generate(
@@ -63,6 +67,7 @@ def generate(
     stop_at_eos: bool = True,
     prompt_buckets: Sequence[int] | None = None,
     num_samples: int = 1,
+    pool: SamplerPool | None = None,
 ) -> GenerationOutput:
     """Sample continuations of a batch of prompts with a jitted prefill + on-device decode loop.
 
@@ -81,16 +86,17 @@ def generate(
       prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
       num_samples: continuations per prompt (a GRPO group): rows come out prompt by prompt, the same as
         passing each prompt num_samples times with the same seed, but every prompt is prefilled once.
+      pool: the `SamplerPool` to take the sampler from (reusing its compiled functions); None builds a
+        sampler for this call alone (compiled afresh).
 
     Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending
     with the stop token or the token that completed a stop string (included; `finish_reason` says which,
     or "length"), `logprobs` of those tokens under the unmodified policy (temperature 1, no top-k / top-p:
     the GRPO importance-ratio denominator), `text` (decoded, special tokens skipped, cut before a stop
     string); plus padded batch arrays `tokens`, `logprobs`, `lengths`.
-
-    Compilation: see `rwml_jax.sampling.engine` (3 compilations for a fixed workload; none on repeat).
     """
-    sampler = get_sampler(config, max_new_tokens, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
+    sampler = (pool if pool is not None else SamplerPool(size=1)).get(
+        config, max_new_tokens, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
     return sampler.generate(
         params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,

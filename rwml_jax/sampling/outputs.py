@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-# finish_reason values
-STOP_TOKEN = "stop_token"  # a stop token id (EOS by default) was generated; it is the last token
-STOP_STRING = "stop_string"  # a stop string was completed; the completing token is the last token
-LENGTH = "length"  # max_new_tokens reached
+from rwml_jax.sampling.state import FinishReason
 
-_DEVICE_REASONS = {1: STOP_TOKEN, 2: STOP_STRING, 3: LENGTH}
+# finish_reason values (see `FinishReason`)
+STOP_TOKEN = FinishReason.STOP_TOKEN.label
+STOP_STRING = FinishReason.STOP_STRING.label
+LENGTH = FinishReason.LENGTH.label
 
 
 @dataclasses.dataclass(frozen=True)

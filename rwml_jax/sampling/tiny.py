@@ -14,6 +14,7 @@ import jax
 
 from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.tokenizer import train_tokenizer
 
 _CORPUS = [
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a countertop 1, "
@@ -30,8 +31,6 @@ _CORPUS = [
 
 def tiny_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 384) -> Any:
     """A byte-level BPE tokenizer with a ChatML template (EOS = <|im_end|>), trained on a built-in corpus."""
-    from rwml_jax.train.tokenizer_train import train_tokenizer
-
     out_dir = out_dir or tempfile.mkdtemp(prefix="rwml_tiny_tok_")
     return train_tokenizer(_CORPUS * 4, out_dir, vocab_size=vocab_size)
 

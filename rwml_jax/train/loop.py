@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwml_jax.models import decoder
 from rwml_jax.rl.train_state import OptimizerConfig, TrainState, create_train_state, make_optimizer, state_shardings
 from rwml_jax.train.checkpoint import Checkpointer, DataCursor
 from rwml_jax.train.stage_io import append_jsonl
@@ -59,7 +60,7 @@ class TrainLoop:
         from rwml_jax import sharding as sh
 
         self.optimizer = make_optimizer(self.optimizer_config)
-        self.param_shardings = sh.param_shardings(self.model_config, self.mesh)
+        self.param_shardings = decoder.param_shardings(self.model_config, self.mesh)
         self.shardings = state_shardings(self.optimizer, self.param_shardings, self.mesh)
         self.ckpt = Checkpointer(self.stage_dir / "checkpoints", keep=self.keep)
         self.batches_file = self.stage_dir / "batches.jsonl"

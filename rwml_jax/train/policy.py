@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from rwml_jax.sampling import SamplerPool, generate
 from rwml_jax.train.encode import encode_prompt, stop_ids
 
 Message = dict[str, Any]
@@ -29,10 +30,13 @@ class Completion:
 
 
 class PolicySampler:
-    """Samples replies of `(model_config, params)` for chat prompts; see `sample` / `generate_fn`."""
+    """Samples replies of `(model_config, params)` for chat prompts; see `sample` / `generate_fn`.
+    It holds its own `SamplerPool` (compiled samplers and KV caches reused across calls); weight_format:
+    the sampler's decode weight format (`rwml_jax.platform.ExecutionConfig.weight_format`)."""
 
     def __init__(self, model_config: Any, tokenizer: Any, mesh: Any, *, max_prompt_tokens: int,
-                 max_new_tokens: int, cache_dtype: str | None = None):
+                 max_new_tokens: int, cache_dtype: str | None = None, weight_format: str = "auto"):
+        self.pool = SamplerPool(weight_format=weight_format)
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -48,13 +52,11 @@ class PolicySampler:
                    seed: int = 0, max_new_tokens: int | None = None, n: int = 1) -> list[Completion]:
         """Sample `n` completions per prompt (token-id lists of any lengths), prompt by prompt; each prompt
         is prefilled once for its n samples."""
-        from rwml_jax.sampling import generate
-
         out = generate(
             self.model_config, params, [list(p) for p in prompts],
             max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, stop_token_ids=self.stop_token_ids, mesh=self.mesh, cache_dtype=self.cache_dtype,
-            num_samples=n,
+            num_samples=n, pool=self.pool,
         )
         return [Completion(r.token_ids, np.asarray(r.logprobs, np.float32), self.decode(r.token_ids)) for r in out]
 

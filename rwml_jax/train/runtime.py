@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from rwml_jax import platform
 from rwml_jax import sharding as sh
 from rwml_jax.models import hf_io
 from rwml_jax.models.config import ModelConfig
@@ -72,8 +73,13 @@ class Runtime:
         """Load a decoder into this run's mesh with the recipe's dtype policy."""
         path = path or self.policy_source()
         c = self.config.model
-        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh, remat=c.remat,
-                                       layer_loop=c.layer_loop)
+        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh)
+
+    def execution(self, model_config: ModelConfig) -> platform.ExecutionConfig:
+        """How `model_config` runs on this run's mesh: the recipe's execution choices with "auto" resolved
+        by `rwml_jax.platform`'s rules."""
+        c = self.config.model
+        return platform.resolve(model_config, self.mesh.devices.flat, remat=c.remat, layer_loop=c.layer_loop)
 
     def tokenizer(self, path: str | None = None):
         from transformers import AutoTokenizer

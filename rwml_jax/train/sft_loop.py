@@ -48,8 +48,10 @@ def train_sft(
     logger: MetricsLogger | None = None,
     desc: str = "sft",
     on_step: Callable[[int, Any], None] | None = None,
+    execution: Any = None,
 ) -> tuple[Any, dict[str, float]]:
-    """Train and return (final params, last metrics). `optimizer`: the config's optimizer section."""
+    """Train and return (final params, last metrics). `optimizer`: the config's optimizer section;
+    `execution`: a `platform.ExecutionConfig` (default: the platform's rules)."""
     total = num_steps(len(examples), batch_size, epochs, max_steps)
     opt = OptimizerConfig(
         learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, max_grad_norm=1.0,
@@ -58,7 +60,7 @@ def train_sft(
     loop = TrainLoop(stage_dir, mesh, model_config, opt, len(examples), batch_size, total, seed,
                      every_steps=checkpoint_every, keep=keep)
     mb = micro_batch_size if micro_batch_size and micro_batch_size < batch_size else None
-    step_fn = make_sft_step(model_config, SFTConfig(micro_batch_size=mb), loop.optimizer, mesh)
+    step_fn = make_sft_step(model_config, SFTConfig(micro_batch_size=mb), loop.optimizer, mesh, execution=execution)
     state, cursor, first = loop.start(init_params)
     # One padded shape for the whole stage: on CPU a recompile costs more than the padding.
     p_len = round_up(max(len(p) for p, _ in examples), 64)

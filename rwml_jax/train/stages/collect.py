@@ -85,7 +85,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     source = rt.policy_source()
     model_config, params = rt.load_model(source)
     policy = PolicySampler(model_config, rt.tokenizer(), rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,
-                           max_new_tokens=c.collect.max_new_tokens)
+                           max_new_tokens=c.collect.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     n_eps = len(tasks) * c.collect.trajectories_per_task
     width = max(1, min(c.collect.max_live_episodes, n_eps))
     workers = min(width, c.env.num_workers or os.cpu_count() or 1)

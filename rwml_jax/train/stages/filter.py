@@ -53,7 +53,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     model_config, start = rt.load_model(source)
     tokenizer = rt.tokenizer()
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.rwml.max_prompt_tokens,
-                           max_new_tokens=f.max_new_tokens)
+                           max_new_tokens=f.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     model_dir = stage.file("filter_model")
     if (model_dir / "model.safetensors").exists():
         model_config, params = rt.load_model(str(model_dir))
@@ -66,7 +66,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
             examples=examples, learning_rate=f.sft.learning_rate, epochs=f.sft.epochs, batch_size=batch,
             micro_batch_size=f.sft.micro_batch_size, warmup_steps=f.sft.warmup_steps, seed=c.seed,
             pad_id=tokenizer.pad_token_id, optimizer=c.optimizer, checkpoint_every=c.checkpoint.every_steps,
-            keep=c.checkpoint.keep, logger=logger, desc="filter_sft",
+            keep=c.checkpoint.keep, logger=logger, desc="filter_sft", execution=rt.execution(model_config),
         )
         logger.close()
         save_pretrained(model_config, params, model_dir, tokenizer=tokenizer)

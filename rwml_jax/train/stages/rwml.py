@@ -101,7 +101,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     model_config, start_params = rt.load_model(source)
     tokenizer = rt.tokenizer()
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=r.max_prompt_tokens,
-                           max_new_tokens=r.max_new_tokens)
+                           max_new_tokens=r.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     cfg = reward_config(c)
     realized = EmbeddingCache.beside(rt.work_dir / "triplets", rt.embedder)
     realized.warm([t.next_state for t in train])
@@ -119,7 +119,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
                           kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro,
                           prompt_group_size=share)
-    step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh)
+    step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=rt.execution(model_config))
     ref_params = start_params if grpo_cfg.uses_reference else None
 
     state, cursor, first = loop.start(lambda: start_params)

@@ -30,6 +30,7 @@ from rwml_jax.rwml.wm_prompts import wm_messages, wm_sft_target
 from rwml_jax.train.encode import encode_completion, encode_prompt
 from rwml_jax.train.metrics_log import MetricsLogger
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.models.decoder import init_params_sharded
 from rwml_jax.train.sft_loop import examples_stats, train_sft, truncate_example
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
@@ -137,7 +138,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     from rwml_jax.envs.alfworld_gen import generate_games
     from rwml_jax.models.config import ModelConfig
     from rwml_jax.models.hf_io import save_pretrained
-    from rwml_jax.train.tokenizer_train import train_tokenizer
+    from rwml_jax.models.tokenizer import train_tokenizer
     from configs.models import PRESETS
 
     c = rt.config
@@ -170,15 +171,10 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
     preset.update(vocab_size=preset["vocab_size"], eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model_config = ModelConfig.from_hf_dict(preset, param_dtype=c.model.dtype, compute_dtype=c.model.compute_dtype,
-                                            remat=c.model.remat, layer_loop=c.model.layer_loop)
+    model_config = ModelConfig.from_hf_dict(preset, param_dtype=c.model.dtype, compute_dtype=c.model.compute_dtype)
 
     def init_params():
-        from rwml_jax import sharding as sh
-        from rwml_jax.models.decoder import init_params as init
-
-        shardings = sh.param_shardings(model_config, rt.mesh)
-        return jax.jit(lambda k: init(model_config, k), out_shardings=shardings)(jax.random.key(c.seed))
+        return init_params_sharded(model_config, jax.random.key(c.seed), rt.mesh)
 
     logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard)
     params, metrics = train_sft(
@@ -186,7 +182,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         examples=examples, learning_rate=w.learning_rate, epochs=w.epochs, batch_size=w.batch_size,
         micro_batch_size=w.micro_batch_size, warmup_steps=w.warmup_steps, seed=c.seed, pad_id=tokenizer.pad_token_id,
         max_steps=w.steps, optimizer=c.optimizer, checkpoint_every=c.checkpoint.every_steps, keep=c.checkpoint.keep,
-        logger=logger, desc="warmstart",
+        logger=logger, desc="warmstart", execution=rt.execution(model_config),
     )
     logger.close()
     save_pretrained(model_config, params, tok_dir, tokenizer=tokenizer)

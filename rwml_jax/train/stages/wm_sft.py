@@ -31,7 +31,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     model_config, start = rt.load_model()
     tokenizer = rt.tokenizer()
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.rwml.max_prompt_tokens,
-                           max_new_tokens=c.rwml.max_new_tokens)
+                           max_new_tokens=c.rwml.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard)
     evaluator = Evaluator(rt, stage, policy, logger, c.rwml)  # the same held-out set and decoding as RWML
     if not evaluator.records():
@@ -43,7 +43,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         examples=examples, learning_rate=s.learning_rate, epochs=s.epochs, batch_size=batch,
         micro_batch_size=s.micro_batch_size, warmup_steps=s.warmup_steps, seed=c.seed, pad_id=tokenizer.pad_token_id,
         optimizer=c.optimizer, checkpoint_every=c.checkpoint.every_steps, keep=c.checkpoint.keep, logger=logger,
-        desc="wm_sft",
+        desc="wm_sft", execution=rt.execution(model_config),
     )
     steps = len(examples) // batch * s.epochs
     final = evaluator(steps, params)

@@ -1,4 +1,4 @@
-"""rwml_jax.hostenv: the glibc malloc tunables, what they do, and the re-exec that applies them."""
+"""rwml_jax.platform's host settings: the glibc malloc tunables, what they do, and the re-exec that applies them."""
 
 import os
 import subprocess
@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from rwml_jax import hostenv
+from rwml_jax import platform
 
-needs_tunables = pytest.mark.skipif(not hostenv.malloc_tunables(), reason="needs Linux with glibc >= 2.26")
+needs_tunables = pytest.mark.skipif(not platform.malloc_tunables(), reason="needs Linux with glibc >= 2.26")
 
 
 def _clean_env(**extra):
@@ -19,27 +19,27 @@ def _clean_env(**extra):
 
 
 def test_tunables_are_appended_to_existing_ones():
-    env = hostenv.environment_with_tunables(("x.y=1", "x.z=2"), {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
+    env = platform.environment_with_tunables(("x.y=1", "x.z=2"), {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
                                                                  "A": "b"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:x.y=1:x.z=2"
     assert env["A"] == "b"
-    assert hostenv.environment_with_tunables(("x.y=1",), {})["GLIBC_TUNABLES"] == "x.y=1"
+    assert platform.environment_with_tunables(("x.y=1",), {})["GLIBC_TUNABLES"] == "x.y=1"
 
 
 @needs_tunables
 def test_missing_tunables_respect_the_users_values_and_the_backend():
-    everything = hostenv.malloc_tunables()
-    assert set(hostenv.HEAP_TUNABLES) <= set(everything)
+    everything = platform.malloc_tunables()
+    assert set(platform.HEAP_TUNABLES) <= set(everything)
     cpu = {"JAX_PLATFORMS": "cpu"}
-    assert hostenv.missing_tunables(cpu) == everything
+    assert platform.missing_tunables(cpu) == everything
     # a tunable the user set, to any value, is left alone; the others are still added
-    mine = hostenv.missing_tunables({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+    mine = platform.missing_tunables({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
     assert mine == tuple(t for t in everything if not t.startswith("glibc.malloc.arena_max="))
-    assert hostenv.missing_tunables({**cpu, "GLIBC_TUNABLES": ":".join(everything)}) == ()
-    assert hostenv.missing_tunables({**cpu, "RWML_NO_REEXEC": "1"}) == ()
+    assert platform.missing_tunables({**cpu, "GLIBC_TUNABLES": ":".join(everything)}) == ()
+    assert platform.missing_tunables({**cpu, "RWML_NO_REEXEC": "1"}) == ()
     # an accelerator backend keeps glibc's defaults
-    assert hostenv.missing_tunables({"JAX_PLATFORMS": "cuda"}) == ()
-    assert hostenv.missing_tunables({"JAX_PLATFORMS": "tpu,cpu"}) == ()
+    assert platform.missing_tunables({"JAX_PLATFORMS": "cuda"}) == ()
+    assert platform.missing_tunables({"JAX_PLATFORMS": "tpu,cpu"}) == ()
 
 
 @needs_tunables
@@ -65,7 +65,7 @@ def test_heap_tunables_stop_refaulting_large_buffers():
                              check=True)
         return int(out.stdout)
 
-    default, tuned = faults(""), faults(":".join(hostenv.HEAP_TUNABLES))
+    default, tuned = faults(""), faults(":".join(platform.HEAP_TUNABLES))
     assert default >= (256 << 20) // (2 << 20)  # at least one fault per page, even with 2 MiB pages (THP "always")
     assert tuned * 20 < default
 
@@ -80,12 +80,12 @@ def test_reexec_restarts_the_same_command_once_with_the_tunables(tmp_path):
         import os, sys
         with open({str(log)!r}, "a") as f:
             f.write(repr((os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])) + "\\n")
-        from rwml_jax import hostenv
-        hostenv.reexec_with_malloc_tunables()
+        from rwml_jax import platform
+        platform.reexec_with_malloc_tunables()
         print("done")
     """))
     out = subprocess.run([sys.executable, str(script), "--x", "1"], env=_clean_env(JAX_PLATFORMS="cpu"),
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "done"
     runs = log.read_text().splitlines()
-    assert runs == [repr(("", ["--x", "1"])), repr((":".join(hostenv.malloc_tunables()), ["--x", "1"]))]
+    assert runs == [repr(("", ["--x", "1"])), repr((":".join(platform.malloc_tunables()), ["--x", "1"]))]
