@@ -71,9 +71,15 @@ class Runtime:
     def load_model(self, path: str | None = None) -> tuple[ModelConfig, Any]:
         """Load a decoder into this run's mesh with the recipe's dtype policy."""
         path = path or self.policy_source()
-        c = self.config.model
-        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh, remat=c.remat,
-                                       layer_loop=c.layer_loop)
+        c, x = self.config.model, self.config.execution
+        return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh, remat=x.remat,
+                                       layer_loop=x.layer_loop)
+
+    @property
+    def weight_format(self) -> str:
+        """The decode weight format the sampler stores and multiplies its weights in
+        (`execution.weight_format`: "out_in", "in_out", "out_in_reduce", or "auto" = the platform's choice)."""
+        return self.config.execution.weight_format
 
     def tokenizer(self, path: str | None = None):
         from transformers import AutoTokenizer

@@ -33,6 +33,10 @@ from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.sft_loop import examples_stats, train_sft, truncate_example
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("seed", "model", "warmstart", "optimizer", "env.name", "env.data_dir", "env.num_generated_games",
+               "env.max_steps")
+
 log = logging.getLogger(__name__)
 
 WARMSTART_SEED_OFFSET = 10_007  # warm-start games never share a seed with the collect games
@@ -171,7 +175,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     preset.update(vocab_size=preset["vocab_size"], eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model_config = ModelConfig.from_hf_dict(preset, param_dtype=c.model.dtype, compute_dtype=c.model.compute_dtype,
-                                            remat=c.model.remat, layer_loop=c.model.layer_loop)
+                                            remat=c.execution.remat, layer_loop=c.execution.layer_loop)
 
     def init_params():
         from rwml_jax import sharding as sh
