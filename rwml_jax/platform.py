@@ -48,6 +48,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+DTYPES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes a model loads in
 REMAT_POLICIES = ("none", "full", "dots")
 LAYER_LOOPS = ("auto", "scan", "unroll")
 WEIGHT_FORMATS = ("auto", "out_in", "in_out", "out_in_reduce")

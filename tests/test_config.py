@@ -10,10 +10,6 @@ from pathlib import Path
 import pytest
 
 from rwml_jax.config import (
-    ALFWORLD_TASK_TYPES,
-    KL_ESTIMATORS,
-    LAYER_LOOPS,
-    LOSS_AGGS,
     ConfigError,
     apply_overrides,
     available_recipes,
@@ -101,15 +97,28 @@ def test_every_base_field_is_commented():
     assert not uncommented, uncommented
 
 
-def test_enum_tables_match_the_code_that_consumes_them():
+def test_allowed_values_are_those_of_the_code_that_acts_on_them():
+    from rwml_jax import platform
     from rwml_jax.envs.alfworld_data import TASK_TYPES
-    from rwml_jax.models import config as model_config
     from rwml_jax.rl import grpo
 
-    assert KL_ESTIMATORS == grpo.KL_ESTIMATORS
-    assert LOSS_AGGS == grpo.LOSS_AGGS
-    assert ALFWORLD_TASK_TYPES == TASK_TYPES
-    assert LAYER_LOOPS == model_config.LAYER_LOOPS
+    for key, allowed in [("rwml.kl_estimator", grpo.KL_ESTIMATORS), ("rwml.loss_agg", grpo.LOSS_AGGS),
+                         ("execution.remat", platform.REMAT_POLICIES), ("execution.layer_loop", platform.LAYER_LOOPS),
+                         ("execution.weight_format", platform.WEIGHT_FORMATS)]:
+        for value in allowed:
+            assert flatten(load_config("rwml_alfworld", [f"--config.{key}={value}"]))[key] == value
+        with pytest.raises(ConfigError, match=re.escape(f"{key}='bogus': expected one of {', '.join(map(repr, allowed))}")):
+            load_config("rwml_alfworld", [f"--config.{key}=bogus"])
+    assert load_config("rwml_alfworld", [f"--config.env.task_types={','.join(TASK_TYPES)}"]).env.task_types == TASK_TYPES
+
+
+def test_execution_options_are_not_model_fields():
+    c = load_config("rwml_alfworld")
+    assert set(c.execution) == {"remat", "layer_loop", "weight_format"}
+    assert not {"remat", "layer_loop", "weight_format"} & set(c.model)
+    assert load_config("demo_cpu").execution.remat == "none"
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.remat'; did you mean 'execution\.remat'\?"):
+        load_config("rwml_alfworld", ["--config.model.remat=none"])
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -146,8 +155,10 @@ def test_wrong_types_are_rejected_with_the_field_name():
     ("rwml.loss_agg=sum", r"rwml\.loss_agg='sum': expected one of 'token-mean'"),
     ("env.name=webshop", r"env\.name='webshop': expected one of 'alfworld', 'tau2'"),
     ("rewards.kind=vibes", r"rewards\.kind='vibes'"),
-    ("model.remat=some", r"model\.remat='some'"),
-    ("model.layer_loop=loop", r"model\.layer_loop='loop': expected one of 'auto', 'scan', 'unroll'"),
+    ("rewards.kind=judge", r"rewards\.kind='judge': expected one of 'embedding'"),  # no stage runs the judge
+    ("execution.remat=some", r"execution\.remat='some'"),
+    ("execution.layer_loop=loop", r"execution\.layer_loop='loop': expected one of 'auto', 'scan', 'unroll'"),
+    ("execution.weight_format=fast", r"execution\.weight_format='fast': expected one of 'auto', 'out_in'"),
     ("filter.keep_easy_prob=1.5", r"filter\.keep_easy_prob=1\.5: must be in \[0\.0, 1\.0\]"),
     ("filter.tau_easy=-0.1", r"filter\.tau_easy=-0\.1: must be in"),
     ("rwml.group_size=1", r"rwml\.group_size=1: must be in \[2"),
@@ -204,6 +215,22 @@ def test_overrides_are_coerced_to_the_field_type():
     assert c.env.task_types == ("pick_and_place_simple",)
     assert c.model.path == "/data/my model"
     assert c.collect.num_tasks == 1000 and c.seed == 7
+
+
+def test_config_flags_syntax(tmp_path):
+    """What ml_collections' config_flags parses: repeated flags for a tuple, --noconfig.KEY, --flagfile."""
+    flagfile = tmp_path / "overrides.flags"
+    flagfile.write_text("--config.seed=5\n--config.rwml.group_size=4\n")
+    c = load_config("rwml_tau2", ["--config.env.domains=airline", "--config.env.domains", "retail",
+                                  "--noconfig.filter.enabled", f"--flagfile={flagfile}"])
+    assert c.env.domains == ("airline", "retail") and c.filter.enabled is False and (c.seed, c.rwml.group_size) == (5, 4)
+    flagfile.write_text("--config.rwml.learnig_rate=1\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'rwml\.learning_rate'"):
+        load_config("rwml_tau2", [f"--flagfile={flagfile}"])
+    with pytest.raises(ConfigError, match=r"unrecognized argument 'false'.*--config\.section\.key=false"):
+        load_config("rwml_tau2", ["--config.filter.enabled", "false"])  # a bool's value needs the = form
+    with pytest.raises(ConfigError, match=r"--config\.rwml\.group_size needs a value"):
+        load_config("rwml_tau2", ["--config.rwml.group_size", "--config.seed=3"])
 
 
 def test_tuple_elements_take_the_existing_element_type():
@@ -299,6 +326,7 @@ def test_dry_run_plan_alfworld():
     assert "~15,813" in text  # the paper's final set
     assert f"= {15813 // 32 * 2:,} steps" in text  # rwml: 2 epochs of 32-prompt batches
     assert "256 sequences/step in 4 micro-batches of 64; prompts shared by 8 rows" in text  # a group per device
+    assert "Execution: remat full, layer loop auto, decode weight format auto" in text
     # memory per device at 8-way fsdp: (4 + 4 + 8) bytes/param f32 train state + 2 bytes bf16 reference + bf16 embedder
     m = re.search(r"Memory per device .*?: ([\d.]+) GiB", text)
     expect = (7_615_616_512 * (4 + 4 + 8 + 2) + 7_567_295_488 * 2) / 8 / 1024**3

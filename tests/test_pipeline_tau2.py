@@ -68,7 +68,7 @@ def test_tiny_rwml_run_on_tau2_transitions(tmp_path, tau2_trajectories, tiny_mod
     work = tmp_path / "run"
     config = load_config("rwml_tau2", [
         f"--config.work_dir={work}", f"--config.model.path={tiny_model}", "--config.model.dtype=float32",
-        "--config.model.compute_dtype=float32", "--config.model.remat=none", "--config.embedder.path=minilm",
+        "--config.model.compute_dtype=float32", "--config.execution.remat=none", "--config.embedder.path=minilm",
         "--config.embedder.dtype=float32", "--config.stages=collect,triplets,rwml", "--config.triplets.val_fraction=0.25",
         "--config.triplets.drop_invalid=False", "--config.rwml.batch_prompts=2", "--config.rwml.group_size=2",
         "--config.rwml.micro_batch_size=4", "--config.rwml.max_steps=2", "--config.rwml.max_new_tokens=16",

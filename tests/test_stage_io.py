@@ -4,6 +4,7 @@ with tensorboard's own reader, progress bar, and the reward-curve plot."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rwml_jax.config import load_config
+from rwml_jax.config import STAGE_ORDER, flatten, has_path, load_config
 from rwml_jax.train.stage_io import (
     Stage,
     StageConfigMismatch,
@@ -24,6 +25,7 @@ from rwml_jax.train.stage_io import (
     atomic_write_json,
     read_json,
     read_jsonl,
+    stage_config_keys,
     stage_deps,
     write_jsonl,
 )
@@ -122,9 +124,10 @@ def test_stage_done_is_reused_and_speed_knobs_do_not_count(tmp_path):
     done = st.finish(cfg, summary={"train": 1}, timings={"build_s": 0.1}, outputs=["triplets_train.jsonl"])
     assert done["summary"] == {"train": 1} and done["outputs"]["triplets_train.jsonl"] > 0
     assert Stage(tmp_path, "triplets").begin(cfg) == "done"
-    # micro-batch sizes, workers, mesh, logging do not change what a stage computes
+    # micro-batch sizes, workers, mesh, execution options, logging do not change what a stage computes
     same = _cfg("--config.env.num_workers=1", "--config.rwml.micro_batch_size=32", "--config.mesh.data=1",
-                "--config.logging.log_every=5", "--config.checkpoint.every_steps=3")
+                "--config.logging.log_every=5", "--config.checkpoint.every_steps=3", "--config.execution.remat=dots",
+                "--config.execution.layer_loop=scan", "--config.execution.weight_format=in_out")
     assert Stage(tmp_path, "triplets").begin(same) == "done"
     # provenance: model, seed, full config, git commit of this checkout
     prov = read_json(st.done_file)["provenance"]
@@ -177,6 +180,24 @@ def test_stage_deps_cover_upstream_sections_only():
     assert not any(k.startswith(("rwml.", "filter.")) for k in deps)
     assert not any(k.endswith("micro_batch_size") or k.startswith("mesh.") for k in deps)
     assert "rwml.learning_rate" not in stage_deps(cfg, "wm_sft")  # wm_sft does not read rwml's output
+    rwml = stage_deps(cfg, "rwml")  # a stage's ignored keys stay ignored in its downstream stages' deps
+    assert "filter.num_samples" in rwml and "filter.batch_prompts" not in rwml and "embedder.batch_size" not in rwml
+    assert "env.max_steps" in rwml and "env.num_workers" not in rwml and not any(k.startswith("execution.") for k in rwml)
+
+
+def test_every_stage_declares_config_keys_the_recipes_have():
+    cfg = load_config("rwml_alfworld")
+    leaves = list(flatten(cfg))
+    for stage in STAGE_ORDER:
+        keys, ignored = stage_config_keys(stage)
+        assert keys, stage
+        for key in keys:
+            assert has_path(cfg, key), (stage, key)
+        for pattern in ignored:  # each ignored pattern matches a key the stage reads
+            assert any(fnmatch.fnmatchcase(k, pattern) for k in leaves if any(k == p or k.startswith(p + ".")
+                                                                           for p in keys)), (stage, pattern)
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        stage_config_keys("train")
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------

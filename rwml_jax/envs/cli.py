@@ -16,6 +16,7 @@ import random
 import sys
 from typing import Any
 
+from rwml_jax.envs import ENV_NAMES
 from rwml_jax.envs.alfworld_data import SPLITS, TASK_TYPES
 
 
@@ -25,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
     sub = envs.add_subparsers(dest="envs_command", metavar="ACTION", required=True)
 
     rp = sub.add_parser("replay", help="replay gold walkthroughs / actions and print a table of wins")
-    rp.add_argument("--env", choices=["alfworld", "tau2"], required=True, help="which environment to replay")
+    rp.add_argument("--env", choices=list(ENV_NAMES), required=True, help="which environment to replay")
     rp.add_argument("--data", default=None,
                     help="ALFWorld data folder (official $ALFWORLD_DATA layout, the offline copy, or generated "
                          "games); default: $ALFWORLD_DATA")

@@ -61,7 +61,6 @@ from rwml_jax.envs.base import StepResult, TaskSpec  # noqa: E402
 from rwml_jax.envs.tau2_parse import ParsedTurn, parse_turn  # noqa: E402
 from rwml_jax.envs.tau2_users import UserFactory  # noqa: E402
 
-DOMAINS = ("airline", "retail", "telecom")
 AGENT_STOP = "###STOP###"
 TAU2_DEFAULT_MAX_MESSAGES = 200  # tau2.config.DEFAULT_MAX_STEPS (the `tau2 run` default)
 TAU2_DEFAULT_MAX_ERRORS = 10  # tau2.config.DEFAULT_MAX_ERRORS

@@ -20,8 +20,9 @@ import sys
 import time
 from typing import Any
 
+from rwml_jax.envs import TAU2_DOMAINS
 from rwml_jax.envs.base import TaskSpec
-from rwml_jax.envs.tau2_env import DOMAINS, Tau2Env, load_tasks, task_splits
+from rwml_jax.envs.tau2_env import Tau2Env, load_tasks, task_splits
 from rwml_jax.envs.tau2_parse import format_tool_call
 from rwml_jax.envs.tau2_users import ScriptedUser
 
@@ -130,10 +131,10 @@ def replay_tau2(domain: str, limit: int | None = None, json_out: str | None = No
     limit: replay only the first ``limit`` tasks of each domain. json_out: also write the table (with every
     task's row) as JSON there. Returns 0 when every replayed task scores 1.0, else 1.
     """
-    domains = list(DOMAINS) if domain == "all" else [domain]
+    domains = list(TAU2_DOMAINS) if domain == "all" else [domain]
     for d in domains:
-        if d not in DOMAINS:
-            print(f"error: unknown τ² domain {d!r}; choose one of {', '.join(DOMAINS)} or all", file=sys.stderr)
+        if d not in TAU2_DOMAINS:
+            print(f"error: unknown τ² domain {d!r}; choose one of {', '.join(TAU2_DOMAINS)} or all", file=sys.stderr)
             return 2
     results = [replay_domain(d, limit) for d in domains]
     print(format_table(results))

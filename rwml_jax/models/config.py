@@ -17,9 +17,10 @@ import json
 import os
 from typing import Any
 
+from rwml_jax.platform import DTYPES
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UnsupportedModelError(ValueError):
@@ -78,8 +79,8 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -21,8 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k3")
+from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 
 Metrics = dict[str, jax.Array]
 

@@ -39,6 +39,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KINDS = ("observation", "user_reply", "tool_response")
+# The reward a recipe's rewards.kind selects for the rwml stage. The LLM-as-a-judge baseline below
+# (`JudgeReward`) is a library function that no stage runs, so it is not selectable.
+REWARD_KINDS = ("embedding",)
 NEXT_STATE_TAG = "next_state"
 
 
@@ -255,7 +258,7 @@ class RewardConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "RewardConfig":
         """Build from a dict / ConfigDict section (e.g. ``config.rewards``); keys that are not
-        RewardConfig fields are ignored, so the section may hold other settings (kind, judge_model)."""
+        RewardConfig fields are ignored, so the section may hold other settings (kind)."""
         names = {f.name for f in dataclasses.fields(cls)}
         items = d.items() if hasattr(d, "items") else dict(d).items()
         return cls(**{k: v for k, v in items if k in names})

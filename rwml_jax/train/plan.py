@@ -224,7 +224,9 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     emb = model_info(config.embedder.path, embedder=True)
     add(f"Model: {pol.name}  [{pol.source}]")
     add(f"  {pol.shape}; {_fmt_n(pol.num_params)} parameters; params {config.model.dtype}, compute "
-        f"{config.model.compute_dtype}, remat {config.model.remat}, layer loop {config.model.layer_loop}")
+        f"{config.model.compute_dtype}")
+    x = config.execution
+    add(f"Execution: remat {x.remat}, layer loop {x.layer_loop}, decode weight format {x.weight_format}")
     add(f"Embedder (frozen reward model): {emb.name}  [{emb.source}]")
     add(f"  {emb.shape}; {_fmt_n(emb.num_params)} parameters; {config.embedder.dtype}; max {config.embedder.max_length} "
         f"tokens, batch {config.embedder.batch_size}")

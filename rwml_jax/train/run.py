@@ -12,29 +12,27 @@ import logging
 import time
 from typing import Any
 
-log = logging.getLogger(__name__)
+from rwml_jax.config import STAGE_ORDER, save_config
+from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.stage_io import Stage
 
-STAGES = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft")
+log = logging.getLogger(__name__)
 
 
 def stage_module(name: str):
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
     return importlib.import_module(f"rwml_jax.train.stages.{name}")
 
 
 def run_stages(config: Any, stages: tuple[str, ...] | None = None, *, force: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run `stages` (default: the recipe's `config.stages`) and return {stage: summary}."""
-    from rwml_jax.config import save_config
-    from rwml_jax.train.runtime import Runtime
-
     stages = tuple(stages or config.stages)
     for s in stages:
         stage_module(s)  # unknown names fail before any work
     rt = Runtime(config)
     rt.work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, rt.work_dir / "config.json")
-    from rwml_jax.train.stage_io import Stage
 
     summaries: dict[str, Any] = {}
     recomputed = False  # once a stage (re)computes its output, every later stage's output is stale

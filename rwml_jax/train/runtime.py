@@ -76,10 +76,11 @@ class Runtime:
         return hf_io.load_pretrained(path, dtype=c.dtype, compute_dtype=c.compute_dtype, mesh=self.mesh)
 
     def execution(self, model_config: ModelConfig) -> platform.ExecutionConfig:
-        """How `model_config` runs on this run's mesh: the recipe's execution choices with "auto" resolved
-        by `rwml_jax.platform`'s rules."""
-        c = self.config.model
-        return platform.resolve(model_config, self.mesh.devices.flat, remat=c.remat, layer_loop=c.layer_loop)
+        """How `model_config` runs on this run's mesh: the recipe's `execution` section (remat, layer loop,
+        decode weight format) with "auto" resolved by `rwml_jax.platform`'s rules."""
+        x = self.config.execution
+        return platform.resolve(model_config, self.mesh.devices.flat, remat=x.remat, layer_loop=x.layer_loop,
+                                weight_format=x.weight_format)
 
     def tokenizer(self, path: str | None = None):
         from transformers import AutoTokenizer

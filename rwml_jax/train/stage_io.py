@@ -15,9 +15,10 @@ Every pipeline stage owns ``<work_dir>/<stage>/``. Inside it:
 A stage output made with *different* values raises `StageConfigMismatch` naming each differing key with
 both values, unless ``force=True``, which moves the old folder aside to ``<stage>.replaced-<time>``
 (nothing written is ever deleted) and starts fresh. Which config keys a stage depends on is `stage_deps`:
-its own section(s) plus everything its upstream stages depend on; knobs that change speed or memory but
-not results (micro-batch sizes, worker counts, the mesh, logging, checkpoint cadence) are ignored, so a
-run can be resumed on a different machine shape.
+the keys its module declares (``CONFIG_KEYS`` in ``rwml_jax/train/stages/<stage>.py``, less its
+``IGNORED_KEYS``) plus everything its upstream stages depend on; knobs that change speed or memory but
+not results (micro-batch sizes, worker counts, the mesh, the execution options, logging, checkpoint
+cadence) are ignored, so a run can be resumed on a different machine shape.
 
 All writes here are atomic: a temporary file in the same folder, fsync, then ``os.replace``. A reader sees
 the old file or the new one, never half of one.
@@ -29,6 +30,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fnmatch
+import importlib
 import json
 import os
 import platform
@@ -41,26 +43,21 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from rwml_jax.config import STAGE_ORDER, ConfigDict, config_hash, config_to_dict, select
+from rwml_jax.config import (
+    STAGE_ORDER,
+    ConfigDict,
+    config_hash,
+    config_to_dict,
+    has_path,
+    select,
+)
 
 T = TypeVar("T")
 
-# The config keys (sections or leaves) each stage's *own* computation reads.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "warmstart": ("seed", "model", "warmstart", "optimizer", "env.name", "env.data_dir",
-                  "env.num_generated_games", "env.max_steps"),
-    "collect": ("seed", "model", "env", "collect"),
-    "triplets": ("triplets",),
-    "filter": ("filter", "embedder", "rwml.max_prompt_tokens", "optimizer"),
-    "rwml": ("rwml", "rewards", "embedder", "optimizer"),
-    "wm_sft": ("wm_sft", "rwml.max_prompt_tokens", "rwml.max_new_tokens", "rwml.eval_size",
-               "rwml.eval_samples", "rwml.eval_temperature", "rewards", "embedder", "optimizer"),
-}
-# Keys that change speed, memory or logging but not what a stage computes (fnmatch patterns).
-IGNORED_KEYS: tuple[str, ...] = (
-    "name", "work_dir", "stages", "mesh.*", "logging.*", "checkpoint.*", "*.micro_batch_size",
-    "env.num_workers", "env.step_timeout_s", "collect.max_live_episodes", "filter.batch_prompts",
-    "embedder.batch_size", "model.remat", "model.layer_loop", "rwml.eval_every",
+# Keys that change speed, memory or logging but not what any stage computes (fnmatch patterns); each
+# stage module adds its own in IGNORED_KEYS.
+RUN_IGNORED_KEYS: tuple[str, ...] = (
+    "name", "work_dir", "stages", "mesh.*", "execution.*", "logging.*", "checkpoint.*", "*.micro_batch_size",
 )
 
 
@@ -302,23 +299,26 @@ def upstream_stages(stage: str, stages: Sequence[str]) -> list[str]:
     return [s for s in before if s in stages and not (stage == "wm_sft" and s == "rwml")]
 
 
+def stage_config_keys(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(CONFIG_KEYS, IGNORED_KEYS) that the module ``rwml_jax.train.stages.<stage>`` declares: the config
+    keys or sections its own computation reads, and the patterns among them that do not change its output."""
+    if stage not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGE_ORDER}")
+    # imported here: every stage module imports this one
+    mod = importlib.import_module(f"rwml_jax.train.stages.{stage}")
+    return tuple(mod.CONFIG_KEYS), tuple(getattr(mod, "IGNORED_KEYS", ()))
+
+
 def stage_deps(config: ConfigDict, stage: str) -> dict[str, Any]:
     """{dotted key: value} of every config value `stage`'s output depends on (its own and upstream)."""
     stages = list(config.get("stages", STAGE_ORDER))
-    keys: list[str] = []
+    out: dict[str, Any] = {}
     for s in [*upstream_stages(stage, stages), stage]:
-        keys.extend(k for k in STAGE_KEYS[s] if _present(config, k))
-    values = select(config, keys)
-    return {k: v for k, v in values.items() if not any(fnmatch.fnmatchcase(k, p) for p in IGNORED_KEYS)}
-
-
-def _present(config: ConfigDict, key: str) -> bool:
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
+        keys, ignored = stage_config_keys(s)
+        ignored = RUN_IGNORED_KEYS + ignored
+        values = select(config, [k for k in keys if has_path(config, k)])
+        out.update({k: v for k, v in values.items() if not any(fnmatch.fnmatchcase(k, p) for p in ignored)})
+    return dict(sorted(out.items()))
 
 
 def diff_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -17,6 +17,11 @@ from rwml_jax.envs.base import TaskSpec
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("seed", "model", "env", "collect")
+# Of those, the ones that change speed or memory but not the output (fnmatch patterns).
+IGNORED_KEYS = ("env.num_workers", "env.step_timeout_s", "collect.max_live_episodes")
+
 log = logging.getLogger(__name__)
 
 

@@ -18,6 +18,11 @@ from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 from rwml_jax.train.stages.triplets import load_split
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("filter", "embedder", "rwml.max_prompt_tokens", "optimizer")
+# Of those, the ones that change speed or memory but not the output (fnmatch patterns).
+IGNORED_KEYS = ("filter.batch_prompts", "embedder.batch_size")
+
 log = logging.getLogger(__name__)
 
 

@@ -21,6 +21,11 @@ import numpy as np
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("rwml", "rewards", "embedder", "optimizer")
+# Of those, the ones that change speed or memory but not the output (fnmatch patterns).
+IGNORED_KEYS = ("rwml.eval_every", "embedder.batch_size")
+
 log = logging.getLogger(__name__)
 
 

@@ -13,6 +13,9 @@ from rwml_jax.rwml.triplets import build_triplets, split_triplets, triplet_stats
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, read_jsonl, write_jsonl
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("triplets",)
+
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     c = rt.config

@@ -34,6 +34,10 @@ from rwml_jax.models.decoder import init_params_sharded
 from rwml_jax.train.sft_loop import examples_stats, train_sft, truncate_example
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("seed", "model", "warmstart", "optimizer", "env.name", "env.data_dir", "env.num_generated_games",
+               "env.max_steps")
+
 log = logging.getLogger(__name__)
 
 WARMSTART_SEED_OFFSET = 10_007  # warm-start games never share a seed with the collect games

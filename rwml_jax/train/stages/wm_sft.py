@@ -12,6 +12,12 @@ from typing import Any
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage
 
+# Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
+CONFIG_KEYS = ("wm_sft", "rwml.max_prompt_tokens", "rwml.max_new_tokens", "rwml.eval_size", "rwml.eval_samples",
+               "rwml.eval_temperature", "rewards", "embedder", "optimizer")
+# Of those, the ones that change speed or memory but not the output (fnmatch patterns).
+IGNORED_KEYS = ("embedder.batch_size",)
+
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     from rwml_jax.models.hf_io import save_pretrained
