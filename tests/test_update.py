@@ -25,7 +25,7 @@ from rwml_jax.rl import batch as bt
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
 from rwml_jax.rl.sft import SFTConfig, make_sft_step
-from rwml_jax.rl.shared_prompt import group_batch, grouped_completion_logprobs
+from rwml_jax.rl.shared_prompt import group_batch
 from rwml_jax.rl.train_state import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
 from rwml_jax.rl.update import GRPOConfig, NonFiniteLossError, make_grpo_step
 
@@ -269,7 +269,7 @@ def test_shared_prompt_logprobs_match_torch(models):
     batch = shared_prompt_batch()
     want = torch_completion_logp(torch_pol, batch).detach().numpy()
     flat, flat_ent = completion_logprobs(cfg, params, batch, with_entropy=True)
-    got, ent = jax.jit(lambda p, b: grouped_completion_logprobs(cfg, p, b, with_entropy=True))(
+    got, ent = jax.jit(lambda p, b: completion_logprobs(cfg, p, b, with_entropy=True))(
         params, group_batch(batch, 4))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(ent), np.asarray(flat_ent), rtol=1e-5, atol=2e-5)

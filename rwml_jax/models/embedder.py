@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rwml_jax import sharding as sh
 from rwml_jax.models import decoder, hf_io
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.safetensors_io import SafetensorsFile

@@ -18,6 +18,8 @@ Loss aggregation (`loss_agg`), with l[b, t] the per-token loss and m[b, t] the m
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -184,21 +186,10 @@ def finalize_metrics(sums: dict[str, jax.Array], denominator: jax.Array) -> Metr
     return out
 
 
-def policy_loss(
-    logp: jax.Array,
-    old_logp: jax.Array,
-    ref_logp: jax.Array | None,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token-mean",
-    entropy: jax.Array | None = None,
-) -> tuple[jax.Array, Metrics]:
-    """The GRPO objective (to minimise) for one batch.
+def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array,
+                mask: jax.Array, **options: Any) -> tuple[jax.Array, Metrics]:
+    """The GRPO objective (to minimise) for one batch; options as `policy_loss_terms` (clip_eps_low,
+    clip_eps_high, kl_coef, kl_estimator, loss_agg, entropy).
 
     logp, old_logp, ref_logp, mask: [B, C] log-probs of the sampled completion tokens under the policy
       being trained, the sampling policy and the frozen reference; mask 1 on real tokens.
@@ -213,10 +204,6 @@ def policy_loss(
     KL(pi_old || pi_theta)), sampler_kl_k1, ratio_mean, max_ratio, pg_loss, and with a reference
     ref_kl (token mean of the estimator) and kl_loss (its `loss_agg` aggregation); entropy if given.
     """
-    num, sums = policy_loss_terms(
-        logp, old_logp, ref_logp, advantages, mask,
-        clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, loss_agg=loss_agg, entropy=entropy,
-    )
-    den = loss_denominator(mask, loss_agg)
+    num, sums = policy_loss_terms(logp, old_logp, ref_logp, advantages, mask, **options)
+    den = loss_denominator(mask, options.get("loss_agg", "token-mean"))
     return num / den, finalize_metrics(sums, den)

@@ -20,6 +20,7 @@ from rwml_jax import platform
 from rwml_jax.models import decoder
 from rwml_jax.models.block import ParamWeights
 from rwml_jax.models.config import ModelConfig
+from rwml_jax.rl import shared_prompt
 
 
 def completion_positions(completion_start: jax.Array, completion_len: int, seq_len: int) -> jax.Array:
@@ -149,25 +150,28 @@ def completion_logprobs(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each row's completion tokens under (config, params).
 
-    batch: `input_ids` [B, T], `attention_mask` [B, T], `completion_start` [B], `completion_mask`
-    [B, C] (see `rwml_jax.rl.batch`). fuse: fused q/k/v and gate/up matmuls; gather: gather the target
+    batch: the row layout (`rwml_jax.rl.batch`): `input_ids` [B, T], `attention_mask` [B, T],
+    `completion_start` [B], `completion_mask` [B, C]; or the grouped layout of GRPO groups sharing their
+    prompt (`rwml_jax.rl.shared_prompt`: `prompt_ids` ..., B = bp * G rows out, group by group).
+    fuse: fused q/k/v and gate/up matmuls; gather: gather the target
     logits (use False for both when the mesh's tensor axis is > 1); execution: layer loop, remat and
     head-gradient order (default `platform.default_execution`).
     Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None).
     Differentiable with respect to `params`.
     """
-    ids = batch["input_ids"]
-    B, T = ids.shape
-    C = batch["completion_mask"].shape[1]
-    hidden, _ = decoder.apply(config, params, ids, batch["attention_mask"], return_hidden=True,
-                              weights=ParamWeights(config, fuse), execution=execution)
-    pos = completion_positions(batch["completion_start"], C, T)  # [B, C] slots of the targets
-    targets = jnp.take_along_axis(ids, pos, axis=1)
-    # The hidden state at slot s - 1 predicts the token at slot s.
-    h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
+    if "prompt_ids" in batch:
+        h, targets, mask = shared_prompt.completion_hidden(config, params, batch, fuse=fuse, execution=execution)
+    else:
+        ids, mask = batch["input_ids"], batch["completion_mask"]
+        hidden, _ = decoder.apply(config, params, ids, batch["attention_mask"], return_hidden=True,
+                                  weights=ParamWeights(config, fuse), execution=execution)
+        pos = completion_positions(batch["completion_start"], mask.shape[1], ids.shape[1])  # [B, C] target slots
+        targets = jnp.take_along_axis(ids, pos, axis=1)
+        # The hidden state at slot s - 1 predicts the token at slot s.
+        h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
     logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
                                      gather=gather, execution=execution)
-    return masked(logp, ent, batch["completion_mask"])
+    return masked(logp, ent, mask)
 
 
 def masked(logp: jax.Array, ent: jax.Array | None, completion_mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:

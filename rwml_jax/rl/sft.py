@@ -8,7 +8,6 @@ batch, global-norm clipping, AdamW, donated state, NaN/Inf guard. Prompt tokens 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -16,11 +15,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rwml_jax import platform
-from rwml_jax import sharding as sh
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
-from rwml_jax.rl.update import BASE_KEYS, UpdateStep
+from rwml_jax.rl.update import BASE_KEYS, Loss, UpdateStep
 
 SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -70,19 +67,10 @@ def _finalize(sums: dict[str, jax.Array], den: jax.Array) -> dict[str, jax.Array
     return out
 
 
-def make_sft_step(
-    model_config: ModelConfig,
-    sft_config: SFTConfig,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
-    learning_rate: Callable[[jax.Array], jax.Array] | None = None,
-    check_finite: bool = True,
-    execution: platform.ExecutionConfig | None = None,
-) -> UpdateStep:
+def make_sft_step(model_config: ModelConfig, sft_config: SFTConfig, optimizer: optax.GradientTransformation,
+                  mesh: Mesh, **step_options: Any) -> UpdateStep:
     """The SFT update: `state, metrics = step(state, batch)`; batch from `rwml_jax.rl.batch.pack`.
-    execution: as in `rwml_jax.rl.update.make_grpo_step`.
+    step_options: `UpdateStep`'s (rules, learning_rate, check_finite, execution).
 
     Metrics: loss, nll (token mean, = loss for "token-mean"), perplexity, grad_norm, tokens, seqs,
     step, finite, learning_rate (when given), entropy (when enabled).
@@ -90,18 +78,13 @@ def make_sft_step(
     def terms(logp, entropy, mb, _ref):
         return sft_loss_terms(logp, mb["completion_mask"], loss_agg=sft_config.loss_agg, entropy=entropy)
 
-    return UpdateStep(
-        model_config, optimizer, mesh,
-        loss_terms=terms,
+    loss = Loss(
+        terms=terms,
         denominator=lambda b: grpo.loss_denominator(b["completion_mask"], sft_config.loss_agg),
         finalize=_finalize,
         required_keys=BASE_KEYS,
         micro_batch_size=sft_config.micro_batch_size,
         logits_chunk=sft_config.logits_chunk,
         with_entropy=sft_config.with_entropy,
-        uses_reference=False,
-        rules=rules,
-        learning_rate=learning_rate,
-        check_finite=check_finite,
-        execution=execution,
     )
+    return UpdateStep(model_config, optimizer, mesh, loss, **step_options)

@@ -41,7 +41,6 @@ from rwml_jax import platform
 from rwml_jax.models import attention, decoder
 from rwml_jax.models.block import ParamWeights
 from rwml_jax.models.config import ModelConfig
-from rwml_jax.rl.logprobs import logprobs_from_hidden, masked
 
 Batch = dict[str, Any]
 # per-row entries with a completion axis: [B, C] in the plain layout, [bp, G, C] grouped
@@ -129,13 +128,15 @@ def flat_rows(gbatch: Mapping[str, Any]) -> Batch:
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in gbatch.items() if k in _ROW_KEYS}
 
 
-def grouped_hidden_states(config: ModelConfig, params: Any, gbatch: Mapping[str, jax.Array], *,
-                          fuse: bool = True, execution: platform.ExecutionConfig | None = None) -> jax.Array:
-    """Final-norm hidden states [bp, P + G*C, E] of the grouped sequences (module docstring), through the
-    decoder with `attention.grouped_prompt`."""
+def completion_hidden(config: ModelConfig, params: Any, gbatch: Mapping[str, jax.Array], *, fuse: bool = True,
+                      execution: platform.ExecutionConfig | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The hidden states that predict each completion token of a grouped batch, run through the decoder
+    with `attention.grouped_prompt`: (hidden [bp * G, C, E], targets [bp * G, C], completion mask
+    [bp * G, C]), rows group by group as in the plain batch the grouped one was made from."""
     p_ids, p_mask = gbatch["prompt_ids"], gbatch["prompt_mask"]
     c_ids, c_mask = gbatch["completion_ids"], gbatch["completion_mask"]
     bp, G, C = c_ids.shape
+    P = p_ids.shape[1]
     p_pos = decoder.positions_from_mask(p_mask)  # [bp, P]
     n_prompt = jnp.sum(p_mask.astype(jnp.int32), axis=1)  # [bp]
     c_pos = jnp.broadcast_to(n_prompt[:, None, None] + jnp.arange(C, dtype=jnp.int32), (bp, G, C))
@@ -143,32 +144,9 @@ def grouped_hidden_states(config: ModelConfig, params: Any, gbatch: Mapping[str,
     ids = jnp.concatenate([p_ids, c_ids.reshape(bp, G * C)], axis=1)
     hidden, _ = decoder.hidden_states(config, params, ids, positions, attention.grouped_prompt(p_mask, c_mask),
                                       weights=ParamWeights(config, fuse), execution=execution)
-    return hidden
-
-
-def grouped_completion_logprobs(
-    config: ModelConfig,
-    params: Any,
-    gbatch: Mapping[str, jax.Array],
-    *,
-    chunk: int | None = None,
-    with_entropy: bool = False,
-    fuse: bool = True,
-    gather: bool = True,
-    execution: platform.ExecutionConfig | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """`rl.logprobs.completion_logprobs` for a grouped batch: (logp [bp * G, C] float32, zero where the
-    completion mask is 0; entropy [bp * G, C] or None). Rows come out group by group, as in the plain
-    batch the grouped one was made from. Differentiable with respect to `params`."""
-    c_ids = gbatch["completion_ids"]
-    bp, G, C = c_ids.shape
-    P = gbatch["prompt_ids"].shape[1]
-    hidden = grouped_hidden_states(config, params, gbatch, fuse=fuse, execution=execution)
     E = hidden.shape[-1]
     # completion token 0 is predicted by the prompt's last slot, token j > 0 by completion token j - 1
     first = jnp.broadcast_to(hidden[:, P - 1][:, None, None, :], (bp, G, 1, E))
     rest = hidden[:, P:].reshape(bp, G, C, E)[:, :, : C - 1]
     h = jnp.concatenate([first, rest], axis=2).reshape(bp * G, C, E)
-    logp, ent = logprobs_from_hidden(config, params, h, c_ids.reshape(bp * G, C), chunk=chunk,
-                                     with_entropy=with_entropy, gather=gather, execution=execution)
-    return masked(logp, ent, gbatch["completion_mask"].reshape(bp * G, C))
+    return h, c_ids.reshape(bp * G, C), c_mask.reshape(bp * G, C)

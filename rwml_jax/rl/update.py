@@ -36,7 +36,7 @@ from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
-from rwml_jax.rl.shared_prompt import flat_rows, group_batch, grouped_completion_logprobs
+from rwml_jax.rl.shared_prompt import flat_rows, group_batch
 from rwml_jax.rl.train_state import TrainState, state_shardings
 
 Batch = dict[str, Any]
@@ -99,6 +99,24 @@ class GRPOConfig:
         return self.kl_coef != 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """What an `UpdateStep` optimises: `terms` gives a micro-batch's loss numerator and metric sums,
+    `denominator` the whole batch's normaliser (so micro-batch gradients add up to the full-batch one),
+    `finalize` turns metric sums into metrics; plus the batch keys it needs and how it is computed
+    (micro-batches, LM-head chunks, entropy, a frozen reference, shared group prompts: see `GRPOConfig`)."""
+
+    terms: LossTerms
+    denominator: Callable[[Batch], jax.Array]
+    finalize: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+    required_keys: tuple[str, ...]
+    micro_batch_size: int | None = None
+    logits_chunk: int | None = None
+    with_entropy: bool = False
+    uses_reference: bool = False
+    prompt_group_size: int = 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Micro-batching helpers
 # ---------------------------------------------------------------------------------------------------
@@ -154,45 +172,37 @@ class UpdateStep:
         model_config: ModelConfig,
         optimizer: optax.GradientTransformation,
         mesh: Mesh,
+        loss: Loss,
         *,
-        loss_terms: LossTerms,
-        denominator: Callable[[Batch], jax.Array],
-        finalize: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]],
-        required_keys: Sequence[str],
-        micro_batch_size: int | None = None,
-        logits_chunk: int | None = None,
-        with_entropy: bool = False,
-        uses_reference: bool = False,
         rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
         learning_rate: Callable[[jax.Array], jax.Array] | None = None,
         check_finite: bool = True,
-        prompt_group_size: int = 0,
         execution: platform.ExecutionConfig | None = None,
     ):
         self.model_config = model_config
         self.execution = execution or platform.resolve(model_config, mesh.devices.flat)
-        self.group = prompt_group_size if prompt_group_size > 1 else 1
+        self.group = loss.prompt_group_size if loss.prompt_group_size > 1 else 1
         self.optimizer = optimizer
         self.mesh = mesh
         self.rules = tuple(rules)
-        self.required_keys = tuple(required_keys)
-        self.micro_batch_size = micro_batch_size
-        self.uses_reference = uses_reference
+        self.required_keys = tuple(loss.required_keys)
+        self.micro_batch_size = loss.micro_batch_size
+        self.uses_reference = loss.uses_reference
         self.check_finite = check_finite
         self.param_shardings = decoder.param_shardings(model_config, mesh, self.rules)
         self.state_shardings = state_shardings(optimizer, self.param_shardings, mesh)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(sh.batch_axes(mesh)))
-        self._loss_terms = loss_terms
-        self._denominator = denominator
-        self._finalize = finalize
-        self._logits_chunk = logits_chunk
-        self._with_entropy = with_entropy
+        self._loss_terms = loss.terms
+        self._denominator = loss.denominator
+        self._finalize = loss.finalize
+        self._logits_chunk = loss.logits_chunk
+        self._with_entropy = loss.with_entropy
         self._lr = learning_rate
         # Fused q/k/v and gate/up matmuls concatenate weights; only without tensor parallelism.
         self._fuse = mesh.shape["tensor"] == 1
         replicated = NamedSharding(mesh, PartitionSpec())
         in_sh: tuple[Any, ...] = (self.state_shardings, self.batch_sharding)
-        if uses_reference:
+        if loss.uses_reference:
             in_sh = in_sh + (self.param_shardings,)
         self._jitted = jax.jit(
             self._step, in_shardings=in_sh, out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)
@@ -201,16 +211,15 @@ class UpdateStep:
     # -- traced -------------------------------------------------------------------------------------
     def _micro_grads(self, params: Any, ref_params: Any, mb: Batch, den: jax.Array):
         cfg = self.model_config
-        logprobs = grouped_completion_logprobs if self.group > 1 else completion_logprobs
         rows = flat_rows(mb) if self.group > 1 else mb  # per-row entries [b, ...] for the loss
         ref_logp = rows.get("ref_logp")
         if ref_logp is None and ref_params is not None:
-            ref_logp, _ = logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse,
+            ref_logp, _ = completion_logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse,
                                    execution=self.execution)
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
-            logp, ent = logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
+            logp, ent = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
                                  fuse=self._fuse, gather=self._fuse, execution=self.execution)
             num, sums = self._loss_terms(logp, ent, rows, ref_logp)
             return num / den, sums
@@ -340,28 +349,18 @@ def grpo_loss_terms(cfg: GRPOConfig) -> LossTerms:
     return terms
 
 
-def make_grpo_step(
-    model_config: ModelConfig,
-    grpo_config: GRPOConfig,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
-    learning_rate: Callable[[jax.Array], jax.Array] | None = None,
-    check_finite: bool = True,
-    execution: platform.ExecutionConfig | None = None,
-) -> UpdateStep:
+def make_grpo_step(model_config: ModelConfig, grpo_config: GRPOConfig, optimizer: optax.GradientTransformation,
+                   mesh: Mesh, **step_options: Any) -> UpdateStep:
     """The GRPO update: `state, metrics = step(state, batch, ref_params)` (ref_params only when
-    kl_coef > 0; a batch may instead carry precomputed `ref_logp` [B, C]). execution: layer loop, remat
-    and head-gradient order (default: `platform.resolve` for the mesh's devices).
+    kl_coef > 0; a batch may instead carry precomputed `ref_logp` [B, C]). step_options: `UpdateStep`'s
+    (rules, learning_rate, check_finite, execution).
 
     batch: the arrays of `rwml_jax.rl.batch` plus `advantages` [B] and optionally `old_logp` [B, C].
     Metrics: loss, pg_loss, kl_loss, ref_kl, clip_frac(_low/_high), sampler_kl(_k1), ratio_mean,
     max_ratio, entropy, grad_norm, learning_rate (when given), tokens, seqs, step, finite.
     """
-    return UpdateStep(
-        model_config, optimizer, mesh,
-        loss_terms=grpo_loss_terms(grpo_config),
+    loss = Loss(
+        terms=grpo_loss_terms(grpo_config),
         denominator=lambda b: grpo.loss_denominator(b["completion_mask"], grpo_config.loss_agg),
         finalize=grpo.finalize_metrics,
         required_keys=BASE_KEYS + ("advantages",),
@@ -369,12 +368,9 @@ def make_grpo_step(
         logits_chunk=grpo_config.logits_chunk,
         with_entropy=grpo_config.with_entropy,
         uses_reference=grpo_config.uses_reference,
-        rules=rules,
-        learning_rate=learning_rate,
-        check_finite=check_finite,
         prompt_group_size=grpo_config.prompt_group_size,
-        execution=execution,
     )
+    return UpdateStep(model_config, optimizer, mesh, loss, **step_options)
 
 
 def make_logprob_fn(

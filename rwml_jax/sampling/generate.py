@@ -55,19 +55,11 @@ def generate(
     prompts: Sequence[Sequence[int] | str],
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    stop_token_ids: Sequence[int] = (),
-    stop_strings: Sequence[str] | str | None = None,
-    tokenizer: Any = None,
     mesh: Mesh | None = None,
     cache_dtype: str | jnp.dtype | None = None,
-    stop_at_eos: bool = True,
     prompt_buckets: Sequence[int] | None = None,
-    num_samples: int = 1,
     pool: SamplerPool | None = None,
+    **sampling_kwargs: Any,
 ) -> GenerationOutput:
     """Sample continuations of a batch of prompts with a jitted prefill + on-device decode loop.
 
@@ -75,19 +67,14 @@ def generate(
       config, params: the decoder (`rwml_jax.models.load_pretrained`); params stacked or `Sampler.prepare`d.
       prompts: token-id lists of any lengths (or strings, encoded with `tokenizer` without special tokens).
       max_new_tokens: at most this many new tokens per row.
-      temperature: 0 = greedy (argmax); otherwise logits / temperature before top-k / top-p.
-      top_p: nucleus threshold in (0, 1] (1 = off). top_k: keep the k most likely tokens (0 = off).
-      seed: PRNG seed; the same seed, prompts and settings give the same tokens (on 1 or many devices).
-      stop_token_ids: extra stop tokens. stop_at_eos: also stop at the config's / tokenizer's EOS ids.
-      stop_strings: stop when the generated text contains one of these (needs `tokenizer`).
-      tokenizer: a Hugging Face tokenizer; when given, `texts` holds the decoded completions.
       mesh: device mesh (batch sharded over data x fsdp); None = default device.
       cache_dtype: KV cache dtype (default: the compute dtype; bfloat16 under the accelerator dtype policy).
       prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
-      num_samples: continuations per prompt (a GRPO group): rows come out prompt by prompt, the same as
-        passing each prompt num_samples times with the same seed, but every prompt is prefilled once.
       pool: the `SamplerPool` to take the sampler from (reusing its compiled functions); None builds a
         sampler for this call alone (compiled afresh).
+      sampling_kwargs: `Sampler.generate`'s options: temperature (0 = greedy), top_p, top_k, seed,
+        stop_token_ids, stop_strings, tokenizer, stop_at_eos, num_samples (continuations per prompt, a GRPO
+        group: each prompt is prefilled once).
 
     Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending
     with the stop token or the token that completed a stop string (included; `finish_reason` says which,
@@ -97,8 +84,4 @@ def generate(
     """
     sampler = (pool if pool is not None else SamplerPool(size=1)).get(
         config, max_new_tokens, mesh=mesh, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets)
-    return sampler.generate(
-        params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-        stop_at_eos=stop_at_eos, num_samples=num_samples,
-    )
+    return sampler.generate(params, prompts, max_new_tokens=max_new_tokens, **sampling_kwargs)

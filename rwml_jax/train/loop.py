@@ -57,7 +57,6 @@ class TrainLoop:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        from rwml_jax import sharding as sh
 
         self.optimizer = make_optimizer(self.optimizer_config)
         self.param_shardings = decoder.param_shardings(self.model_config, self.mesh)

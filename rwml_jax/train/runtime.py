@@ -83,7 +83,6 @@ class Runtime:
                                 weight_format=x.weight_format)
 
     def tokenizer(self, path: str | None = None):
-        from transformers import AutoTokenizer
 
         path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
         return _tokenizer(path)
