@@ -20,7 +20,7 @@ from rwml_jax.train.policy import Completion
 
 VOCAB, GROUP, REPLY, PROMPT_MULTIPLE = 64, 4, 6, 8
 PROMPTS = [[11, 12, 13, 14, 15], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38]]  # ragged: left padding
-STOPS = tuple(range(0, 14))  # ~20 % of tokens end a reply, so replies are ragged too
+STOPS = tuple(range(14))  # ~20 % of tokens end a reply, so replies are ragged too
 
 
 def np_advantages(rewards, group_ids, normalize_std=True, eps=1e-6, ddof=1):

@@ -38,7 +38,8 @@ class Completion(Protocol):
 
 
 SampleFn = Callable[[Any, Sequence[Sequence[int]], int, int], Sequence[Completion]]
-ScoreFn = Callable[[Sequence[Completion]], "np.ndarray | tuple[np.ndarray, Mapping[str, float]]"]
+Scored = np.ndarray | tuple[np.ndarray, Mapping[str, float]]  # rewards [N], optionally with extra metrics
+ScoreFn = Callable[[Sequence[Completion]], Scored]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,13 @@ class Rollouts:
         B = len(self.prompt_ids)
         object.__setattr__(self, "rewards", np.asarray(self.rewards, np.float64))
         object.__setattr__(self, "group_ids", np.asarray(self.group_ids))
-        sizes = {"completion_ids": len(self.completion_ids), "old_logp": len(self.old_logp),
-                 "rewards": self.rewards.shape, "group_ids": self.group_ids.shape}
         if B == 0:
             raise ValueError("no rollouts")
-        if self.rewards.shape != (B,) or self.group_ids.shape != (B,) or sizes["completion_ids"] != B \
-                or sizes["old_logp"] != B:
-            raise ValueError(f"{B} prompts but {sizes}")
+        sizes = {"completion_ids": (len(self.completion_ids),), "old_logp": (len(self.old_logp),),
+                 "rewards": self.rewards.shape, "group_ids": self.group_ids.shape}
+        wrong = {k: v for k, v in sizes.items() if v != (B,)}
+        if wrong:
+            raise ValueError(f"{B} prompt rows, but these fields are not [{B}]: {wrong}")
         for b, (ids, lp) in enumerate(zip(self.completion_ids, self.old_logp)):
             if len(lp) != len(ids):
                 raise ValueError(f"row {b}: {len(ids)} completion tokens but {len(lp)} log-probs")

@@ -23,6 +23,7 @@ from rwml_jax.rl.shared_prompt import micro_batching
 from rwml_jax.rl.train_state import OptimizerConfig
 from rwml_jax.rl.update import GRPOConfig, make_grpo_step
 from rwml_jax.rwml.embed_cache import EmbeddingCache
+from rwml_jax.rwml.rewards import RewardConfig
 from rwml_jax.rwml.triplets import Triplet
 from rwml_jax.rwml.wm_prompts import wm_messages
 from rwml_jax.sharding import batch_size_multiple
@@ -80,7 +81,7 @@ class Evaluator:
         return res
 
 
-def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: Any, realized: EmbeddingCache):
+def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: RewardConfig, realized: EmbeddingCache):
     """The `score` of `grpo_iteration` for `group_size` predictions of each triplet (prompt by prompt):
     sim-to-real rewards against the realised next states, with the unparsable fraction."""
 
