@@ -11,7 +11,8 @@ for TRL), wall-clock seconds:
   (a) update alone: ours = the jitted step (reference forward, policy forward + backward over
       micro-batches, clipping, AdamW); TRL = its step minus generation and reward time (so its
       reference / old-policy forwards count as update, as ours do);
-  (b) full iteration = generate the 64 completions + score (rewards, advantages, packing) + update.
+  (b) full iteration = generate the 64 completions + score (rewards, advantages, packing) + update;
+      ours is `rwml_jax.rl.iteration.grpo_iteration`, the rwml stage's iteration.
 Ours shares each group's prompt (the default; `--no-shared-prompts` turns it off): the sampler
 prefills the 8 distinct prompts once (`num_samples=8`) and the update runs each prompt through the model
 once per group (`GRPOConfig.prompt_group_size=8`, `rwml_jax.rl.shared_prompt`), i.e. the layers process
@@ -136,7 +137,6 @@ class Ours:
         self.sampler = Sampler(self.config, max_new_tokens=COMPLETION_LEN, mesh=self.mesh)
         rng = np.random.default_rng(seed)
         self.distinct = [rng.integers(3, self.config.vocab_size, PROMPT_LEN).tolist() for _ in range(GROUPS)]
-        self.prompts = [p for p in self.distinct for _ in range(GROUP_SIZE)]  # group by group
 
     @property
     def layer_tokens(self) -> int:
@@ -145,33 +145,34 @@ class Ours:
             return GROUPS * (PROMPT_LEN + GROUP_SIZE * COMPLETION_LEN)
         return GROUPS * GROUP_SIZE * (PROMPT_LEN + COMPLETION_LEN)
 
+    def sample(self, params: Any, prompts: list[list[int]], n: int, seed: int) -> list[Any]:
+        """`n` completions of each prompt, prompt by prompt (the `sample` of `grpo_iteration`)."""
+        from rwml_jax.train.policy import Completion
+
+        if self.shared:  # each prompt prefilled once for its n samples
+            out = self.sampler.generate(params, prompts, max_new_tokens=COMPLETION_LEN, temperature=1.0, seed=seed,
+                                        stop_at_eos=False, num_samples=n)
+        else:
+            out = self.sampler.generate(params, [p for p in prompts for _ in range(n)], max_new_tokens=COMPLETION_LEN,
+                                        temperature=1.0, seed=seed, stop_at_eos=False)
+        return [Completion(r.token_ids, r.logprobs, "") for r in out]
+
     def iteration(self, it: int) -> dict[str, float]:
+        """One `rwml_jax.rl.iteration.grpo_iteration` (the rwml stage's): generate, score (rewards,
+        advantages, packing), update."""
         import numpy as np
 
-        from rwml_jax.rl import batch as bt
-        from rwml_jax.rl.grpo import group_advantages
+        from rwml_jax.rl.iteration import grpo_iteration
 
-        t0 = time.perf_counter()
-        if self.shared:  # rows come out group by group, as self.prompts
-            out = self.sampler.generate(self.state.params, self.distinct, max_new_tokens=COMPLETION_LEN,
-                                        temperature=1.0, seed=it, stop_at_eos=False, num_samples=GROUP_SIZE)
-        else:
-            out = self.sampler.generate(self.state.params, self.prompts, max_new_tokens=COMPLETION_LEN,
-                                        temperature=1.0, seed=it, stop_at_eos=False)
-        t1 = time.perf_counter()
-        rewards = np.asarray([reward_last_token_even(r.token_ids) for r in out], np.float32)
-        adv = np.asarray(group_advantages(rewards, GROUP_SIZE))
-        tokens = np.where(out.tokens[:, :COMPLETION_LEN] >= 0, out.tokens[:, :COMPLETION_LEN], 0)
-        cmask = np.arange(COMPLETION_LEN)[None, :] < out.lengths[:, None]
-        pmask = np.ones((len(self.prompts), PROMPT_LEN), np.int32)
-        batch = bt.from_sampler(np.asarray(self.prompts, np.int32), pmask, tokens, cmask)
-        batch = bt.with_grpo_fields(batch, adv, out.logprobs[:, :COMPLETION_LEN])
-        t2 = time.perf_counter()
-        self.state, metrics = self.step(self.state, batch, self.ref)
-        loss = float(metrics["loss"])  # waits for the step
-        t3 = time.perf_counter()
-        return dict(generate=t1 - t0, score=t2 - t1, update=t3 - t2, total=t3 - t0, reward=float(rewards.mean()),
-                    loss=loss, tokens=int(out.lengths.sum()))
+        def score(completions):
+            return np.asarray([reward_last_token_even(list(c.ids)) for c in completions], np.float32)
+
+        self.state, m, rollouts = grpo_iteration(
+            self.state, self.distinct, sample=self.sample, score=score, group_size=GROUP_SIZE, step_fn=self.step,
+            pad_id=0, completion_len=COMPLETION_LEN, seed=it, prompt_multiple=PROMPT_LEN, ref_params=self.ref)
+        return dict(generate=m["time/generate_s"], score=m["time/reward_s"] + m["time/pack_s"],
+                    update=m["time/update_s"], total=m["time/step_s"], reward=m["reward_mean"], loss=m["loss"],
+                    tokens=sum(len(c) for c in rollouts.completion_ids))
 
 
 # ---------------------------------------------------------------------------------------------------

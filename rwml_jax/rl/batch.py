@@ -130,3 +130,13 @@ def with_grpo_fields(batch: Batch, advantages: Any, old_logp: Any | None = None)
             raise ValueError(f"old_logp has shape {old.shape}, expected ({B}, {C})")
         out["old_logp"] = np.where(np.asarray(batch["completion_mask"]) > 0, old, 0.0).astype(np.float32)
     return out
+
+
+def pad_logprobs(rows: Sequence[Any], width: int) -> np.ndarray:
+    """Ragged per-token log-probs (one 1-D array per row) -> [len(rows), width] float32, zeros after each
+    row's end (`old_logp` for `with_grpo_fields`). Rows longer than `width` are cut."""
+    out = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        n = min(len(r), width)
+        out[i, :n] = np.asarray(r, np.float32)[:n]
+    return out

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 
@@ -57,6 +58,43 @@ def group_advantages(
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - ddof))
         centred = centred / (std + eps)
     return centred.reshape(n)
+
+
+def advantages(
+    rewards: np.ndarray,
+    group_ids: np.ndarray,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    ddof: int = 1,
+) -> np.ndarray:
+    """`group_advantages` for groups named by id: row i's advantage is taken within the rows sharing
+    `group_ids[i]`, wherever they sit (groups may interleave and differ in size).
+
+    rewards, group_ids: [N] (group ids of any integer or string type). Returns advantages [N] float32 on
+    the host. Rows that are already laid out group by group in groups of one size give exactly
+    `group_advantages(rewards, size)`: each set of equally sized groups is gathered group by group and
+    passed through it. Raises ValueError when a group is too small for its std (normalize_std and fewer
+    than ddof + 1 rows), naming the group.
+    """
+    r = np.asarray(rewards)
+    g = np.asarray(group_ids)
+    if r.ndim != 1 or g.shape != r.shape:
+        raise ValueError(f"rewards {r.shape} and group_ids {g.shape} must be 1-D of the same length")
+    if r.size == 0:
+        raise ValueError("no rewards")
+    names, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")  # row indices, group by group
+    size_of_row = counts[inverse]
+    out = np.empty(r.shape, np.float32)
+    for size in np.unique(counts):
+        if normalize_std and size - ddof < 1:
+            small = names[counts == size][:5].tolist()
+            raise ValueError(f"groups {small} have {size} row(s); a group std with ddof={ddof} needs at least "
+                             f"{ddof + 1} (drop them or use normalize_std=False)")
+        rows = order[size_of_row[order] == size]
+        out[rows] = np.asarray(group_advantages(r[rows], int(size), normalize_std=normalize_std, eps=eps, ddof=ddof))
+    return out
 
 
 def _check_options(loss_agg: str, kl_estimator: str) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from rwml_jax.rwml.rewards import RewardConfig, compute_rewards
+from rwml_jax.rwml.embed_cache import EmbeddingCache
+from rwml_jax.rwml.rewards import RewardBatch, RewardConfig, compute_rewards
 from rwml_jax.rwml.triplets import Triplet
 from rwml_jax.rwml.wm_prompts import wm_messages, wm_sft_target
 from rwml_jax.train.encode import encode_completion
@@ -40,11 +41,16 @@ def sft_examples(policy: Any, triplets: Sequence[Triplet], max_new_tokens: int) 
 
 
 def score(outputs: Sequence[str], triplets: Sequence[Triplet], embedder: Any, cfg: RewardConfig,
-          repeat: int = 1) -> Any:
-    """Rewards of `outputs` (len(triplets) * repeat, grouped by triplet) against the realised states."""
+          repeat: int = 1, *, realized_cache: EmbeddingCache | None = None) -> RewardBatch:
+    """Rewards of `outputs` (len(triplets) * repeat, grouped by triplet) against the realised states.
+
+    realized_cache: the realised states' embeddings are read from (and added to) this cache instead of
+    being embedded again (the rwml stage caches them per dataset).
+    """
     realized = [t.next_state for t in triplets for _ in range(repeat)]
     kinds = [t.kind for t in triplets for _ in range(repeat)]
-    return compute_rewards(list(outputs), realized, kinds, embedder, cfg)
+    vecs = realized_cache.embed(realized) if realized_cache is not None else None
+    return compute_rewards(list(outputs), realized, kinds, embedder, cfg, realized_embeddings=vecs)
 
 
 def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: Any, cfg: RewardConfig, *,
@@ -83,11 +89,3 @@ def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: An
     result["examples"] = rows
     return result
 
-
-def pad_logprobs(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
-    """Ragged per-token log-probs -> [len(rows), width] float32, zeros after each row's end."""
-    out = np.zeros((len(rows), width), np.float32)
-    for i, r in enumerate(rows):
-        n = min(len(r), width)
-        out[i, :n] = r[:n]
-    return out

@@ -12,14 +12,30 @@ the restored step on resume. Output: `rwml/model` (HF folder), `rwml/eval.jsonl`
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from rwml_jax.models.hf_io import save_pretrained
+from rwml_jax.rl.iteration import grpo_iteration
+from rwml_jax.rl.shared_prompt import micro_batching
+from rwml_jax.rl.train_state import OptimizerConfig
+from rwml_jax.rl.update import GRPOConfig, make_grpo_step
+from rwml_jax.rwml.embed_cache import EmbeddingCache
+from rwml_jax.rwml.rewards import RewardConfig
+from rwml_jax.rwml.triplets import Triplet
+from rwml_jax.rwml.wm_prompts import wm_messages
+from rwml_jax.sharding import batch_size_multiple
+from rwml_jax.train.loop import TrainLoop, num_steps
+from rwml_jax.train.metrics_log import MetricsLogger, progress
+from rwml_jax.train.plots import plot_reward_curve
+from rwml_jax.train.policy import Completion, PolicySampler
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
+from rwml_jax.train.stages.filter import final_train_set
+from rwml_jax.train.stages.triplets import load_split
+from rwml_jax.train.wm_eval import evaluate, reward_config, score
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
 CONFIG_KEYS = ("rwml", "rewards", "embedder", "optimizer")
@@ -31,8 +47,6 @@ log = logging.getLogger(__name__)
 
 def eval_subset(rt: Runtime, size: int):
     """The validation triplets of the held-out reward (a fixed, seeded subset when `size` >= 0)."""
-    from rwml_jax.train.stages.triplets import load_split
-
     val = load_split(rt, "val")
     if 0 <= size < len(val):
         pick = np.random.default_rng(rt.config.seed + 17).choice(len(val), size, replace=False)
@@ -44,8 +58,6 @@ class Evaluator:
     """Held-out reward of a stage's model, appended to `<stage>/eval.jsonl` and logged."""
 
     def __init__(self, rt: Runtime, stage: Stage, policy: Any, logger: Any, section: Any):
-        from rwml_jax.train.wm_eval import reward_config
-
         self.rt, self.stage, self.policy, self.logger, self.section = rt, stage, policy, logger, section
         self.val = eval_subset(rt, section.eval_size)
         self.cfg = reward_config(rt.config)
@@ -60,8 +72,6 @@ class Evaluator:
             write_jsonl(self.path, self.records(step))
 
     def __call__(self, step: int, params: Any) -> dict[str, Any]:
-        from rwml_jax.train.wm_eval import evaluate
-
         s = self.section
         res = evaluate(self.policy, params, self.val, self.rt.embedder, self.cfg, samples=s.eval_samples,
                        temperature=s.eval_temperature, seed=self.rt.config.seed,
@@ -76,25 +86,19 @@ class Evaluator:
         return res
 
 
-def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
-    from rwml_jax.models.hf_io import save_pretrained
-    from rwml_jax.rl.batch import pack, with_grpo_fields
-    from rwml_jax.rl.grpo import group_advantages
-    from rwml_jax.rl.train_state import OptimizerConfig
-    from rwml_jax.rl.shared_prompt import micro_batching
-    from rwml_jax.rl.update import GRPOConfig, make_grpo_step
-    from rwml_jax.sharding import batch_size_multiple
-    from rwml_jax.rwml.embed_cache import EmbeddingCache
-    from rwml_jax.rwml.rewards import compute_rewards
-    from rwml_jax.rwml.wm_prompts import wm_messages
-    from rwml_jax.train.encode import round_up
-    from rwml_jax.train.loop import TrainLoop, host_scalars, num_steps
-    from rwml_jax.train.metrics_log import MetricsLogger, progress
-    from rwml_jax.train.plots import plot_reward_curve
-    from rwml_jax.train.policy import PolicySampler
-    from rwml_jax.train.stages.filter import final_train_set
-    from rwml_jax.train.wm_eval import pad_logprobs, reward_config
+def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: RewardConfig, realized: EmbeddingCache):
+    """The `score` of `grpo_iteration` for `group_size` predictions of each triplet (prompt by prompt):
+    sim-to-real rewards against the realised next states, with the unparsable fraction."""
 
+    def fn(completions: list[Completion]) -> tuple[np.ndarray, dict[str, float]]:
+        rb = score([x.text for x in completions], triplets, rt.embedder, cfg, repeat=group_size,
+                   realized_cache=realized)
+        return rb.rewards, {"unparsable": float(rb.stats["unparsable"] / rb.stats["n"])}
+
+    return fn
+
+
+def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     c = rt.config
     r = c.rwml
     G = r.group_size
@@ -127,6 +131,9 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=rt.execution(model_config))
     ref_params = start_params if grpo_cfg.uses_reference else None
 
+    def sample(params: Any, prompt_ids: list[list[int]], n: int, seed: int) -> list[Completion]:
+        return policy.sample_ids(params, prompt_ids, n=n, temperature=r.temperature, top_p=r.top_p, seed=seed)
+
     state, cursor, first = loop.start(lambda: start_params)
     logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard, resume_step=first or None)
     evaluator = Evaluator(rt, stage, policy, logger, r)
@@ -136,39 +143,13 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     bar = progress(total, "rwml", initial=first)
     try:
         for step, idx, key in loop.steps(cursor, first):
-            t0 = time.perf_counter()
             batch_t = [train[i] for i in idx]
             seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-            prompt_ids, comps = policy.sample(state.params, [wm_messages(t) for t in batch_t], n=G,
-                                              temperature=r.temperature, top_p=r.top_p, seed=seed)
-            t_gen = time.perf_counter() - t0
-            flat = [x for cs in comps for x in cs]
-            realized_texts = [t.next_state for t in batch_t for _ in range(G)]
-            kinds = [t.kind for t in batch_t for _ in range(G)]
-            rb = compute_rewards([x.text for x in flat], realized_texts, kinds, rt.embedder, cfg,
-                                 realized_embeddings=realized.embed(realized_texts))
-            t_reward = time.perf_counter() - t0 - t_gen
-            adv = np.asarray(group_advantages(rb.rewards, G, normalize_std=r.normalize_std))
-            prompts = [p for p in prompt_ids for _ in range(G)]
-            c_len = r.max_new_tokens
-            batch = pack(prompts, [x.ids for x in flat], prompt_len=round_up(max(map(len, prompts)), 128),
-                         completion_len=c_len, layout="split", pad_id=tokenizer.pad_token_id)
-            batch = with_grpo_fields(batch, adv, pad_logprobs([x.logprobs for x in flat], c_len))
-            state, m = step_fn(state, batch, ref_params) if ref_params is not None else step_fn(state, batch)
-            metrics = host_scalars(m)
-            groups = rb.rewards.reshape(-1, G)
-            lengths = np.array([len(x.ids) for x in flat])
-            dt = time.perf_counter() - t0
-            metrics.update({
-                "reward_mean": float(rb.rewards.mean()), "reward_std": float(rb.rewards.std()),
-                "frac_groups_any_correct": float((groups.max(1) > 0).mean()),
-                "frac_groups_all_correct": float((groups.min(1) >= 1).mean()),
-                "frac_groups_no_signal": float((groups.std(1) == 0).mean()),
-                "unparsable": float(rb.stats["unparsable"] / rb.stats["n"]),
-                "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-                "tokens_per_s": float(lengths.sum() / max(t_gen, 1e-9)),
-                "time/generate_s": t_gen, "time/reward_s": t_reward, "time/step_s": dt,
-            })
+            state, metrics, _ = grpo_iteration(
+                state, [policy.encode(wm_messages(t)) for t in batch_t], sample=sample,
+                score=wm_scorer(rt, batch_t, G, cfg, realized), group_size=G, step_fn=step_fn,
+                pad_id=tokenizer.pad_token_id, completion_len=r.max_new_tokens, seed=seed,
+                normalize_std=r.normalize_std, prompt_multiple=128, ref_params=ref_params)
             if (step + 1) % c.logging.log_every == 0:
                 logger.scalars(step + 1, metrics, prefix="train/")
             done = step + 1
