@@ -3,7 +3,7 @@
 `rwml_jax.models.decode_layout` stores the projection weights [in, out] ("in_out"), [out, in] ("out_in"),
 or [out, in] multiplied as an element-wise product summed over `in` ("out_in_reduce"), and
 `default_orientation` picks one per machine and model size from measurements like this one. Workload: the
-generation workload of ../shared/bench/workloads.md (batch 16, prompt 128, 128 new tokens, no early stop)
+generation workload of docs/benchmarks.md (batch 16, prompt 128, 128 new tokens, no early stop)
 on `tiny` and `small`; figure: generated tokens/s of each format (median of `--repeats` calls after a
 warm-up, rotating which goes first), each one's ratio to "out_in" and to the format "auto" picks, and
 whether all produced the same tokens (they compute the same products; only float rounding may differ).
