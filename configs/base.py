@@ -1,7 +1,7 @@
 """Shared defaults of every rwml-jax recipe; each field is commented here once.
 
 Recipes (``rwml_alfworld.py``, ``rwml_tau2.py``, ``demo_cpu.py``) start from ``get_config()`` and change
-what differs. Numbers marked "paper" come from Yu et al. 2026 (see docs/rwml_method.md); "verl" marks
+what differs. Numbers marked "paper" come from Yu et al. 2026 (see docs/method.md); "verl" marks
 verl-agent defaults used where the paper is silent. Override any field on the command line:
 ``rwml-jax run rwml_alfworld --config.rwml.learning_rate=2e-6 --config.env.task_types=pick_and_place_simple``.
 """

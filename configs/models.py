@@ -1,6 +1,6 @@
 """Model-shape presets, as Hugging Face ``config.json`` dicts.
 
-* ``tiny``, ``small``, ``qwen3-0.6b``: the benchmark shapes of ``bench/workloads.md`` (Qwen3 architecture:
+* ``tiny``, ``small``, ``qwen3-0.6b``: the benchmark shapes of ``docs/benchmarks.md`` (Qwen3 architecture:
   RMSNorm, SwiGLU, RoPE theta 1e6, q/k-norm, GQA, tied embeddings), used for random init
   (``config.model.preset``) in tests and benchmarks; ``micro`` (~1.1M) is the CPU demo's model.
 * ``qwen2.5-7b-instruct``, ``qwen3-8b``: the paper's policy / world models (ALFWorld, τ²).
@@ -31,7 +31,7 @@ _QWEN3_COMMON: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ---- benchmark shapes (bench/workloads.md) -------------------------------------------------------
+    # ---- benchmark shapes (docs/benchmarks.md) ------------------------------------------------------
     "tiny": dict(  # 5.05M parameters
         _QWEN3_COMMON, vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, intermediate_size=704, tie_word_embeddings=True,

@@ -1,4 +1,4 @@
-"""RWML on ALFWorld with Qwen2.5-7B-Instruct: the paper's recipe (Yu et al. 2026, docs/rwml_method.md).
+"""RWML on ALFWorld with Qwen2.5-7B-Instruct: the paper's recipe (Yu et al. 2026, docs/method.md).
 
     rwml-jax run rwml_alfworld --config.work_dir=gs://bucket/runs/alfworld
     rwml-jax run rwml_alfworld --dry-run          # print the plan only

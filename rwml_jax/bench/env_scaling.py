@@ -28,7 +28,7 @@ Rows (every figure a ratio against a peer measured in the same run):
   pool's scaling as a fraction of it.
 - 1 worker with the unmodified engine (`memoize=False`): the ratio of the memoised engine vs it.
 
-    python -m rwml_jax.bench.env_scaling [--data ../shared/data/alfworld] [--games 64] [--envs 32] [--workers 1 2 4]
+    python -m rwml_jax.bench.env_scaling [--data $ALFWORLD_DATA] [--games 64] [--envs 32] [--workers 1 2 4]
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ import sys
 import time
 from typing import Any
 
-from rwml_jax.envs.alfworld_data import list_games
+from rwml_jax.envs.alfworld_data import AlfworldDataError, list_games
 from rwml_jax.envs.pool import EnvPool
 from rwml_jax.envs.replay import ALFWORLD_FACTORY, REPLAY_MAX_STEPS, replay_games
-
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "alfworld")
 
 
 def _python_work(iterations: int) -> None:
@@ -105,8 +103,9 @@ def run_config(data: str, games: list, envs: int, workers: int, memoize: bool, b
 def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.normpath(DEFAULT_DATA),
-                   help="ALFWorld data folder with valid_seen (default ../shared/data/alfworld)")
+    p.add_argument("--data", default=None,
+                   help="ALFWorld data folder: the official layout or a folder holding valid_seen/ "
+                        "(default: $ALFWORLD_DATA)")
     p.add_argument("--split", default="valid_seen", help="split to take the games from")
     p.add_argument("--games", type=int, default=64, help="games replayed per configuration (default 64)")
     p.add_argument("--envs", type=int, default=32, help="environments in the rollout batch (default 32)")
@@ -126,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in args.workers:
         args.workers = [1] + args.workers
 
-    games = list_games(args.data, args.split)
+    try:
+        games = list_games(args.data, args.split)
+    except AlfworldDataError as e:
+        print(f"env_scaling: {e}", file=sys.stderr)
+        return 2
     stride = max(1, len(games) // args.games)
     games = games[::stride][: args.games]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -1,6 +1,6 @@
 """Generation throughput: the jitted sampler vs Hugging Face `transformers` generate, in the same run.
 
-Workload (../shared/bench/workloads.md, "Generation (rollout)"): batch 16, prompt 128 random token ids each,
+Workload (docs/benchmarks.md, "Generation (rollout)"): batch 16, prompt 128 random token ids each,
 128 new tokens, no early stop; greedy, then temperature 1.0 / top-p 1.0 sampling. Qwen3-architecture
 models with random (seeded) weights in the shapes `tiny`, `small` (and `qwen3-0.6b` on request).
 Figure: generated tokens per second (16 x 128 / wall time of one generate call, prompt processing
@@ -36,7 +36,7 @@ from typing import Any
 
 from rwml_jax.platform import reexec_with_malloc_tunables
 
-SHAPES: dict[str, dict[str, int]] = {  # workloads.md, "Model shapes"
+SHAPES: dict[str, dict[str, int]] = {  # docs/benchmarks.md, "Model shapes"
     "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=64, intermediate_size=704),
     "small": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,

@@ -1,6 +1,6 @@
 """GRPO step: the jitted, sharded update (and the whole iteration) vs TRL's `GRPOTrainer`, in the same run.
 
-Workload (../shared/bench/workloads.md, "GRPO step"): 8 prompts x group 8 = 64 sequences, prompt 128
+Workload (docs/benchmarks.md, "GRPO step"): 8 prompts x group 8 = 64 sequences, prompt 128
 random token ids, completion 128 tokens (no early stop), one AdamW step, policy log-probs recomputed,
 KL to a frozen reference with the k3 estimator (beta = 0.04). Qwen3-architecture models with random
 (seeded) weights, shapes `tiny` and `small`. Reward: 1 when the last completion token is even (cheap

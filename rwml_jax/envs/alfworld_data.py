@@ -3,7 +3,7 @@
 Layouts accepted (`root` is what the user passes as the data folder, or $ALFWORLD_DATA):
 - official (`alfworld-download`): root/json_2.1.1/{train,valid_seen,valid_unseen}/<task>/trial_*/
   {traj_data.json, game.tw-pddl, initial_state.pddl}; the task type is traj_data.json's "task_type".
-- offline copy (this project's shared data, and generated games): root/<split>/<task>/trial_*/game.tw-pddl,
+- offline copy (a folder holding valid_seen/ etc., and generated games): root/<split>/<task>/trial_*/game.tw-pddl,
   or root/json_2.1.1/<split>/... without traj_data.json; the task type is the folder-name prefix.
 - a split folder itself (root/<task>/trial_*/game.tw-pddl), e.g. the output of `rwml-jax envs generate`.
 
@@ -38,7 +38,7 @@ _SOLVABLE = re.compile(r'"solvable"\s*:\s*(true|false)')
 HOW_TO_GET_DATA = (
     "Get the ALFWorld data with `alfworld-download` (it fills $ALFWORLD_DATA, default ~/.cache/alfworld, "
     "with json_2.1.1/{train,valid_seen,valid_unseen}) and set ALFWORLD_DATA, or pass a local copy "
-    "(a folder holding <split>/<task>/trial_*/game.tw-pddl, e.g. ../shared/data/alfworld), or generate "
+    "(a folder holding <split>/<task>/trial_*/game.tw-pddl, e.g. valid_seen/), or generate "
     "small offline games with `rwml-jax envs generate --out DIR`."
 )
 

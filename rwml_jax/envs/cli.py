@@ -1,6 +1,6 @@
 """`rwml-jax envs {replay,play,generate}`: check, play and generate the host-side environments.
 
-  rwml-jax envs replay --env alfworld --data ../shared/data/alfworld [--split valid_seen] [--json OUT]
+  rwml-jax envs replay --env alfworld --data $ALFWORLD_DATA [--split valid_seen] [--json OUT]
                        [--limit N] [--workers N]
   rwml-jax envs replay --env tau2 --domain retail [--json OUT] [--limit N]
   rwml-jax envs play --env alfworld --data DIR [--split valid_seen] [--game PATH]

@@ -15,7 +15,7 @@ from typing import Any
 
 from rwml_jax.config import ConfigDict, import_configs_module
 
-# Paper counts (docs/rwml_method.md) used to estimate data sizes the config cannot fix.
+# Paper counts (docs/method.md) used to estimate data sizes the config cannot fix.
 PAPER_ALFWORLD = {"tasks": 2048, "n": 3, "train": 21_011, "val": 2_288, "final": 15_813}
 PAPER_TAU2 = {"tasks": 178, "n": 6, "final": 5_578}
 ALFWORLD_TRAIN_GAMES = 3_553  # ALFWorld json_2.1.1/train games (the paper samples 2048 of them)
