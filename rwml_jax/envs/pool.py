@@ -36,39 +36,45 @@ import cost; either way a script using the pool needs an `if __name__ == "__main
 (Ctrl-C reaches the parent, whose context manager shuts them down), are daemonic, die with their parent
 (PR_SET_PDEATHSIG on Linux for spawned workers of a pool made on the main thread; EOF on the pipe otherwise)
 and are closed at interpreter exit, so no orphan processes remain.
+
+A worker process (the loop it runs, and starting, killing and stopping it) is `rwml_jax.envs.pool_worker`.
+This module is the one class EnvPool, kept whole because its round scheduler (`_exchange`) and its slot
+bookkeeping read and update the same slot -> worker map, preload mirror and cost estimates.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import gc
-import importlib
 import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
-import sys
 import threading
 import time
-import traceback
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
+from rwml_jax.envs.base import StepResult, TaskSpec
+from rwml_jax.envs.pool_worker import (
+    MAX_PRELOADED_PER_WORKER,
+    WORKER_GC_THRESHOLDS,
+    EnvFactory,
+    RemoteError,
+    WorkerProcess,
+    close_workers,
+    resolve_factory,
+    start_workers,
+)
 
-# An environment factory: an import path "package.module:callable" (recommended: always importable in a
-# fresh worker), or a picklable module-level callable. Called as factory(**factory_kwargs) -> TextEnv.
-EnvFactory = str | Callable[..., TextEnv]
+__all__ = ["MAX_PRELOADED_PER_WORKER", "PRELOAD_MIN_REMAINING", "WORKER_GC_THRESHOLDS", "EnvFactory", "EnvPool",
+           "EnvWorkerError", "resolve_factory"]
+
 # One request to a worker: (key, operation, argument); key >= 0 is a slot, < 0 a pool-internal extra.
 _Item = tuple[int, str, Any]
 
-_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
-WORKER_GC_THRESHOLDS = (20_000, 20, 20)  # gc.set_threshold in worker processes (CPython default 700, 10, 10)
-MAX_PRELOADED_PER_WORKER = 2  # spare preloaded envs a worker keeps (oldest evicted first)
 # An idle worker preloads only while the busiest other worker is expected to need at least this fraction of a
 # preload's time more: a preload may lengthen the round by the rest, and takes (reset - warm_reset) off a later one.
 PRELOAD_MIN_REMAINING = 0.75
@@ -77,204 +83,12 @@ PRELOAD_MIN_REMAINING = 0.75
 _INITIAL_COSTS = {"reset": 1.0, "warm_reset": 0.3, "step": 0.1}
 
 
-def resolve_factory(factory: EnvFactory) -> Callable[..., TextEnv]:
-    """Turn an import path "pkg.mod:name" (or "pkg.mod.name") into the callable it names."""
-    if callable(factory):
-        return factory
-    if not isinstance(factory, str) or not factory:
-        raise TypeError(f"env factory must be a callable or an import path string, got {factory!r}")
-    mod_name, sep, attr = factory.partition(":")
-    if not sep:
-        mod_name, _, attr = factory.rpartition(".")
-    if not mod_name or not attr:
-        raise ValueError(f"env factory import path {factory!r} must look like 'package.module:callable'")
-    try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import env factory {factory!r}: {e}") from e
-    if not callable(obj):
-        raise TypeError(f"env factory {factory!r} is not callable")
-    return obj
-
-
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a hung env never reads its pipe's EOF)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
 def _error_result(message: str) -> StepResult:
     return StepResult(observation="", done=False, truncated=True, valid=False, info={"error": message})
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory,
-                 factory_kwargs: dict[str, Any], slots: list[int], die_with_parent: bool) -> None:
-    """Worker loop: build one env per slot, then answer ("batch", [(key, op, arg)]) messages with
-    ("ok", [(key, StepResult | _RemoteError | None, CPU seconds), ...], CPU seconds spent) in request order.
-
-    op is "reset" / "step" / "call" (key: the slot), "drop" (key < 0, arg: a slot that moved to another
-    worker: close its env here) or "preload" (key < 0, arg: a TaskSpec to load into a spare env; a later
-    "reset" of the same task in this worker uses that env) or "unload" (key < 0: close that spare).
-    Exits on ("close", None) or when the parent's end of the pipe closes (EOF).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if die_with_parent:
-        _set_parent_death_signal()
-    envs: dict[int, TextEnv] = {}
-    try:
-        make = resolve_factory(factory)
-        for slot in slots:
-            envs[slot] = make(**factory_kwargs)
-    except BaseException as e:  # report and exit: the parent raises it
-        conn.send(("fail", _RemoteError.capture(e)))
-        conn.close()
-        return
-    # Engines such as ALFWorld's build hundreds of thousands of objects per reset; with the default
-    # thresholds the cyclic collector runs several full collections per reset (~30 % of a worker's time).
-    # Freeze what start-up built and collect the young generations less often.
-    gc.freeze()
-    gc.set_threshold(*WORKER_GC_THRESHOLDS)
-    conn.send(("ready", os.getpid()))
-
-    spares: list[tuple[TaskSpec, TextEnv]] = []  # preloaded, oldest first (the parent mirrors this list)
-
-    def env_for(slot: int) -> TextEnv:
-        if slot not in envs:  # rebuilt after an exception, or the slot moved here
-            envs[slot] = make(**factory_kwargs)
-        return envs[slot]
-
-    def close_env(env: TextEnv) -> None:
-        try:
-            env.close()
-        except Exception:
-            pass
-
-    def reset(slot: int, task: TaskSpec) -> StepResult:
-        for k, (t, env) in enumerate(spares):
-            if t == task:
-                del spares[k]
-                old = envs.pop(slot, None)
-                if old is not None:
-                    close_env(old)
-                envs[slot] = env
-                break
-        return env_for(slot).reset(task)
-
-    def preload(task: TaskSpec) -> bool:
-        """Load `task` into a spare env; False (nothing kept) when the env type has no `preload`."""
-        env = make(**factory_kwargs)
-        hook = getattr(env, "preload", None)
-        if hook is None:
-            close_env(env)
-            return False
-        try:
-            hook(task)
-        except Exception:
-            close_env(env)  # a bad hint: the real reset will raise, with the caller's context
-            env = make(**factory_kwargs)
-        spares.append((task, env))
-        while len(spares) > MAX_PRELOADED_PER_WORKER:
-            close_env(spares.pop(0)[1])
-        return True
-
-    def unload(task: TaskSpec) -> None:
-        for k, (t, env) in enumerate(spares):
-            if t == task:
-                close_env(spares.pop(k)[1])
-                return
-
-    def drop(slot: int) -> None:
-        env = envs.pop(slot, None)
-        if env is not None:
-            try:
-                env.close()
-            except Exception:
-                pass
-
-    while True:
-        try:
-            cmd, payload = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            break
-        if cmd == "close":
-            break
-        cpu0 = time.process_time()
-        out: list[tuple[int, Any, float]] = []
-        for slot, op, arg in payload:  # cmd == "batch"
-            t0 = time.process_time()
-            try:
-                if op == "reset":
-                    res: Any = reset(slot, arg)
-                elif op == "step":
-                    res = env_for(slot).step(arg)
-                elif op == "call":  # test / debugging hook: (method name, args)
-                    res = getattr(env_for(slot), arg[0])(*arg[1])
-                elif op == "drop":
-                    res = drop(arg)
-                elif op == "preload":
-                    res = preload(arg)
-                elif op == "unload":
-                    res = unload(arg)
-                else:
-                    raise ValueError(f"unknown pool operation {op!r}")
-            except Exception as e:
-                res = _RemoteError.capture(e)
-                drop(slot)
-            out.append((slot, res, time.process_time() - t0))
-        try:
-            conn.send(("ok", out, time.process_time() - cpu0))
-        except (BrokenPipeError, OSError):
-            break
-    for slot in list(envs):
-        drop(slot)
-    for _task, env in spares:
-        close_env(env)
-    conn.close()
-
-
-@dataclasses.dataclass
-class _RemoteError:
-    """An exception raised in a worker, carried back with its traceback (the exception itself if picklable)."""
-
-    type_name: str
-    message: str
-    traceback: str
-    exc: BaseException | None
-
-    @classmethod
-    def capture(cls, e: BaseException) -> _RemoteError:
-        import pickle
-
-        try:
-            pickle.loads(pickle.dumps(e))
-            exc: BaseException | None = e
-        except Exception:
-            exc = None
-        return cls(type(e).__name__, str(e), traceback.format_exc(), exc)
-
-    def describe(self) -> str:
-        return f"{self.type_name}: {self.message}"
-
-
 class EnvWorkerError(RuntimeError):
     """A worker could not be started (bad factory, import error) or keeps failing."""
-
-
-@dataclasses.dataclass
-class _Worker:
-    index: int
-    slots: list[int]
-    process: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
-    pid: int = -1
 
 
 @dataclasses.dataclass
@@ -331,7 +145,7 @@ class EnvPool:
         # made on the main thread (spawned workers are direct children; forkserver ones are not).
         self._die_with_parent = (mp_context == "spawn" and threading.current_thread() is threading.main_thread())
         self._slots = [_Slot() for _ in range(num_envs)]
-        self._workers: list[_Worker | None] = [None] * num_workers
+        self._workers: list[WorkerProcess | None] = [None] * num_workers
         self._episode_counter = itertools.count()
         if run_tag is not None and (not isinstance(run_tag, str) or not run_tag or any(ch.isspace() for ch in run_tag)):
             raise ValueError(f"run_tag must be a non-empty string without spaces, got {run_tag!r}")
@@ -350,80 +164,31 @@ class EnvPool:
         self._warm_slots: set[int] = set()  # slots whose reset this round uses a preloaded env
         self._can_preload = True  # until a worker answers that its env type has no `preload`
         self.preloads = 0  # preloads requested
-        slots_of = [[s for s in range(num_envs) if s % num_workers == w] for w in range(num_workers)]
         try:
-            self._start_workers(list(range(num_workers)), slots_of)
+            self._start_workers({w: [s for s in range(num_envs) if s % num_workers == w] for w in range(num_workers)})
         except BaseException:
             self.close()
             raise
         # Runs when the pool is garbage-collected or at interpreter exit, whichever comes first (it holds
         # the worker list, not the pool).
-        self._finalizer = weakref.finalize(self, EnvPool._close_workers, self._workers)
+        self._finalizer = weakref.finalize(self, close_workers, self._workers)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _spawn(self, index: int, slots: list[int]) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main, name=f"rwml-env-worker-{index}", daemon=True,
-            args=(child_conn, self.factory, self.factory_kwargs, slots, self._die_with_parent))
-        proc.start()
-        child_conn.close()
-        return _Worker(index=index, slots=slots, process=proc, conn=parent_conn)
-
-    def _start_workers(self, indices: list[int], slots_of: list[list[int]]) -> None:
-        """Start the given workers concurrently and wait until each has built its envs."""
-        started = {i: self._spawn(i, slots_of[i]) for i in indices}
-        deadline = time.monotonic() + self.start_timeout
-        waiting = dict(started)
-        error: str | None = None
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                error = f"worker(s) {sorted(waiting)} did not start within {self.start_timeout:.0f} s"
-                break
-            ready = multiprocessing.connection.wait(
-                [w.conn for w in waiting.values()] + [w.process.sentinel for w in waiting.values()],
-                timeout=remaining)
-            for i, w in list(waiting.items()):
-                if w.conn in ready or w.conn.poll():
-                    try:
-                        kind, payload = w.conn.recv()
-                    except (EOFError, OSError):
-                        kind, payload = "dead", None
-                    if kind == "ready":
-                        w.pid = int(payload)
-                        del waiting[i]
-                        continue
-                    if kind == "fail":
-                        error = f"worker {i} could not build its environments: {payload.describe()}\n" \
-                                f"{payload.traceback}"
-                    else:
-                        error = self._startup_death(i, w)
-                    break
-                if w.process.sentinel in ready:
-                    w.process.join(1)
-                    error = self._startup_death(i, w)
-                    break
-            if error:
-                break
+    def _start_workers(self, slots_of: Mapping[int, list[int]]) -> None:
+        """Start worker i for the slots `slots_of[i]`, concurrently, and wait until each has built its envs."""
+        started, error = start_workers(self._ctx, slots_of, self.factory, self.factory_kwargs,
+                                       self._die_with_parent, self.start_timeout)
         for i, w in started.items():
             self._workers[i] = w
         if error:
             raise EnvWorkerError(error)
 
-    def _startup_death(self, i: int, w: _Worker) -> str:
-        msg = f"worker {i} exited during start-up (exit code {w.process.exitcode}); see its traceback above."
-        if self._ctx.get_start_method() in ("spawn", "forkserver"):
-            msg += (f" With the {self._ctx.get_start_method()!r} start method the worker re-imports your main "
-                    f"script: guard its top-level code with `if __name__ == '__main__':`.")
-        return msg
-
     def _restart(self, index: int, why: str) -> None:
         """Kill worker `index` (if alive) and start a fresh one; its running episodes become lost."""
         old = self._workers[index]
         assert old is not None
-        self._kill(old)
+        old.kill()
         self.restarts += 1
         hosted = [s for s in range(self.num_envs) if self._home[s] == index]
         for s in hosted:
@@ -431,48 +196,7 @@ class EnvPool:
                 self._slots[s].lost = why
         self._preloaded[index] = []
         self._drops[index] = []
-        self._start_workers([index], [hosted if i == index else [] for i in range(self.num_workers)])
-
-    @staticmethod
-    def _kill(w: _Worker) -> None:
-        try:
-            if w.process.is_alive():
-                w.process.kill()
-            w.process.join(5)
-        except (AssertionError, ValueError):  # not started / already closed
-            pass
-        try:
-            w.conn.close()
-        except OSError:
-            pass
-
-    @staticmethod
-    def _close_workers(workers: list[_Worker | None]) -> None:
-        for w in workers:
-            if w is None:
-                continue
-            try:
-                w.conn.send(("close", None))
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 5.0
-        for w in workers:
-            if w is None:
-                continue
-            try:
-                w.process.join(max(0.0, deadline - time.monotonic()))
-                if w.process.is_alive():
-                    w.process.terminate()
-                    w.process.join(2)
-                if w.process.is_alive():
-                    w.process.kill()
-                    w.process.join(2)
-            except (AssertionError, ValueError):
-                pass
-            try:
-                w.conn.close()
-            except OSError:
-                pass
+        self._start_workers({index: hosted})
 
     def close(self) -> None:
         """Stop every worker (polite close, then terminate, then kill). Idempotent."""
@@ -481,9 +205,9 @@ class EnvPool:
         self._closed = True
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
-            finalizer()  # calls _close_workers once
+            finalizer()  # calls close_workers once
         else:
-            EnvPool._close_workers(self._workers)
+            close_workers(self._workers)
 
     def __enter__(self) -> EnvPool:
         return self
@@ -579,7 +303,7 @@ class EnvPool:
                 raise ValueError(f"env slot {i} {state}; pass None for idle slots or reset it first")
             requests[i] = ("step", item)
         raw = self._exchange(requests, upcoming)
-        bad: list[tuple[int, _RemoteError]] = []
+        bad: list[tuple[int, RemoteError]] = []
         for i in sorted(raw):  # slot order, not answer order: episode counters must not depend on timing
             res = raw[i]
             slot = self._slots[i]
@@ -587,13 +311,13 @@ class EnvPool:
             if cmd == "reset":
                 slot.task, slot.step, slot.lost = arg, 0, None
                 slot.episode_id = f"{self._run_tag}-{next(self._episode_counter):07d}"
-                if isinstance(res, _RemoteError):
+                if isinstance(res, RemoteError):
                     slot.running = False
                     bad.append((i, res))
                     continue
             else:
                 slot.step += 1
-                if isinstance(res, _RemoteError):
+                if isinstance(res, RemoteError):
                     res = _error_result(f"environment raised during step: {res.describe()}\n{res.traceback}")
             slot.running = not (res.done or res.truncated)
             out[i] = self._annotate(i, res)
@@ -611,7 +335,7 @@ class EnvPool:
         """Call `env.method(*args)` on the env of `slot` in its worker (debugging / tests)."""
         self._check_open()
         res = self._exchange({slot: ("call", (method, args))})[slot]
-        if isinstance(res, _RemoteError):
+        if isinstance(res, RemoteError):
             raise RuntimeError(f"env slot {slot}.{method} raised {res.describe()}\n{res.traceback}")
         return res
 
@@ -694,7 +418,7 @@ class EnvPool:
     def _exchange(self, requests: Mapping[int, tuple[str, Any]],
                   upcoming: Sequence[TaskSpec] | None = None) -> dict[int, Any]:
         """Run one round: `requests` (slot -> (command, argument)) on the workers, concurrently; gather the
-        answers; restart crashed / hung workers. Returns slot -> StepResult | _RemoteError (| anything for
+        answers; restart crashed / hung workers. Returns slot -> StepResult | RemoteError (| anything for
         "call"); slots of a crashed / hung worker get a truncated StepResult with info["error"].
 
         Scheduling (see "Load balancing"): every worker first gets its bound items plus half of its share
@@ -735,7 +459,7 @@ class EnvPool:
                 worker.conn.send(("batch", items))
             except (BrokenPipeError, OSError):
                 worker.process.join(1)
-                self._fail_worker(w, items, f"{self._death_reason(worker)} before the request", results)
+                self._fail_worker(w, items, f"{worker.death_reason()} before the request", results)
                 return
             inflight[w] = (items, now, limit, sum(self._item_cost(cost, it) for it in items))
 
@@ -776,7 +500,7 @@ class EnvPool:
                         _kind, payload, cpu = w.conn.recv()
                     except (EOFError, OSError):
                         w.process.join(1)
-                        failure = self._death_reason(w)
+                        failure = w.death_reason()
                     else:
                         for (key, cmd, arg), (_key, res, _cpu) in zip(items, payload):
                             if key >= 0:
@@ -789,7 +513,7 @@ class EnvPool:
                         round_cpu[w_idx] += cpu
                 elif w.process.sentinel in ready:
                     w.process.join(1)
-                    failure = self._death_reason(w)
+                    failure = w.death_reason()
                 elif time.monotonic() >= sent + limit:
                     failure = f"did not answer within {limit:.1f} s (hung); killed"
                 else:
@@ -806,20 +530,13 @@ class EnvPool:
 
     def _learn_costs(self, items: list[tuple[int, str, Any]], payload: list[tuple[int, Any, float]]) -> None:
         for (key, cmd, arg), (_key, res, cpu) in zip(items, payload):
-            if isinstance(res, _RemoteError):
+            if isinstance(res, RemoteError):
                 continue
             if cmd not in ("reset", "step"):
                 continue  # preloads are costed as reset - warm_reset; drops and calls are negligible
             kind = "warm_reset" if cmd == "reset" and key in self._warm_slots else cmd
             self._cost_sum[kind] += cpu
             self._cost_n[kind] += 1.0
-
-    @staticmethod
-    def _death_reason(w: _Worker) -> str:
-        code = w.process.exitcode
-        if code is not None and code < 0:
-            return f"died from signal {_SIGNAL_NAMES.get(-code, -code)}"
-        return f"exited unexpectedly (exit code {code})"
 
     def _fail_worker(self, w_idx: int, items: list[tuple[int, str, Any]], reason: str,
                      results: dict[int, Any]) -> None:
