@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rwml_jax import sharding as sh
+from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import batch as bt
 from rwml_jax.rl import grpo
@@ -109,7 +110,7 @@ class Tiny:
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                qk_norm=True, tie_word_embeddings=True, rope_theta=1e6)
         self.mesh = sh.make_mesh()
-        self.init = sh.init_params_sharded(self.cfg, jax.random.key(0), self.mesh)
+        self.init = decoder.init_params_sharded(self.cfg, jax.random.key(0), self.mesh)
         self.ref = jax.tree.map(lambda x: x.copy(), self.init)
         opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, max_grad_norm=1.0))
         self.step = make_grpo_step(self.cfg, GRPOConfig(kl_coef=0.05, kl_estimator="k3",
