@@ -11,6 +11,9 @@ import os
 import sys
 import time
 
+from rwml_jax import models, sampling, sharding
+from rwml_jax.sampling import tiny
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -50,7 +53,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace, mesh):
     if args.tiny:
-        from rwml_jax.sampling import tiny
 
         tok = tiny.tiny_tokenizer()
         config, params = tiny.tiny_model(tok, seed=args.seed)
@@ -62,8 +64,6 @@ def _load(args: argparse.Namespace, mesh):
         return config, params, tok
     from transformers import AutoTokenizer
 
-    from rwml_jax import models
-
     config, params = models.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     tok_path = args.tokenizer or args.model
     try:
@@ -74,8 +74,6 @@ def _load(args: argparse.Namespace, mesh):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwml_jax import sampling, sharding
-
     if args.model and not os.path.isdir(args.model):
         print(f"rwml-jax generate: --model {args.model!r} is not a folder", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rwml_jax.envs import alfworld_memo
 from rwml_jax.envs.alfworld_data import GAME_FILE, TASK_TYPES
 
 # Scene kinds: ALFRED scene-number base and the receptacle / object classes of a small room of that kind.
@@ -380,8 +381,6 @@ def _verify(gamefile: str, plan: list[tuple[str, ...]]) -> list[str] | None:
     exactly at the last one with every command admissible, else None."""
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
-
-    from rwml_jax.envs import alfworld_memo
 
     alfworld_memo.install()
     infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])

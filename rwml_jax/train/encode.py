@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rwml_jax.agent.prompts import render_plain
+
 Message = dict[str, Any]
 
 
@@ -19,7 +21,6 @@ def encode_prompt(tokenizer: Any, messages: Sequence[Message], max_tokens: int) 
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
     else:
-        from rwml_jax.agent.prompts import render_plain
 
         ids = tokenizer(render_plain(list(messages)), add_special_tokens=True)["input_ids"]
     return list(ids[-max_tokens:])

@@ -21,9 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwml_jax.models import decoder
-from rwml_jax.rl.train_state import OptimizerConfig, TrainState, create_train_state, make_optimizer, state_shardings
+from rwml_jax.rl.train_state import (
+    OptimizerConfig,
+    TrainState,
+    create_train_state,
+    make_optimizer,
+    state_shardings,
+)
 from rwml_jax.train.checkpoint import Checkpointer, DataCursor
-from rwml_jax.train.stage_io import append_jsonl
+from rwml_jax.train.stage_io import append_jsonl, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,6 @@ class TrainLoop:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-
         self.optimizer = make_optimizer(self.optimizer_config)
         self.param_shardings = decoder.param_shardings(self.model_config, self.mesh)
         self.shardings = state_shardings(self.optimizer, self.param_shardings, self.mesh)
@@ -106,8 +111,6 @@ class TrainLoop:
         self.ckpt.close()
 
     def _truncate_batches(self, step: int) -> None:
-        from rwml_jax.train.stage_io import read_jsonl, write_jsonl
-
         if self.batches_file.exists():
             write_jsonl(self.batches_file, [r for r in read_jsonl(self.batches_file) if r["step"] < step])
 

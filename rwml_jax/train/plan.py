@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwml_jax.config import ConfigDict, import_configs_module
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.rl.shared_prompt import micro_batching
 
 # Paper counts (docs/method.md) used to estimate data sizes the config cannot fix.
 PAPER_ALFWORLD = {"tasks": 2048, "n": 3, "train": 21_011, "val": 2_288, "final": 15_813}
@@ -45,7 +47,6 @@ def hf_num_params(d: dict[str, Any], *, lm_head: bool = True) -> int:
     """Parameter count of a HF config.json dict (decoder families via ModelConfig; BERT by formula)."""
     if d.get("model_type") == "bert":
         return _bert_params(d)
-    from rwml_jax.models.config import ModelConfig
 
     cfg = ModelConfig.from_hf_dict(d)
     n = cfg.num_params
@@ -292,7 +293,6 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             micro = min(r.micro_batch_size, seqs)
             shared = ""
             if r.share_prompts:
-                from rwml_jax.rl.shared_prompt import micro_batching
 
                 share, m = micro_batching(r.batch_prompts, r.group_size, r.micro_batch_size,
                                           mesh["data"] * mesh["fsdp"])

@@ -20,6 +20,7 @@ from rwml_jax import platform
 from rwml_jax import sharding as sh
 from rwml_jax.models import hf_io
 from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.embedder import load_embedder
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,11 @@ class Runtime:
                                 weight_format=x.weight_format)
 
     def tokenizer(self, path: str | None = None):
-
         path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
         return _tokenizer(path)
 
     @functools.cached_property
     def embedder(self):
-        from rwml_jax.models.embedder import load_embedder
-
         e = self.config.embedder
         path = e.path
         if path == "minilm":

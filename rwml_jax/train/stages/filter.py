@@ -12,11 +12,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from rwml_jax.models.hf_io import save_pretrained
 from rwml_jax.rwml.easy_filter import filter_easy
+from rwml_jax.rwml.triplets import Triplet
 from rwml_jax.rwml.wm_prompts import wm_messages
+from rwml_jax.train.metrics_log import MetricsLogger, progress
+from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.sft_loop import train_sft
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 from rwml_jax.train.stages.triplets import load_split
+from rwml_jax.train.wm_eval import reward_config, score, sft_examples
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
 CONFIG_KEYS = ("filter", "embedder", "rwml.max_prompt_tokens", "optimizer")
@@ -28,7 +34,6 @@ log = logging.getLogger(__name__)
 
 def final_train_set(rt: Runtime):
     """The triplets RWML / WM-SFT train on: the filter's output, or the whole train split without it."""
-    from rwml_jax.rwml.triplets import Triplet
 
     if "filter" in rt.config.stages:
         return [Triplet.from_dict(d) for d in read_jsonl(rt.work_dir / "filter" / "kept.jsonl")]
@@ -36,12 +41,6 @@ def final_train_set(rt: Runtime):
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
-    from rwml_jax.models.hf_io import save_pretrained
-    from rwml_jax.train.metrics_log import MetricsLogger, progress
-    from rwml_jax.train.policy import PolicySampler
-    from rwml_jax.train.sft_loop import train_sft
-    from rwml_jax.train.wm_eval import reward_config, score, sft_examples
-
     c = rt.config
     f = c.filter
     stage = Stage(rt.work_dir, "filter")

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from rwml_jax.agent.trajectory import Trajectory
-from rwml_jax.rwml.triplets import build_triplets, split_triplets, triplet_stats
+from rwml_jax.rwml.triplets import (
+    Triplet,
+    build_triplets,
+    split_triplets,
+    triplet_stats,
+)
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, read_jsonl, write_jsonl
 
@@ -38,6 +43,5 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
 def load_split(rt: Runtime, name: str):
     """The `train` / `val` triplets of this run (Triplet objects)."""
-    from rwml_jax.rwml.triplets import Triplet
 
     return [Triplet.from_dict(d) for d in read_jsonl(rt.work_dir / "triplets" / f"{name}.jsonl")]

@@ -23,14 +23,20 @@ import jax
 import numpy as np
 
 from rwml_jax.agent.prompts import alfworld_policy_messages
+from rwml_jax.envs.alfworld_data import load_game_json, resolve_game
 from rwml_jax.envs.alfworld_env import task_sentence
+from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.envs.base import TaskSpec, Transition
+from rwml_jax.envs.pool import EnvPool
+from rwml_jax.models.config import ModelConfig
+from rwml_jax.models.decoder import init_params_sharded
+from rwml_jax.models.hf_io import save_pretrained
+from rwml_jax.models.tokenizer import train_tokenizer
 from rwml_jax.rwml.triplets import triplets_from_episode
 from rwml_jax.rwml.wm_prompts import wm_messages, wm_sft_target
 from rwml_jax.train.encode import encode_completion, encode_prompt
 from rwml_jax.train.metrics_log import MetricsLogger
 from rwml_jax.train.runtime import Runtime
-from rwml_jax.models.decoder import init_params_sharded
 from rwml_jax.train.sft_loop import examples_stats, train_sft, truncate_example
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
@@ -75,8 +81,6 @@ def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, m
     With `probe_prob` > 0, a side action (see `_probe`) is interleaved before an expert step with that
     probability; probe transitions carry info["probe"] = True (world-model data, not policy targets).
     """
-    from rwml_jax.envs.alfworld_data import load_game_json, resolve_game
-    from rwml_jax.envs.pool import EnvPool
 
     rng = np.random.default_rng(seed)
     walks = [load_game_json(resolve_game(games_dir, "train", t).gamefile)["walkthrough"] for t in task_ids]
@@ -139,10 +143,6 @@ def _policy_turns(episode: list[Transition], history_length: int) -> list[tuple[
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
-    from rwml_jax.envs.alfworld_gen import generate_games
-    from rwml_jax.models.config import ModelConfig
-    from rwml_jax.models.hf_io import save_pretrained
-    from rwml_jax.models.tokenizer import train_tokenizer
     from configs.models import PRESETS
 
     c = rt.config

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from rwml_jax.models.hf_io import save_pretrained
+from rwml_jax.train.metrics_log import MetricsLogger
+from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.sft_loop import train_sft
 from rwml_jax.train.stage_io import Stage
+from rwml_jax.train.stages.filter import final_train_set
+from rwml_jax.train.stages.rwml import Evaluator
+from rwml_jax.train.wm_eval import sft_examples
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
 CONFIG_KEYS = ("wm_sft", "rwml.max_prompt_tokens", "rwml.max_new_tokens", "rwml.eval_size", "rwml.eval_samples",
@@ -20,14 +27,6 @@ IGNORED_KEYS = ("embedder.batch_size",)
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
-    from rwml_jax.models.hf_io import save_pretrained
-    from rwml_jax.train.metrics_log import MetricsLogger
-    from rwml_jax.train.policy import PolicySampler
-    from rwml_jax.train.sft_loop import train_sft
-    from rwml_jax.train.stages.filter import final_train_set
-    from rwml_jax.train.stages.rwml import Evaluator
-    from rwml_jax.train.wm_eval import sft_examples
-
     c = rt.config
     s = c.wm_sft
     stage = Stage(rt.work_dir, "wm_sft")
