@@ -55,4 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.rwml.max_prompt_tokens = 4096
     c.rewards.threshold_user_reply = 0.4  # paper
     c.rewards.rouge_grid = 0.2  # paper: tool responses scored by ROUGE on the 0.2 grid
+
+    # Evaluation (paper): τ²'s test split of the three domains, pass^1 over 3 runs, at most 30 steps with a
+    # local user simulator (official τ² setting: a GPT-4.1 user and 100 steps). The env workers drive the
+    # user: "litellm:<model>" for a served simulator, "scripted" for the offline gold user turns.
+    c.eval.max_steps = 30
+    c.eval.runs = 3
+    c.eval.temperature = 0.1  # the authors' τ² scripts validate at 0.1
+    c.eval.user = "litellm:gpt-4.1"
     return c

@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
     for stage in STAGES:
+        if stage == "eval":  # `rwml-jax eval RECIPE` and the standalone `rwml-jax eval --env ...`: cli_eval
+            continue
         p = sub.add_parser(stage.replace("_", "-"), help=f"run only the '{stage}' stage of a recipe")
         _add_common(p)
         p.set_defaults(func=lambda a, s=stage: _cmd_run(a, only=(s,)))

@@ -34,7 +34,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 # Pipeline stages in the order `rwml-jax run` executes them.
-STAGE_ORDER: tuple[str, ...] = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft")
+STAGE_ORDER: tuple[str, ...] = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft", "eval")
 ENV_NAMES = ("alfworld", "tau2")
 TAU2_DOMAINS = ("airline", "retail", "telecom")
 ALFWORLD_TASK_TYPES = (  # = rwml_jax.envs.alfworld_data.TASK_TYPES (kept here so configs load without alfworld)
@@ -601,9 +601,39 @@ def validate_config(config: ConfigDict) -> None:
     c.positive_int("checkpoint.keep")
     c.positive_int("logging.log_every")
     c.nonneg_int("logging.num_sample_texts")
+    _validate_eval(c)
     if c.errors:
         name = c.flat.get("name", "?")
         raise ConfigError(f"invalid config {name!r}:\n  " + "\n  ".join(c.errors))
+
+
+def _validate_eval(c: _Checker) -> None:
+    """The `eval` section (rwml_jax/train/stages/eval.py)."""
+    if not any(k.startswith("eval.") for k in c.flat):
+        return
+    c.subset("eval.splits", ALFWORLD_SPLITS)
+    if c.has("eval.splits") and not c.get("eval.splits"):
+        c.fail("eval.splits", "must name at least one ALFWorld split")
+    c.positive_int("eval.max_steps")
+    c.positive_int("eval.runs")
+    c.number("eval.temperature", lo=0.0)
+    c.number("eval.top_p", lo=0.0, hi=1.0, lo_open=True)
+    c.positive_int("eval.num_tasks", allow=(-1,))
+    c.nonneg_int("eval.num_generated_games")
+    c.positive_int("eval.max_live_episodes")
+    model_stages = ("warmstart", "rwml", "wm_sft")
+    if c.has("eval.model") and c.get("eval.model") not in ("", "base", *model_stages):
+        c.fail("eval.model", f"must be '' (the last model stage before eval), 'base' or one of {model_stages}")
+    if c.has("eval.user"):
+        u = c.get("eval.user")
+        if not isinstance(u, str) or not (u == "scripted" or (u.startswith("litellm:") and len(u) > 8)):
+            c.fail("eval.user", "must be 'scripted' or 'litellm:<model>'")
+    generated = c.has("eval.data_dir") and (c.get("eval.data_dir") == "generated" or (
+        c.get("eval.data_dir") == "" and c.has("env.data_dir") and c.get("env.data_dir") == "generated"))
+    stages = c.get("stages") if c.has("stages") else ()
+    if "eval" in stages and c.has("env.name") and c.get("env.name") == "alfworld" and generated \
+            and c.has("eval.num_generated_games") and c.get("eval.num_generated_games") < 1:
+        c.fail("eval.num_generated_games", "must be >= 1 when the evaluation games are generated")
 
 
 # ------------------------------------------------------------------------------------------------

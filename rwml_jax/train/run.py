@@ -14,7 +14,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-STAGES = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft")
+STAGES = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft", "eval")
 
 
 def stage_module(name: str):

@@ -55,12 +55,14 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "rwml": ("rwml", "rewards", "embedder", "optimizer"),
     "wm_sft": ("wm_sft", "rwml.max_prompt_tokens", "rwml.max_new_tokens", "rwml.eval_size",
                "rwml.eval_samples", "rwml.eval_temperature", "rewards", "embedder", "optimizer"),
+    "eval": ("seed", "env.name", "env.data_dir", "env.domains", "eval"),  # = stages.eval.CONFIG_KEYS
 }
 # Keys that change speed, memory or logging but not what a stage computes (fnmatch patterns).
 IGNORED_KEYS: tuple[str, ...] = (
     "name", "work_dir", "stages", "mesh.*", "logging.*", "checkpoint.*", "*.micro_batch_size",
     "env.num_workers", "env.step_timeout_s", "collect.max_live_episodes", "filter.batch_prompts",
     "embedder.batch_size", "model.remat", "model.layer_loop", "rwml.eval_every",
+    "eval.max_live_episodes",
 )
 
 
