@@ -279,3 +279,27 @@ def test_eval_config_section_is_validated_and_registered():
         load_config("demo_cpu", ["--config.eval.runs=0", "--config.eval.model=collect", "--config.eval.user=local"])
     msg = str(e.value)
     assert "eval.runs" in msg and "eval.model" in msg and "eval.user" in msg
+
+
+def test_a_worker_crash_is_reported_not_scored_and_replayed_on_rerun(games, tmp_path):
+    from rwml_jax.evaluation.harness import evaluate
+    from rwml_jax.evaluation.policies import reference_policy
+    from rwml_jax.evaluation.tasks import alfworld_tasks
+
+    tasks = alfworld_tasks(games, "valid_seen")
+    victim = tasks[1].task_id
+    kwargs = {"crash_task": victim, "marker": str(tmp_path / "crashed"), "data_dir": str(games), "max_steps": 30}
+    run = dict(env="alfworld", runs=1, seed=0, factory="pool_envs:CrashOnceAlfworldEnv", factory_kwargs=kwargs,
+               max_steps=30, settings={"policy": "expert"}, num_envs=2, num_workers=1)
+    r = evaluate(tasks, reference_policy("expert"), out=tmp_path / "ev.json", **run)
+    o = r["scores"]["overall"]
+    # every episode the dead worker hosted is marked (one worker: the victim and its neighbour slot)
+    assert f"r0/{tasks[1].group}/{victim}" in r["crashed"]
+    crashed = [e for e in r["episodes"] if e["status"] == "crashed"]
+    assert len(crashed) == len(r["crashed"]) == o["crashed"] and all("restarted" in e["error"] for e in crashed)
+    # a crash is not a policy failure: the rate is over the episodes that ran
+    assert o["success_mean"] == 1.0 and o["successes"] == 6 - o["crashed"]
+    assert "lost to env worker crashes" in (tmp_path / "ev.md").read_text()
+    r = evaluate(tasks, reference_policy("expert"), out=tmp_path / "ev.json", **run)  # replays the crashed ones
+    assert r["crashed"] == [] and r["scores"]["overall"]["success_mean"] == 1.0
+    assert r["scores"]["overall"]["episodes"] == 6
