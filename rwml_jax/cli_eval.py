@@ -97,6 +97,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown(result))
+    if "world_model" in result:
+        print(f"\n{100 * result['world_model']['moved_fraction']:.2f} % of the parameters moved by more than 1e-3 "
+              f"from {result['world_model']['start']}")
     print(f"\nwrote {args.json_out}")
     return 0
 

@@ -178,6 +178,17 @@ def test_a_truncated_game_file_is_named_in_replay_and_eval(games, tmp_path):
     assert task_id in ev.stdout
 
 
+def test_official_layout_ood_split(games, tmp_path):
+    root = tmp_path / "alfworld"
+    shutil.copytree(games, root / "json_2.1.1" / "valid_unseen")
+    out = tmp_path / "ood.json"
+    cli("eval", "--env", "alfworld", "--data", str(root), "--split", "ood", "--policy", "expert", "--runs", "1",
+        "--limit", "2", "--json", str(out))
+    r = load(out)
+    assert r["settings"]["split"] == "valid_unseen" and r["scores"]["overall"]["success_per_run"] == [1.0]
+    assert len(r["episodes"]) == 2
+
+
 def test_real_valid_seen_expert_subset(tmp_path):
     require_alfworld()
     data = shared_data()

@@ -55,7 +55,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "rwml": ("rwml", "rewards", "embedder", "optimizer"),
     "wm_sft": ("wm_sft", "rwml.max_prompt_tokens", "rwml.max_new_tokens", "rwml.eval_size",
                "rwml.eval_samples", "rwml.eval_temperature", "rewards", "embedder", "optimizer"),
-    "eval": ("seed", "env.name", "env.data_dir", "env.domains", "eval"),  # = stages.eval.CONFIG_KEYS
+    "eval": ("seed", "model", "env.name", "env.data_dir", "env.domains", "env.task_types",  # = stages.eval.CONFIG_KEYS
+             "collect.max_prompt_tokens", "collect.max_new_tokens", "collect.history_length", "eval"),
 }
 # Keys that change speed, memory or logging but not what a stage computes (fnmatch patterns).
 IGNORED_KEYS: tuple[str, ...] = (

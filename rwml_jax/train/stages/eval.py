@@ -1,8 +1,9 @@
 """Stage `eval`: agent success of the recipe's model, scored by the evaluation harness.
 
 The policy is the model of the last model-producing stage before `eval` in `stages` (warmstart, rwml,
-wm_sft), or `eval.model` ("base" = the recipe's start model, or a stage name). ALFWorld: every split of
-`eval.splits`; τ²: the test split of every `env.domains` domain. Each evaluation is resumable by itself
+wm_sft), or `eval.model` ("base" = the recipe's start model, or a stage name), prompted and budgeted as
+in the collect stage (`collect.history_length`, `max_prompt_tokens`, `max_new_tokens`). ALFWorld: every
+split of `eval.splits`; τ²: the test split of every `env.domains` domain. Each evaluation is resumable by itself
 (`rwml_jax.evaluation.harness`), so a killed stage continues at the next unfinished episode.
 
 Outputs: `eval/<split>.json` (ALFWorld) or `eval/tau2.json` (+ their .md tables and episode records), and
@@ -23,7 +24,9 @@ from rwml_jax.train.stage_io import Stage
 log = logging.getLogger(__name__)
 
 # Config keys this stage's output depends on (also registered in stage_io.STAGE_KEYS["eval"]).
-CONFIG_KEYS: tuple[str, ...] = ("seed", "env.name", "env.data_dir", "env.domains", "eval")
+CONFIG_KEYS: tuple[str, ...] = ("seed", "model", "env.name", "env.data_dir", "env.domains", "env.task_types",
+                                "collect.max_prompt_tokens", "collect.max_new_tokens", "collect.history_length",
+                                "eval")
 MODEL_STAGES = ("warmstart", "rwml", "wm_sft")
 EVAL_SEED_OFFSET = 20_011  # generated evaluation games never share a seed with training / warm-start games
 
