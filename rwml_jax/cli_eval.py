@@ -168,11 +168,11 @@ def load_model_generate_fn(model_dir: str, *, temperature: float, top_p: float, 
     from rwml_jax import sharding as sh
     from rwml_jax.models import load_pretrained
     from rwml_jax.train.policy import PolicySampler
-    from rwml_jax.train.runtime import _tokenizer
+    from rwml_jax.train.runtime import load_tokenizer
 
     mesh = sh.make_mesh(data=-1, fsdp=1, tensor=1)
     model_config, params = load_pretrained(model_dir, mesh=mesh)
-    policy = PolicySampler(model_config, _tokenizer(model_dir), mesh, max_prompt_tokens=max_prompt_tokens,
+    policy = PolicySampler(model_config, load_tokenizer(model_dir), mesh, max_prompt_tokens=max_prompt_tokens,
                            max_new_tokens=max_new_tokens)
     return policy.generate_fn(params, temperature=temperature, top_p=top_p, seed=seed)
 
