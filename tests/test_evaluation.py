@@ -177,6 +177,18 @@ def test_a_truncated_game_file_is_named_in_replay_and_eval(games, tmp_path):
     assert len(r["load_errors"]) == 1 and r["load_errors"][0].startswith(task_id)
     assert task_id in ev.stdout
 
+    # valid JSON whose PDDL the engine cannot parse: found only when the worker loads it, still counted by name
+    other = sorted(data.glob("*/*/game.tw-pddl"))[4]
+    game = json.loads(other.read_text())
+    game["pddl_problem"] = "(define (problem broken"
+    other.write_text(json.dumps(game))
+    other_id = f"{other.parent.parent.name}/{other.parent.name}"
+    out = tmp_path / "expert2.json"
+    cli("eval", "--env", "alfworld", "--data", str(data), "--policy", "expert", "--runs", "1", "--json", str(out))
+    r = load(out)
+    assert r["scores"]["overall"]["load_errors"] == 2 and r["scores"]["overall"]["success_mean"] == pytest.approx(4 / 6)
+    assert any(e.startswith(f"cannot load task {other_id}: ParseError") for e in r["load_errors"])
+
 
 def test_official_layout_ood_split(games, tmp_path):
     root = tmp_path / "alfworld"

@@ -30,9 +30,9 @@ from typing import Any
 
 from rwml_jax.agent.rollout import Trajectory, rollout
 from rwml_jax.envs.alfworld_data import TASK_TYPES
-from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.pool import EnvPool, resolve_factory
 from rwml_jax.evaluation.metrics import pct, summarize
-from rwml_jax.evaluation.tasks import EvalTask, classify_tool_calls
+from rwml_jax.evaluation.tasks import GUARDED_FACTORY, LOAD_ERROR, EvalTask, classify_tool_calls
 from rwml_jax.train.stage_io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def _record(run: int, seed: int, task: EvalTask, traj: Trajectory | None, traj_r
     rec.update(reward=float(traj.reward), steps=traj.num_steps, invalid_actions=traj.num_invalid,
                format_errors=traj.num_format_errors, truncated=traj.truncated)
     if traj.error is not None:
-        rec.update(status="crashed", error=traj.error)
+        rec.update(status="load_error" if traj.error.startswith(LOAD_ERROR) and not traj.turns else "crashed",
+                   error=traj.error)
     if task.spec.env == "tau2":
         from tau2.metrics.agent_metrics import is_successful  # τ²'s own success test on its reward
 
@@ -112,6 +113,7 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if not tasks:
         raise ValueError("nothing to evaluate: the task list is empty")
+    resolve_factory(factory)  # a wrong import path fails here, not in every worker
     paths = EvalPaths(Path(out))
     paths.stem.parent.mkdir(parents=True, exist_ok=True)
     settings = {**settings, "env": env, "runs": runs, "seed": seed, "max_steps": max_steps,
@@ -163,7 +165,8 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
 
         width = max(1, min(num_envs, len(todo)))
         workers = max(1, min(width, num_workers or os.cpu_count() or 1))
-        with EnvPool(factory, num_envs=width, num_workers=workers, factory_kwargs=factory_kwargs,
+        with EnvPool(GUARDED_FACTORY, num_envs=width, num_workers=workers,
+                     factory_kwargs={"factory": factory, **factory_kwargs},
                      step_timeout=step_timeout, run_tag=f"eval-s{seed}") as pool:
             rollout(pool, specs, generate_fn, history_length=history_length, max_turns=max_steps,
                     record_prompts=False, provenance={"evaluation": settings.get("policy")},
@@ -174,7 +177,8 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
     groups = TASK_TYPES if env == "alfworld" else TAU2_DOMAINS
     result = {"settings": settings, "scores": summarize(records, runs, env, groups),
               "crashed": [r["key"] for r in records if r["status"] == "crashed"],
-              "load_errors": sorted({f"{r['task_id']}: {r['error']}" for r in records if r["status"] == "load_error"}),
+              "load_errors": sorted({r["error"] if r["error"].startswith(LOAD_ERROR) else f"{r['task_id']}: {r['error']}"
+                                     for r in records if r["status"] == "load_error"}),
               "episodes": records}
     atomic_write_text(paths.out, json.dumps(result, indent=1, allow_nan=True, sort_keys=True) + "\n")
     atomic_write_text(paths.markdown, markdown(result) + "\n")

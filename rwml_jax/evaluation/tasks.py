@@ -3,7 +3,8 @@ the pool's workers, and the classification of τ² tool calls.
 
 ALFWorld: the games of `split` under a data folder (official or offline layout, or generated games; see
 `rwml_jax.envs.alfworld_data`), each fully parsed first, so a game file that cannot be loaded is named and
-counted as a failed episode instead of being left out. τ²: the tasks of τ²'s own ``test`` split of each
+counted as a failed episode instead of being left out; the pool's envs are wrapped in `GuardedEnv`, so a
+task that fails only when the engine loads it is counted the same way instead of aborting the evaluation. τ²: the tasks of τ²'s own ``test`` split of each
 domain, the user simulator given by `user`: "scripted" (offline: the user side of the task's gold
 conversation, `rwml_jax.envs.tau2_replay.gold_script`; then "###STOP###") or "litellm:<model>" (the official
 simulator, network).
@@ -17,9 +18,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from rwml_jax.envs.base import TaskSpec
+from rwml_jax.envs.base import StepResult, TaskSpec
+from rwml_jax.envs.pool import resolve_factory
 
 ALFWORLD_FACTORY = "rwml_jax.envs.alfworld_env:AlfworldEnv"
+GUARDED_FACTORY = "rwml_jax.evaluation.tasks:GuardedEnv"
+LOAD_ERROR = "cannot load task "  # prefix of the error of an episode whose task failed to load at reset
 TAU2_FACTORY = "rwml_jax.evaluation.tasks:make_tau2_env"
 TAU2_USERS = ("scripted", "litellm:<model>")
 
@@ -60,6 +64,32 @@ def tau2_tasks(domains: Sequence[str], split: str = "test", *, limit: int | None
         ids = list_task_ids(d, split)
         out += [EvalTask(t, d, TaskSpec("tau2", split, t, options=(("domain", d),))) for t in ids[:limit]]
     return out
+
+
+class GuardedEnv:
+    """An env (built by `factory(**kwargs)`) whose `reset` never raises: a task that fails to load (an
+    ALFWorld game whose PDDL does not parse, a τ² task the package rejects) ends at reset with
+    ``info["error"] = LOAD_ERROR + "<task id>: <exception>"``, so the evaluation counts it by name instead of
+    aborting the batch. Everything else is the wrapped env's (``preload`` included, when it has one)."""
+
+    def __init__(self, factory: str, **kwargs: Any) -> None:
+        self.env = resolve_factory(factory)(**kwargs)
+
+    def reset(self, task: TaskSpec) -> StepResult:
+        try:
+            return self.env.reset(task)
+        except Exception as e:  # noqa: BLE001 - reported per task, by name
+            return StepResult(observation="", truncated=True, valid=False,
+                              info={"error": f"{LOAD_ERROR}{task.task_id}: {type(e).__name__}: {e}"})
+
+    def step(self, action: str) -> StepResult:
+        return self.env.step(action)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __getattr__(self, name: str) -> Any:  # preload, admissible_commands, ...
+        return getattr(self.__dict__["env"], name)
 
 
 class GoldScriptUser:
