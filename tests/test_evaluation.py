@@ -253,6 +253,15 @@ def test_compare_prints_a_table_one_layout(expert_eval, tmp_path):
     p = cli("compare", f"expert={expert_eval}", f"expert={tmp_path / 'unseen.json'}", "--json", str(tmp_path / "t.json"))
     assert "| method | ALFWorld ID | ALFWorld OOD | ALFWorld avg |" in p.stdout
     assert "| expert | 100.0 ± 0.0 | 25.0 ± 35.4 | 62.5 ± 17.7 |" in p.stdout
+    run = tmp_path / "my_run"  # a run folder: its eval/*.json, the row named after the folder
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(expert_eval, run / "eval" / "valid_seen.json")
+    (run / "eval" / "DONE.json").write_text("{}")
+    p = cli("compare", str(run), "--json", str(tmp_path / "t2.json"))
+    assert "| my_run | 100.0 ± 0.0 |" in p.stdout
+    assert load(tmp_path / "t2.json")[0]["ALFWorld ID"]["per_run"] == [1.0, 1.0]
+    bad = cli("compare", str(tmp_path / "nothing"), check=False)
+    assert bad.returncode == 2 and "neither a run folder nor an evaluation JSON" in bad.stderr
 
 
 # ------------------------------------------------------------------------------------------ τ²
