@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rwml_jax.config import TAU2_DOMAINS as DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS, SPLIT_ALIASES, TASK_TYPES
-
-DOMAINS = ("airline", "retail", "telecom")
 
 
 def add_parser(sub: Any) -> None:

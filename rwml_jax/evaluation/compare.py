@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from rwml_jax.config import TAU2_DOMAINS
 from rwml_jax.evaluation.metrics import mean_std, pct
 from rwml_jax.train.stage_io import read_json
 
 ALFWORLD_COLUMNS = (("ALFWorld ID", "valid_seen"), ("ALFWorld OOD", "valid_unseen"))
-TAU2_COLUMNS = ("airline", "retail", "telecom")
 COLUMNS = ("ALFWorld ID", "ALFWorld OOD", "ALFWorld avg", "τ² airline", "τ² retail", "τ² telecom", "τ² avg")
 
 
@@ -78,7 +78,7 @@ def load_rows(inputs: Sequence[str]) -> list[dict[str, Any]]:
             m, sd = mean_std([x for x in per_run if not math.isnan(x)])
             r[c] = {"mean": m, "std": sd, "per_run": per_run}
         for avg, parts in (("ALFWorld avg", [c for c, _ in ALFWORLD_COLUMNS]),
-                           ("τ² avg", [f"τ² {d}" for d in TAU2_COLUMNS])):
+                           ("τ² avg", [f"τ² {d}" for d in TAU2_DOMAINS])):
             if all(p in cols for p in parts) and len({len(cols[p]) for p in parts}) == 1:
                 per_run = list(np.mean(np.asarray([cols[p] for p in parts], np.float64), axis=0))
                 m, sd = mean_std(per_run)

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from rwml_jax.agent.rollout import Trajectory, rollout
+from rwml_jax.config import TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import TASK_TYPES
 from rwml_jax.envs.pool import EnvPool, resolve_factory
-from rwml_jax.evaluation.metrics import pct, summarize
+from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS, pct, summarize
 from rwml_jax.evaluation.tasks import GUARDED_FACTORY, LOAD_ERROR, EvalTask, classify_tool_calls
 from rwml_jax.train.stage_io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
-TAU2_DOMAINS = ("airline", "retail", "telecom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _record(run: int, seed: int, task: EvalTask, traj: Trajectory | None, traj_r
         rec["task_type"] = task.group
     else:
         rec["domain"] = task.group
-        rec.update(tool_calls=0, invalid_tool_calls={"unparsable": 0, "unknown_tool": 0, "schema": 0})
+        rec.update(tool_calls=0, invalid_tool_calls=dict.fromkeys(INVALID_CALL_KINDS, 0))
     if traj is None:
         rec.update(status="load_error", error=task.load_error)
         return rec

@@ -20,8 +20,9 @@ from typing import Any
 
 from rwml_jax.envs.base import StepResult, TaskSpec
 from rwml_jax.envs.pool import resolve_factory
+from rwml_jax.envs.replay import ALFWORLD_FACTORY
+from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS
 
-ALFWORLD_FACTORY = "rwml_jax.envs.alfworld_env:AlfworldEnv"
 GUARDED_FACTORY = "rwml_jax.evaluation.tasks:GuardedEnv"
 LOAD_ERROR = "cannot load task "  # prefix of the error of an episode whose task failed to load at reset
 TAU2_FACTORY = "rwml_jax.evaluation.tasks:make_tau2_env"
@@ -136,7 +137,7 @@ def classify_tool_calls(action: str, domain: str) -> tuple[int, dict[str, int]]:
     from rwml_jax.envs.tau2_parse import parse_turn
 
     schemas = tool_schemas(domain)
-    bad = {"unparsable": 0, "unknown_tool": 0, "schema": 0}
+    bad = dict.fromkeys(INVALID_CALL_KINDS, 0)
     calls = parse_turn(action).calls
     for c in calls:
         if not c.ok:
