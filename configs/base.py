@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.work_dir = "runs/base"  # all outputs: <work_dir>/<stage>/, checkpoints, tensorboard, plots
     c.seed = 0  # master seed: task order, sampling, data order, filter coin flips
     # Stages `rwml-jax run` chains, in pipeline order: warmstart (demo only), collect, triplets, filter,
-    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml).
+    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml), eval (agent
+    # success of the stage before it; see the `eval` section).
     c.stages = ("collect", "triplets", "filter", "rwml")
 
     # ---- the policy / world model ------------------------------------------------------------------
@@ -157,6 +158,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.wm_sft.batch_size = 32  # sequences per optimiser step
     c.wm_sft.micro_batch_size = 8  # sequences per forward/backward
     c.wm_sft.warmup_steps = 0
+
+    # ---- stage: eval (agent success; rwml-jax eval / compare) ----------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    # ALFWorld splits evaluated (paper: valid_seen = ID, 140 games; valid_unseen = OOD, 134 games); τ² always
+    # uses its "test" split of every env.domains domain.
+    c.eval.splits = ("valid_seen", "valid_unseen")
+    # ALFWorld data of the splits ("" = env.data_dir; "generated" = num_generated_games fresh games per split,
+    # generated into <work_dir>/eval/games with seeds disjoint from the training games).
+    c.eval.data_dir = ""
+    c.eval.num_generated_games = 0  # games per split when data_dir (or env.data_dir) is "generated"
+    c.eval.max_steps = 30  # agent steps per episode (paper: 30 for evaluation)
+    c.eval.runs = 3  # runs with seeds seed..seed+runs-1 (paper: mean ± std over 3 runs)
+    c.eval.temperature = 1.0  # policy sampling temperature (paper silent; 0 = greedy)
+    c.eval.top_p = 1.0  # nucleus sampling mass
+    c.eval.num_tasks = -1  # games per split / τ² tasks per domain, the first ones by id (-1 = all)
+    # whose model plays: "" = the last model-producing stage before eval in `stages` (warmstart, rwml,
+    # wm_sft), "base" = the recipe's start model, or a stage name
+    c.eval.model = ""
+    c.eval.user = "scripted"  # τ² user simulator: scripted (the task's gold user turns, offline) | litellm:<model>
+    c.eval.max_live_episodes = 64  # episodes generated together per turn (memory knob; not a result)
 
     # ---- stage: warmstart (CPU demo only: a from-scratch model learns the text format) ----------------
     c.warmstart = ml_collections.ConfigDict()

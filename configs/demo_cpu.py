@@ -104,6 +104,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 20
 
+    # Agent success on held-out generated games (two fresh sets standing in for ID / OOD); add "eval" to
+    # `stages` to score the last stage's model (the smoke variant does).
+    c.eval.splits = ("valid_seen", "valid_unseen")
+    c.eval.num_generated_games = 24
+    c.eval.max_steps = 15
+    c.eval.runs = 2
+    c.eval.max_live_episodes = 48
+
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2
     c.logging.log_every = 1
@@ -132,5 +140,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rwml.eval_every = 2
         c.rwml.eval_size = 8
         c.checkpoint.every_steps = 2
+        c.stages = (*c.stages, "eval")
+        c.eval.splits = ("valid_seen",)
+        c.eval.num_generated_games = 6
+        c.eval.max_steps = 4
+        c.eval.runs = 1
         return c
     raise ValueError(f"demo_cpu: unknown variant {arg!r}; expected 'default' or 'smoke'")

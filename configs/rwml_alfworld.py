@@ -51,4 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.rwml.group_size = 8  # paper: ALFWorld G = 8
     c.rewards.threshold_observation = 0.2  # paper: ALFWorld training threshold
+
+    # Evaluation (paper): ID = valid_seen (140 games), OOD = valid_unseen (134), at most 30 steps, 3 runs.
+    # Append "eval" to `stages` (or run `rwml-jax eval RECIPE`) to score the last stage's model.
+    c.eval.splits = ("valid_seen", "valid_unseen")
+    c.eval.max_steps = 30
+    c.eval.runs = 3
     return c

@@ -19,6 +19,7 @@ SUBCOMMANDS: list[str] = [
     "rwml_jax.cli_run",
     "rwml_jax.cli_generate",
     "rwml_jax.envs.cli",
+    "rwml_jax.cli_eval",
 ]
 
 

@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
     for stage in STAGE_ORDER:
+        if stage == "eval":  # `rwml-jax eval RECIPE` and the standalone `rwml-jax eval --env ...`: cli_eval
+            continue
         p = sub.add_parser(stage.replace("_", "-"), help=f"run only the '{stage}' stage of a recipe")
         _add_common(p)
         p.set_defaults(func=lambda a, s=stage: _cmd_run(a, only=(s,)))
@@ -139,6 +141,19 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
                 if v.get("n"):
                     print(f"  {'':10s}    on {v['n']} {kind.replace('_', ' ')}s: before {v['before']:.3f} -> "
                           f"after {v['after']:.3f}")
+    if "eval" in summaries:
+        from rwml_jax.evaluation.metrics import pct
+
+        s = summaries["eval"]
+        for name, v in s.items():
+            if isinstance(v, dict) and "success_mean" in v:
+                extra = "".join(f", pass^{k} {pct(x)}" for k, x in (v.get("pass_hat_k") or {}).items())
+                print(f"  eval {name:12s} ({s.get('model_stage')} model): success {pct(v['success_mean'], v['success_std'])} %"
+                      f"{extra}, invalid actions {pct(v['invalid_action_rate'])} % ({v['episodes']} episodes)")
+        wm = s.get("world_model") or {}
+        if "moved_fraction" in wm:
+            print(f"  eval world model: {100 * wm['moved_fraction']:.1f} % of parameters moved > 1e-3 from the start"
+                  + (f"; held-out reward {wm['heldout_reward']:.3f}" if "heldout_reward" in wm else ""))
     if "rwml" in summaries:
         print(f"\n  plot:        {work / 'rwml' / 'reward_curve.png'}")
         print(f"  tensorboard: tensorboard --logdir {work}")

@@ -34,3 +34,29 @@ class ScriptedEnv:
 
     def close(self) -> None:
         self.task = None
+
+
+class CrashOnceAlfworldEnv:
+    """The real ALFWorld env, except that the worker process dies at the first step of `crash_task` the
+    first time (a marker file `marker` remembers it): a worker crash in the middle of an evaluation."""
+
+    def __init__(self, crash_task: str, marker: str, **kwargs) -> None:
+        from rwml_jax.envs.alfworld_env import AlfworldEnv
+
+        self.env = AlfworldEnv(**kwargs)
+        self.crash_task, self.marker = crash_task, marker
+        self.task: TaskSpec | None = None
+
+    def reset(self, task: TaskSpec) -> StepResult:
+        self.task = task
+        return self.env.reset(task)
+
+    def step(self, action: str) -> StepResult:
+        assert self.task is not None
+        if self.task.task_id == self.crash_task and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(9)
+        return self.env.step(action)
+
+    def close(self) -> None:
+        self.env.close()

@@ -198,6 +198,28 @@ class RolloutStats:
         return d
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnContext:
+    """What a non-model policy may know about a live episode (``rollout(..., with_context=True)``).
+
+    task: the episode's TaskSpec. step: turns taken so far. reset_info: the episode's reset info (ALFWorld:
+    task, task type, task id, gamefile; τ²: domain, task id, tool signatures). admissible: the ALFWorld
+    commands admissible now (empty for τ²). tools: τ²'s OpenAI tool schemas (empty for ALFWorld).
+    """
+
+    task: TaskSpec
+    step: int
+    reset_info: dict[str, Any]
+    admissible: tuple[str, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+
+
+def _context(lv: _Live) -> TurnContext:
+    ep = lv.episode
+    return TurnContext(task=lv.task, step=len(lv.turns), reset_info=ep.reset_info(),
+                       admissible=tuple(getattr(ep, "admissible", ())), tools=tuple(getattr(ep, "tools", ())))
+
+
 @dataclasses.dataclass
 class RolloutResult:
     trajectories: list[Trajectory]
@@ -230,7 +252,9 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             trajectories_per_task: int = 1, history_length: int = 2, max_turns: int | None = None,
             prompt_format: Literal["chat", "text"] = "chat", record_prompts: bool = True,
             provenance: Mapping[str, Any] | None = None,
-            on_turn: Callable[[RolloutStats, int], None] | None = None) -> RolloutResult:
+            on_turn: Callable[[RolloutStats, int], None] | None = None,
+            on_episode: Callable[[int, Trajectory], None] | None = None,
+            with_context: bool = False) -> RolloutResult:
     """Play ``trajectories_per_task`` episodes of every task with the policy behind ``generate_fn``.
 
     Args:
@@ -245,6 +269,10 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
       record_prompts: keep each turn's prompt in the trajectory (τ² prompts are long).
       provenance: model, config hash, seed, … stored in every trajectory.
       on_turn: called after every turn with the running stats and the number of live episodes.
+      on_episode: called with (position in the returned list, trajectory) as soon as an episode ends
+        (callers that persist episodes one by one, e.g. a resumable evaluation).
+      with_context: call ``generate_fn(prompts, contexts)`` with one `TurnContext` per prompt (reference
+        policies: an expert replaying a walkthrough, a random admissible action).
 
     Returns the trajectories ordered by (task index, sample_index) — independent of scheduling — and stats.
     """
@@ -282,6 +310,8 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             success=_is_success(result) and not cut_by_rollout, reward=float(result.reward),
             done=bool(result.done), truncated=truncated, error=str(error) if error else None, provenance=prov)
         done[lv.order] = traj
+        if on_episode is not None:
+            on_episode(lv.order, traj)
         stats.episodes += 1
         stats.successes += traj.success
         stats.truncated += traj.truncated
@@ -324,7 +354,8 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
         prompts: list[Prompt] = (prompts_msgs if prompt_format == "chat"
                                  else [render_plain(p) for p in prompts_msgs])
         t0 = time.perf_counter()
-        outputs = list(generate_fn(prompts))
+        outputs = list(generate_fn(prompts, [_context(live[s]) for s in slots]) if with_context
+                       else generate_fn(prompts))
         stats.generate_seconds += time.perf_counter() - t0
         stats.generate_calls += 1
         if len(outputs) != len(prompts):

@@ -1,3 +1,3 @@
 """The pipeline's stages, in the order `rwml-jax run` executes them (a recipe lists a subset, in this order)."""
 
-STAGE_ORDER: tuple[str, ...] = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft")
+STAGE_ORDER: tuple[str, ...] = ("warmstart", "collect", "triplets", "filter", "rwml", "wm_sft", "eval")

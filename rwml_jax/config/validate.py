@@ -300,12 +300,40 @@ def _logging(s: Section) -> None:
     s.nonneg_int("num_sample_texts")
 
 
+def _eval(s: Section) -> None:
+    """The `eval` stage (rwml_jax/train/stages/eval.py)."""
+    s.subset("splits", ALFWORLD_SPLITS)
+    if s.has("splits") and not s.get("splits"):
+        s.fail("splits", "must name at least one ALFWorld split")
+    s.positive_int("max_steps")
+    s.positive_int("runs")
+    s.number("temperature", lo=0.0)
+    s.number("top_p", lo=0.0, hi=1.0, lo_open=True)
+    s.positive_int("num_tasks", allow=(-1,))
+    s.nonneg_int("num_generated_games")
+    s.positive_int("max_live_episodes")
+    model_stages = ("warmstart", "rwml", "wm_sft")
+    if s.has("model") and s.get("model") not in ("", "base", *model_stages):
+        s.fail("model", f"must be '' (the last model stage before eval), 'base' or one of {model_stages}")
+    user = s.get("user") if s.has("user") else "scripted"
+    if not isinstance(user, str) or not (user == "scripted" or (user.startswith("litellm:") and len(user) > 8)):
+        s.fail("user", "must be 'scripted' or 'litellm:<model>'")
+    root = Section(s.root, "", s.errors)
+    data_dir = s.get("data_dir") if s.has("data_dir") else ""
+    generated = data_dir == "generated" or (data_dir == "" and root.has("env.data_dir")
+                                            and root.get("env.data_dir") == "generated")
+    stages = root.get("stages") if root.has("stages") else ()
+    if ("eval" in stages and root.has("env.name") and root.get("env.name") == "alfworld" and generated
+            and s.has("num_generated_games") and s.get("num_generated_games") < 1):
+        s.fail("num_generated_games", "must be >= 1 when the evaluation games are generated")
+
+
 # section -> its validator ("" = the top level)
 VALIDATORS: dict[str, Callable[[Section], None]] = {
     "": _run, "model": _model, "execution": _execution, "embedder": _embedder, "mesh": _mesh, "env": _env,
     "collect": _collect, "triplets": _triplets, "filter": _filter, "filter.sft": _sft, "rewards": _rewards,
     "rwml": _rwml, "wm_sft": _sft, "warmstart": _warmstart, "optimizer": _optimizer,
-    "checkpoint": _checkpoint, "logging": _logging,
+    "checkpoint": _checkpoint, "logging": _logging, "eval": _eval,
 }
 
 

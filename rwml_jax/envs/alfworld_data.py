@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ SPLIT_ALIASES = {"id": "valid_seen", "in_distribution": "valid_seen", "ood": "va
                  "eval_out_of_distribution": "valid_unseen"}
 GAME_FILE = "game.tw-pddl"
 _SOLVABLE = re.compile(r'"solvable"\s*:\s*(true|false)')
+log = logging.getLogger(__name__)
 
 HOW_TO_GET_DATA = (
     "Get the ALFWorld data with `alfworld-download` (it fills $ALFWORLD_DATA, default ~/.cache/alfworld, "
@@ -119,12 +121,27 @@ def split_dir(root: str | os.PathLike | None, split: str) -> Path:
                             f"{HOW_TO_GET_DATA}")
 
 
-def list_games(root: str | os.PathLike | None, split: str,
-               task_types: tuple[str, ...] | list[str] | None = None) -> list[GameRef]:
-    """All playable games of `split` under `root`, sorted by task id, optionally of some task types only.
+@dataclasses.dataclass(frozen=True)
+class BrokenGame:
+    """A game folder whose game.tw-pddl cannot be loaded (unreadable, truncated or malformed JSON)."""
 
-    Raises AlfworldDataError when the folder or split is missing or holds no game, ValueError for an
-    unknown task type.
+    task_id: str
+    gamefile: str
+    task_type: str
+    split: str
+    error: str
+
+
+def scan_games(root: str | os.PathLike | None, split: str,
+               task_types: tuple[str, ...] | list[str] | None = None, *,
+               full_check: bool = False) -> tuple[list[GameRef], list[BrokenGame]]:
+    """(playable games, games that cannot be loaded) of `split` under `root`, both sorted by task id.
+
+    A game file that cannot be read or parsed is never dropped silently: it is returned as a `BrokenGame`
+    naming the file and the error. full_check: parse every game file completely and check its keys
+    (~10 ms a game; otherwise only the "solvable" flag is read, which catches most truncations).
+    Raises AlfworldDataError when the folder or split is missing or holds no game file at all, ValueError
+    for an unknown task type.
     """
     split = normalize_split(split)
     if task_types is not None:
@@ -133,6 +150,7 @@ def list_games(root: str | os.PathLike | None, split: str,
             raise ValueError(f"unknown ALFWorld task type(s) {unknown}; expected some of {TASK_TYPES}")
     base = split_dir(root, split)
     games: list[GameRef] = []
+    broken: list[BrokenGame] = []
     for dirpath, _dirnames, filenames in os.walk(base):
         if GAME_FILE not in filenames:
             continue
@@ -144,36 +162,67 @@ def list_games(root: str | os.PathLike | None, split: str,
         ttype = task_type_of(task_folder, os.path.join(dirpath, "traj_data.json"))
         if task_types is not None and ttype not in task_types:
             continue
-        if not _is_solvable(gamefile):
+        task_id = rel.replace(os.sep, "/")
+        solvable, error = _solvable_flag(gamefile, full_check)
+        if error is not None:
+            broken.append(BrokenGame(task_id, os.path.abspath(gamefile), ttype, split, error))
             continue
-        games.append(GameRef(task_id=rel.replace(os.sep, "/"), gamefile=os.path.abspath(gamefile),
-                             task_type=ttype, split=split))
-    if not games:
+        if not solvable:
+            continue
+        games.append(GameRef(task_id=task_id, gamefile=os.path.abspath(gamefile), task_type=ttype, split=split))
+    if not games and not broken:
         which = f" of task types {list(task_types)}" if task_types else ""
         raise AlfworldDataError(f"no ALFWorld games{which} found under {str(base)!r} (looked for "
                                 f"<task>/<trial>/{GAME_FILE}). {HOW_TO_GET_DATA}")
     games.sort(key=lambda g: g.task_id)
+    broken.sort(key=lambda g: g.task_id)
+    return games, broken
+
+
+def list_games(root: str | os.PathLike | None, split: str,
+               task_types: tuple[str, ...] | list[str] | None = None) -> list[GameRef]:
+    """All playable games of `split` under `root`, sorted by task id, optionally of some task types only.
+
+    Game files that cannot be loaded are logged by name (`scan_games` returns them); callers that score
+    games (replay, evaluation) use `scan_games` and count them. Raises AlfworldDataError when the folder
+    or split is missing or holds no playable game, ValueError for an unknown task type.
+    """
+    games, broken = scan_games(root, split, task_types)
+    for b in broken:
+        log.warning("ALFWorld game %s cannot be loaded (%s): %s", b.task_id, b.gamefile, b.error)
+    if not games:
+        raise AlfworldDataError(f"no loadable ALFWorld games in split {split!r} under {str(root)!r}: "
+                                f"{len(broken)} game file(s) are broken, e.g. {broken[0].gamefile}: "
+                                f"{broken[0].error}")
     return games
 
 
-def _is_solvable(gamefile: str) -> bool:
-    """The game file's own "solvable" flag (files without one count as solvable).
+_GAME_KEYS = ("pddl_domain", "grammar", "pddl_problem")
 
-    Reads the flag from the raw text (a full JSON parse of 3,553 train games takes tens of seconds); the
-    key sits after the PDDL and grammar strings, which never contain it.
+
+def _solvable_flag(gamefile: str, full_check: bool = False) -> tuple[bool, str | None]:
+    """(the game file's own "solvable" flag, None) or (False, why the file cannot be loaded).
+
+    Without `full_check` the flag is read from the raw text (a full JSON parse of 3,553 train games takes
+    tens of seconds); the key sits after the PDDL and grammar strings, which never contain it. Files
+    without the key are parsed completely.
     """
     try:
         with open(gamefile) as f:
             text = f.read()
-    except OSError:
-        return False
+    except OSError as e:
+        return False, f"unreadable: {e}"
     m = _SOLVABLE.search(text, max(0, text.rfind('"solvable"')))
-    if m is not None:
-        return m.group(1) == "true"
+    if m is not None and not full_check:
+        return m.group(1) == "true", None
     try:
-        return bool(json.loads(text).get("solvable", True))
-    except json.JSONDecodeError:
-        return False
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return False, f"not valid JSON (truncated or corrupt file, {len(text)} bytes): {e}"
+    if not isinstance(data, dict) or any(k not in data for k in _GAME_KEYS):
+        missing = [k for k in _GAME_KEYS if not isinstance(data, dict) or k not in data]
+        return False, f"not an ALFWorld game file: missing {missing}"
+    return bool(data.get("solvable", True)), None
 
 
 def resolve_game(root: str | os.PathLike | None, split: str, task_id: str) -> GameRef:

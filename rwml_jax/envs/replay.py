@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from rwml_jax.envs.alfworld_data import TASK_TYPES, GameRef, list_games, load_game_json
+from rwml_jax.envs.alfworld_data import TASK_TYPES, BrokenGame, GameRef, load_game_json, scan_games
 from rwml_jax.envs.base import TaskSpec
 from rwml_jax.envs.pool import EnvPool
 
@@ -155,8 +155,11 @@ def replay_alfworld(data: str | os.PathLike | None, split: str = "valid_seen", *
 
     limit: replay at most this many games, the first ones by task id (sample="first") or spread evenly over
     the sorted list (sample="spread", which covers every task type of a big split).
+    A game file that cannot be loaded (truncated, malformed) is part of the report as a lost game whose
+    error names the file; it counts in the denominator.
     """
-    games = list_games(data, split, tuple(task_types) if task_types else None)
+    found, broken = scan_games(data, split, tuple(task_types) if task_types else None, full_check=True)
+    games: list[GameRef | BrokenGame] = sorted([*found, *broken], key=lambda g: g.task_id)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
@@ -167,13 +170,23 @@ def replay_alfworld(data: str | os.PathLike | None, split: str = "valid_seen", *
             games = games[:limit]
         else:
             raise ValueError(f"sample must be 'first' or 'spread', got {sample!r}")
-    num_envs = max(1, min(len(games), workers * envs_per_worker))
+    playable = [g for g in games if isinstance(g, GameRef)]
+    lost = [GameReplay(task_id=g.task_id, task_type=g.task_type, won=False, steps=0, walkthrough_len=0, invalid=0,
+                       error=f"cannot load {g.gamefile}: {g.error}") for g in games if isinstance(g, BrokenGame)]
+    for g in lost:
+        if progress is not None:
+            progress.write(f"{g.task_id}: LOST: {g.error}\n")
+    num_envs = max(1, min(len(playable), workers * envs_per_worker))
     num_workers = max(1, min(workers, num_envs))
     kwargs = {"data_dir": None if data is None else os.fspath(data), "max_steps": REPLAY_MAX_STEPS,
               "memoize": memoize}
-    with EnvPool(ALFWORLD_FACTORY, num_envs=num_envs, num_workers=num_workers, factory_kwargs=kwargs,
-                 mp_context=mp_context) as pool:
-        report = replay_games(pool, games, games[0].split, progress=progress)
+    if playable:
+        with EnvPool(ALFWORLD_FACTORY, num_envs=num_envs, num_workers=num_workers, factory_kwargs=kwargs,
+                     mp_context=mp_context) as pool:
+            report = replay_games(pool, playable, games[0].split, progress=progress)
+    else:
+        report = ReplayReport(split=games[0].split, games=[], seconds=0.0, env_steps=0, resets=0, workers=0)
+    report.games = sorted([*report.games, *lost], key=lambda r: r.task_id)
     if json_out is not None:
         with open(json_out, "w") as f:
             json.dump(report.to_json(), f, indent=1)

@@ -318,6 +318,15 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             steps_total += steps
             add(f"  wm_sft: next-state SFT on the same ~{d['final']:,} triplets: {w.epochs} epoch(s) / batch "
                 f"{w.batch_size} = {steps:,} steps, lr {w.learning_rate:g}")
+        elif stage == "eval":
+            from rwml_jax.train.stages.eval import model_stage
+
+            e = config.eval
+            what = (f"ALFWorld {', '.join(e.splits)}" if env == "alfworld"
+                    else f"τ² test split of {', '.join(config.env.domains)} (user {e.user})")
+            cap = "" if e.num_tasks < 0 else f", first {e.num_tasks} tasks each"
+            add(f"  eval: the {model_stage(config)} model on {what}{cap}: {e.runs} run(s), <= {e.max_steps} steps, "
+                f"temperature {e.temperature:g}")
     add(f"  optimiser steps in total: ~{steps_total:,}; checkpoints every {config.checkpoint.every_steps} steps, "
         f"keep {config.checkpoint.keep}, in <work_dir>/<stage>/checkpoints")
 

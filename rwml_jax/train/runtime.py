@@ -85,7 +85,7 @@ class Runtime:
 
     def tokenizer(self, path: str | None = None):
         path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
-        return _tokenizer(path)
+        return load_tokenizer(path)
 
     @functools.cached_property
     def embedder(self):
@@ -106,7 +106,8 @@ class Runtime:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def load_tokenizer(path: str):
+    """The Hugging Face tokenizer in folder `path` (cached), with pad = EOS when it has no pad token."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)

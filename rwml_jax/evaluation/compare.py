@@ -1,0 +1,98 @@
+"""`rwml-jax compare`: the paper's Table 1 from evaluation results.
+
+Rows are methods (start points), columns ALFWorld ID (valid_seen), OOD (valid_unseen), their average, the τ²
+domains and their average; cells are success rates, mean ± std over runs (τ²: pass^1 per run). An average
+is the mean ± std over runs of the per-run mean of its columns (so it needs every column of the row).
+
+Inputs: a run folder (row = the folder's name; its evaluations are ``<run>/eval/*.json``), an evaluation
+JSON (row = the evaluated policy: the model folder's stage, or expert / gold / random), or ``NAME=PATH``
+to name the row.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rwml_jax.envs import TAU2_DOMAINS
+from rwml_jax.evaluation.metrics import mean_std, pct
+from rwml_jax.train.stage_io import read_json
+
+ALFWORLD_COLUMNS = (("ALFWorld ID", "valid_seen"), ("ALFWorld OOD", "valid_unseen"))
+COLUMNS = ("ALFWorld ID", "ALFWorld OOD", "ALFWorld avg", "τ² airline", "τ² retail", "τ² telecom", "τ² avg")
+
+
+def _policy_label(settings: dict[str, Any]) -> str:
+    pol = str(settings.get("policy", "?"))
+    p = Path(pol)
+    if p.is_absolute():  # .../<run>/<stage>/model -> <run>/<stage>
+        parts = p.parts[:-1] if p.name == "model" else p.parts
+        return "/".join(parts[-2:])
+    return pol
+
+
+def _evals(inp: str) -> tuple[str | None, list[dict[str, Any]]]:
+    name, sep, path = inp.partition("=")
+    if not sep:
+        name, path = None, inp
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(glob.glob(os.path.join(p, "eval", "*.json"))) or sorted(glob.glob(os.path.join(p, "*.json")))
+        files = [f for f in files if not f.endswith((".settings.json", "DONE.json", "STARTED.json"))]
+        if not files:
+            raise FileNotFoundError(f"{path!r}: no evaluation JSON in {p / 'eval'} (run the eval stage or "
+                                    f"`rwml-jax eval --json`)")
+        return name or p.name, [read_json(f) for f in files]
+    if not p.is_file():
+        raise FileNotFoundError(f"{path!r} is neither a run folder nor an evaluation JSON")
+    return name, [read_json(p)]
+
+
+def load_rows(inputs: Sequence[str]) -> list[dict[str, Any]]:
+    """[{"method": name, column: {"mean", "std", "per_run"}}] in input order (JSONs of one policy merge)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for inp in inputs:
+        name, evals = _evals(inp)
+        for ev in evals:
+            if "scores" not in ev or "settings" not in ev:
+                raise ValueError(f"{inp!r} holds a JSON that is not an evaluation result (no scores/settings)")
+            s = ev["settings"]
+            row = rows.setdefault(name or _policy_label(s), {})
+            if s["env"] == "alfworld":
+                col = dict((v, k) for k, v in ALFWORLD_COLUMNS).get(s.get("split", ""))
+                if col:
+                    row[col] = ev["scores"]["overall"]["success_per_run"]
+            else:
+                for d, g in ev["scores"]["groups"].items():
+                    row[f"τ² {d}"] = g["success_per_run"]
+    out = []
+    for name, cols in rows.items():
+        r: dict[str, Any] = {"method": name}
+        for c, per_run in cols.items():
+            m, sd = mean_std([x for x in per_run if not math.isnan(x)])
+            r[c] = {"mean": m, "std": sd, "per_run": per_run}
+        for avg, parts in (("ALFWorld avg", [c for c, _ in ALFWORLD_COLUMNS]),
+                           ("τ² avg", [f"τ² {d}" for d in TAU2_DOMAINS])):
+            if all(p in cols for p in parts) and len({len(cols[p]) for p in parts}) == 1:
+                per_run = list(np.mean(np.asarray([cols[p] for p in parts], np.float64), axis=0))
+                m, sd = mean_std(per_run)
+                r[avg] = {"mean": m, "std": sd, "per_run": per_run}
+        out.append(r)
+    return out
+
+
+def compare_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: | method | ALFWorld ID | OOD | avg | τ² airline | retail | telecom | avg | (success %, mean ± std);
+    columns no row has are left out."""
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [pct(r[c]["mean"], r[c]["std"]) if c in r else "-" for c in cols]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
