@@ -173,9 +173,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 1.0  # policy sampling temperature (paper silent; 0 = greedy)
     c.eval.top_p = 1.0  # nucleus sampling mass
     c.eval.num_tasks = -1  # games per split / τ² tasks per domain, the first ones by id (-1 = all)
-    # whose model plays: "" = the last model-producing stage before eval in `stages` (warmstart, rwml,
-    # wm_sft), "base" = the recipe's start model, or a stage name
-    c.eval.model = ""
+    # whose models play, each evaluated and compared: () = the last model-producing stage before eval in
+    # `stages` (warmstart, rwml, wm_sft); or names: "base" = the recipe's start model, or a stage name
+    # (e.g. ("base", "rwml") for before / after)
+    c.eval.models = ()
     c.eval.user = "scripted"  # τ² user simulator: scripted (the task's gold user turns, offline) | litellm:<model>
     c.eval.max_live_episodes = 64  # episodes generated together per turn (memory knob; not a result)
 

@@ -104,8 +104,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 20
 
-    # Agent success on held-out generated games (two fresh sets standing in for ID / OOD); add "eval" to
-    # `stages` to score the last stage's model (the smoke variant does).
+    # Agent success of the warm start and of the RWML model on held-out generated games (two fresh sets
+    # standing in for ID / OOD), side by side.
+    c.stages = (*c.stages, "eval")
+    c.eval.models = ("warmstart", "rwml")
     c.eval.splits = ("valid_seen", "valid_unseen")
     c.eval.num_generated_games = 24
     c.eval.max_steps = 15
@@ -140,7 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rwml.eval_every = 2
         c.rwml.eval_size = 8
         c.checkpoint.every_steps = 2
-        c.stages = (*c.stages, "eval")
+        c.eval.models = ()  # the last model stage (rwml)
         c.eval.splits = ("valid_seen",)
         c.eval.num_generated_games = 6
         c.eval.max_steps = 4

@@ -144,16 +144,18 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
     if "eval" in summaries:
         from rwml_jax.evaluation.metrics import pct
 
-        s = summaries["eval"]
-        for name, v in s.items():
-            if isinstance(v, dict) and "success_mean" in v:
-                extra = "".join(f", pass^{k} {pct(x)}" for k, x in (v.get("pass_hat_k") or {}).items())
-                print(f"  eval {name:12s} ({s.get('model_stage')} model): success {pct(v['success_mean'], v['success_std'])} %"
-                      f"{extra}, invalid actions {pct(v['invalid_action_rate'])} % ({v['episodes']} episodes)")
-        wm = s.get("world_model") or {}
-        if "moved_fraction" in wm:
-            print(f"  eval world model: {100 * wm['moved_fraction']:.1f} % of parameters moved > 1e-3 from the start"
-                  + (f"; held-out reward {wm['heldout_reward']:.3f}" if "heldout_reward" in wm else ""))
+        for model, s in summaries["eval"].get("models", {}).items():
+            for name, v in s.items():
+                if isinstance(v, dict) and "success_mean" in v:
+                    extra = "".join(f", pass^{k} {pct(x)}" for k, x in (v.get("pass_hat_k") or {}).items())
+                    print(f"  eval {model:9s} on {name:12s}: success {pct(v['success_mean'], v['success_std'])} %"
+                          f"{extra}, invalid actions {pct(v['invalid_action_rate'])} % ({v['episodes']} episodes)")
+            wm = s.get("world_model") or {}
+            if "moved_fraction" in wm:
+                print(f"  eval {model:9s} world model: {100 * wm['moved_fraction']:.1f} % of parameters moved > 1e-3 "
+                      "from the start" + (f"; held-out reward {wm['heldout_reward']:.3f}" if "heldout_reward" in wm else ""))
+        print("\n  agent success (%), as `rwml-jax compare` prints it:")
+        print("\n".join("  " + line for line in summaries["eval"].get("compare", "").splitlines()))
     if "rwml" in summaries:
         print(f"\n  plot:        {work / 'rwml' / 'reward_curve.png'}")
         print(f"  tensorboard: tensorboard --logdir {work}")

@@ -260,6 +260,15 @@ def test_compare_prints_a_table_one_layout(expert_eval, tmp_path):
     p = cli("compare", str(run), "--json", str(tmp_path / "t2.json"))
     assert "| my_run | 100.0 ± 0.0 |" in p.stdout
     assert load(tmp_path / "t2.json")[0]["ALFWorld ID"]["per_run"] == [1.0, 1.0]
+    run = tmp_path / "two_models"  # the eval stage's layout: eval/<model>/<split>.json, a row per model
+    for model, per_run in (("warmstart", [0.0, 0.5]), ("rwml", [1.0, 0.5])):
+        ev = load(expert_eval)
+        ev["settings"]["model_stage"] = model
+        ev["scores"]["overall"]["success_per_run"] = per_run
+        (run / "eval" / model).mkdir(parents=True)
+        (run / "eval" / model / "valid_seen.json").write_text(json.dumps(ev))
+    p = cli("compare", str(run))
+    assert "| two_models: rwml | 75.0 ± 35.4 |" in p.stdout and "| two_models: warmstart | 25.0 ± 35.4 |" in p.stdout
     bad = cli("compare", str(tmp_path / "nothing"), check=False)
     assert bad.returncode == 2 and "neither a run folder nor an evaluation JSON" in bad.stderr
 
@@ -299,19 +308,20 @@ def test_tau2_gold_on_every_test_task(tmp_path):
 # ------------------------------------------------------------------------------------------ config
 def test_eval_config_section_is_validated_and_registered():
     from rwml_jax.config import ConfigError, load_config
-    from rwml_jax.train.stage_io import STAGE_KEYS
+    from rwml_jax.train.stage_io import stage_config_keys
     from rwml_jax.train.stages import eval as eval_stage
 
-    assert eval_stage.CONFIG_KEYS == STAGE_KEYS["eval"]
+    assert stage_config_keys("eval") == (eval_stage.CONFIG_KEYS, eval_stage.IGNORED_KEYS)
     for recipe in ("rwml_alfworld", "rwml_tau2"):
         c = load_config(recipe)
         assert (c.eval.max_steps, c.eval.runs) == (30, 3)
     assert tuple(load_config("rwml_alfworld").eval.splits) == ("valid_seen", "valid_unseen")
-    assert eval_stage.model_stage(load_config("demo_cpu:smoke")) == "rwml"
+    assert eval_stage.model_stages(load_config("demo_cpu:smoke")) == ("rwml",)
+    assert eval_stage.model_stages(load_config("demo_cpu")) == ("warmstart", "rwml")
     with pytest.raises(ConfigError) as e:
-        load_config("demo_cpu", ["--config.eval.runs=0", "--config.eval.model=collect", "--config.eval.user=local"])
+        load_config("demo_cpu", ["--config.eval.runs=0", "--config.eval.models=collect", "--config.eval.user=local"])
     msg = str(e.value)
-    assert "eval.runs" in msg and "eval.model" in msg and "eval.user" in msg
+    assert "eval.runs" in msg and "eval.models" in msg and "eval.user" in msg
 
 
 def test_a_worker_crash_is_reported_not_scored_and_replayed_on_rerun(games, tmp_path):

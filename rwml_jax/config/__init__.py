@@ -40,11 +40,11 @@ from rwml_jax.config.recipes import (
     import_configs_module,
     resolve_config_path,
 )
-from rwml_jax.config.stages import STAGE_ORDER
+from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
 from rwml_jax.config.validate import validate_config
 
 __all__ = [
-    "STAGE_ORDER", "ConfigDict", "ConfigError", "apply_overrides", "available_recipes", "config_hash",
+    "MODEL_STAGES", "STAGE_ORDER", "ConfigDict", "ConfigError", "apply_overrides", "available_recipes", "config_hash",
     "config_to_dict", "configs_dir", "flatten", "get_path", "has_path", "import_configs_module", "load_config",
     "resolve_config_path", "save_config", "select", "suggest_key", "validate_config",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from rwml_jax.config.keys import ConfigDict, ConfigError, get_path, has_path
 from rwml_jax.config.recipes import import_configs_module
-from rwml_jax.config.stages import STAGE_ORDER
+from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
 from rwml_jax.envs import ENV_NAMES, TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
@@ -312,9 +312,10 @@ def _eval(s: Section) -> None:
     s.positive_int("num_tasks", allow=(-1,))
     s.nonneg_int("num_generated_games")
     s.positive_int("max_live_episodes")
-    model_stages = ("warmstart", "rwml", "wm_sft")
-    if s.has("model") and s.get("model") not in ("", "base", *model_stages):
-        s.fail("model", f"must be '' (the last model stage before eval), 'base' or one of {model_stages}")
+    s.subset("models", ("base", *MODEL_STAGES))
+    models = s.typed("models", (tuple, list)) or ()
+    if len(set(models)) != len(models):
+        s.fail("models", "lists a model twice")
     user = s.get("user") if s.has("user") else "scripted"
     if not isinstance(user, str) or not (user == "scripted" or (user.startswith("litellm:") and len(user) > 8)):
         s.fail("user", "must be 'scripted' or 'litellm:<model>'")

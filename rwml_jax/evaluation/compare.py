@@ -4,9 +4,10 @@ Rows are methods (start points), columns ALFWorld ID (valid_seen), OOD (valid_un
 domains and their average; cells are success rates, mean ± std over runs (τ²: pass^1 per run). An average
 is the mean ± std over runs of the per-run mean of its columns (so it needs every column of the row).
 
-Inputs: a run folder (row = the folder's name; its evaluations are ``<run>/eval/*.json``), an evaluation
-JSON (row = the evaluated policy: the model folder's stage, or expert / gold / random), or ``NAME=PATH``
-to name the row.
+Inputs: a run folder (its evaluations are ``<run>/eval/<model>/*.json``, one row per model named
+"<run>: <model>"; an eval stage folder itself works too), an evaluation JSON (row = the evaluated policy: the
+model folder's stage, or expert / gold / random), or ``NAME=PATH`` to name the rows (a folder's rows then
+become "NAME: <model>" when it holds several models)
 """
 
 from __future__ import annotations
@@ -37,29 +38,35 @@ def _policy_label(settings: dict[str, Any]) -> str:
     return pol
 
 
-def _evals(inp: str) -> tuple[str | None, list[dict[str, Any]]]:
+def _evals(inp: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """[(row name or None = the policy's label, evaluation)] of one input."""
     name, sep, path = inp.partition("=")
     if not sep:
         name, path = None, inp
     p = Path(path)
     if p.is_dir():
-        files = sorted(glob.glob(os.path.join(p, "eval", "*.json"))) or sorted(glob.glob(os.path.join(p, "*.json")))
+        folder = p / "eval" if (p / "eval").is_dir() else p
+        files = sorted(glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "*", "*.json")))
         files = [f for f in files if not f.endswith((".settings.json", "DONE.json", "STARTED.json"))]
         if not files:
-            raise FileNotFoundError(f"{path!r}: no evaluation JSON in {p / 'eval'} (run the eval stage or "
+            raise FileNotFoundError(f"{path!r}: no evaluation JSON in {folder} (run the eval stage or "
                                     f"`rwml-jax eval --json`)")
-        return name or p.name, [read_json(f) for f in files]
+        evals = [read_json(f) for f in files]
+        models = {ev.get("settings", {}).get("model_stage") for ev in evals}
+        run = name or (p.name if folder != p else p.parent.name)
+        if len(models) <= 1:
+            return [(run, ev) for ev in evals]
+        return [(f"{run}: {ev['settings'].get('model_stage')}", ev) for ev in evals]
     if not p.is_file():
         raise FileNotFoundError(f"{path!r} is neither a run folder nor an evaluation JSON")
-    return name, [read_json(p)]
+    return [(name, read_json(p))]
 
 
 def load_rows(inputs: Sequence[str]) -> list[dict[str, Any]]:
     """[{"method": name, column: {"mean", "std", "per_run"}}] in input order (JSONs of one policy merge)."""
     rows: dict[str, dict[str, list[float]]] = {}
     for inp in inputs:
-        name, evals = _evals(inp)
-        for ev in evals:
+        for name, ev in _evals(inp):
             if "scores" not in ev or "settings" not in ev:
                 raise ValueError(f"{inp!r} holds a JSON that is not an evaluation result (no scores/settings)")
             s = ev["settings"]

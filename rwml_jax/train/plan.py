@@ -16,6 +16,7 @@ from typing import Any
 from rwml_jax.config import ConfigDict, import_configs_module
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl.shared_prompt import micro_batching
+from rwml_jax.train.stages.eval import model_stages
 
 # Paper counts (docs/method.md) used to estimate data sizes the config cannot fix.
 PAPER_ALFWORLD = {"tasks": 2048, "n": 3, "train": 21_011, "val": 2_288, "final": 15_813}
@@ -319,13 +320,11 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             add(f"  wm_sft: next-state SFT on the same ~{d['final']:,} triplets: {w.epochs} epoch(s) / batch "
                 f"{w.batch_size} = {steps:,} steps, lr {w.learning_rate:g}")
         elif stage == "eval":
-            from rwml_jax.train.stages.eval import model_stage
-
             e = config.eval
             what = (f"ALFWorld {', '.join(e.splits)}" if env == "alfworld"
                     else f"τ² test split of {', '.join(config.env.domains)} (user {e.user})")
             cap = "" if e.num_tasks < 0 else f", first {e.num_tasks} tasks each"
-            add(f"  eval: the {model_stage(config)} model on {what}{cap}: {e.runs} run(s), <= {e.max_steps} steps, "
+            add(f"  eval: the {', '.join(model_stages(config))} model(s) on {what}{cap}: {e.runs} run(s), <= {e.max_steps} steps, "
                 f"temperature {e.temperature:g}")
     add(f"  optimiser steps in total: ~{steps_total:,}; checkpoints every {config.checkpoint.every_steps} steps, "
         f"keep {config.checkpoint.keep}, in <work_dir>/<stage>/checkpoints")
