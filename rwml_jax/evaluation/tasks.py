@@ -20,7 +20,7 @@ from typing import Any
 
 from rwml_jax.envs.base import StepResult, TaskSpec
 from rwml_jax.envs.pool import resolve_factory
-from rwml_jax.envs.replay import ALFWORLD_FACTORY
+from rwml_jax.envs.replay import ALFWORLD_FACTORY  # noqa: F401  (re-exported: the factory evaluations play ALFWorld through)
 from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS
 
 GUARDED_FACTORY = "rwml_jax.evaluation.tasks:GuardedEnv"
