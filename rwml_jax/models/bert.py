@@ -25,7 +25,6 @@ The fused QKV kernel turns three [B*S, E] x [E, E] matmuls into one [B*S, E] x [
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from rwml_jax.models.config import read_config_json
 from rwml_jax.models.safetensors_io import SafetensorsFile
 
 Params = dict[str, Any]
@@ -116,11 +116,7 @@ class BertConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}: expected a Hugging Face BERT folder")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f), **overrides)
+        return cls.from_hf_dict(read_config_json(path), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------

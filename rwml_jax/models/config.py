@@ -23,6 +23,19 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` of a Hugging Face model folder (FileNotFoundError naming the folder when absent)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"no config.json in {os.fspath(path)!r}: expected a Hugging Face model folder with "
+            "config.json and *.safetensors (download one with `huggingface-cli download NAME "
+            "--local-dir DIR`)"
+        )
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's family or an option of it is not implemented."""
 
@@ -172,15 +185,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(
-                f"no config.json in {os.fspath(path)!r}: expected a Hugging Face model folder with "
-                "config.json and *.safetensors (download one with `huggingface-cli download NAME "
-                "--local-dir DIR`)"
-            )
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f), **overrides)
+        return cls.from_hf_dict(read_config_json(path), **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers reads back (both the 4.x and 5.x rope layouts)."""
