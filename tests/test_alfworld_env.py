@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alfworld_testdata import generated_games, require_alfworld, shared_data, train_sample
+from alfworld_testdata import DATA_SOURCES, TRAIN_SOURCES, generated_games, require_alfworld, train_split, valid_seen
 from rwml_jax.envs.alfworld_data import (TASK_TYPES, AlfworldDataError, list_games, resolve_game,
                                          split_dir)
 from rwml_jax.envs.base import TaskSpec, TextEnv
@@ -27,46 +27,52 @@ def one_per_type(games):
     return [seen[t] for t in TASK_TYPES if t in seen]
 
 
+@pytest.fixture(scope="module", params=DATA_SOURCES)
+def data(request):
+    """valid_seen of each data source: generated games always, the offline copy where it exists."""
+    return valid_seen(request.param)
+
+
 @pytest.fixture(scope="module")
-def env():
-    e = AlfworldEnv(shared_data(), max_steps=30)
+def env(data):
+    e = AlfworldEnv(data.root, max_steps=30)
     yield e
     e.close()
 
 
-def test_valid_seen_listing_and_filters():
-    games = list_games(shared_data(), "valid_seen")
-    assert len(games) == 140
+def test_valid_seen_listing_and_filters(data):
+    games = list_games(data.root, "valid_seen")
+    assert len(games) == data.num_games
     assert {g.task_type for g in games} == set(TASK_TYPES)
     assert all(Path(g.gamefile).name == "game.tw-pddl" and g.split == "valid_seen" for g in games)
-    heat = list_games(shared_data(), "id", task_types=["pick_heat_then_place_in_recep"])  # "id" = valid_seen
-    assert 0 < len(heat) < 140 and all(g.task_type == "pick_heat_then_place_in_recep" for g in heat)
+    heat = list_games(data.root, "id", task_types=["pick_heat_then_place_in_recep"])  # "id" = valid_seen
+    assert 0 < len(heat) < data.num_games and all(g.task_type == "pick_heat_then_place_in_recep" for g in heat)
     assert all(g.task_id.startswith("pick_heat_then_place_in_recep-") for g in heat)
     with pytest.raises(ValueError, match="unknown ALFWorld task type"):
-        list_games(shared_data(), "valid_seen", task_types=["pick_and_juggle"])
+        list_games(data.root, "valid_seen", task_types=["pick_and_juggle"])
     with pytest.raises(ValueError, match="unknown ALFWorld split"):
-        list_games(shared_data(), "validation")
+        list_games(data.root, "validation")
 
 
-def test_missing_data_folder_says_how_to_get_it(tmp_path, monkeypatch):
+def test_missing_data_folder_says_how_to_get_it(data, tmp_path, monkeypatch):
     with pytest.raises(AlfworldDataError) as e:
         list_games(tmp_path / "nowhere", "valid_seen")
     assert "alfworld-download" in str(e.value) and "ALFWORLD_DATA" in str(e.value)
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
     with pytest.raises(AlfworldDataError, match="ALFWORLD_DATA is not set"):
         split_dir(None, "valid_seen")
-    # the shared copy has no OOD split: the error names what exists
+    # the data folder has no OOD split: the error names what exists
     with pytest.raises(AlfworldDataError, match="has no 'valid_unseen' split.*valid_seen"):
-        list_games(shared_data(), "ood")
+        list_games(data.root, "ood")
     # an existing but empty official folder
     (tmp_path / "json_2.1.1" / "valid_unseen").mkdir(parents=True)
     with pytest.raises(AlfworldDataError, match="no ALFWorld games"):
         list_games(tmp_path, "valid_unseen")
 
 
-def test_walkthroughs_win_one_game_per_task_type(env):
+def test_walkthroughs_win_one_game_per_task_type(data, env):
     assert isinstance(env, TextEnv)
-    for game in one_per_type(list_games(shared_data(), "valid_seen")):
+    for game in one_per_type(list_games(data.root, "valid_seen")):
         walk = json.loads(Path(game.gamefile).read_text())["walkthrough"]
         first = env.reset(TaskSpec("alfworld", "valid_seen", game.task_id))
         assert first.observation.startswith(BANNER)
@@ -88,8 +94,8 @@ def test_walkthroughs_win_one_game_per_task_type(env):
             env.step("look")
 
 
-def test_invalid_actions_and_step_limit(env):
-    game = list_games(shared_data(), "valid_seen", task_types=["pick_and_place_simple"])[0]
+def test_invalid_actions_and_step_limit(data, env):
+    game = list_games(data.root, "valid_seen", task_types=["pick_and_place_simple"])[0]
     res = env.reset(TaskSpec("alfworld", "valid_seen", game.task_id, options=(("max_steps", 3),)))
     assert res.info["max_steps"] == 3
     # not a command at all
@@ -122,10 +128,10 @@ def test_strip_banner_and_path_task_ids():
         e.close()
 
 
-def test_official_layout_with_traj_data(tmp_path):
+def test_official_layout_with_traj_data(data, tmp_path):
     """$ALFWORLD_DATA/json_2.1.1/<split>/<task>/<trial>/{traj_data.json, game.tw-pddl}: the task type comes
     from traj_data.json, as in alfworld's AlfredTWEnv."""
-    src = one_per_type(list_games(shared_data(), "valid_seen"))[0]
+    src = one_per_type(list_games(data.root, "valid_seen"))[0]
     trial = tmp_path / "json_2.1.1" / "valid_unseen" / "some_task_folder" / "trial_T0"
     trial.mkdir(parents=True)
     shutil.copy(src.gamefile, trial / "game.tw-pddl")
@@ -142,13 +148,13 @@ def test_official_layout_with_traj_data(tmp_path):
         list_games(tmp_path, "valid_unseen")
 
 
-def test_memoized_engine_is_identical_to_plain_engine():
+def test_memoized_engine_is_identical_to_plain_engine(data):
     """alfworld_memo caches pure parsing steps; the observations and admissible commands must not change."""
-    game = next(g for g in list_games(shared_data(), "valid_seen", task_types=["pick_clean_then_place_in_recep"])
-                if g.task_id.startswith("pick_clean_then_place_in_recep-SoapBar-None-Toilet-428/"))  # a small one
+    game = data.game("pick_clean_then_place_in_recep")
     walk = json.loads(Path(game.gamefile).read_text())["walkthrough"]
-    examine_held = walk[1].split(" from ")[0].replace("take ", "examine ")
-    actions = ["inventory", "fly", *walk[:3], examine_held, *walk[3:]]
+    take = next(i for i, a in enumerate(walk) if a.startswith("take "))
+    examine_held = walk[take].split(" from ")[0].replace("take ", "examine ")
+    actions = ["inventory", "fly", *walk[:take + 2], examine_held, *walk[take + 2:]]  # examined one step later
 
     def play(e: AlfworldEnv) -> list:
         r = e.reset(TaskSpec("alfworld", "valid_seen", game.task_id))
@@ -161,12 +167,12 @@ def test_memoized_engine_is_identical_to_plain_engine():
     was_installed = alfworld_memo.installed()
     alfworld_memo.uninstall()
     try:
-        e = AlfworldEnv(shared_data(), max_steps=100, memoize=False)
+        e = AlfworldEnv(data.root, max_steps=100, memoize=False)
         plain = play(e)
         e.close()
         assert not alfworld_memo.installed()
         before = alfworld_memo.stats()
-        e = AlfworldEnv(shared_data(), max_steps=100, memoize=True)
+        e = AlfworldEnv(data.root, max_steps=100, memoize=True)
         fast = [play(e), play(e)]  # the second reset of the same game hits the caches
         e.close()
         after = alfworld_memo.stats()
@@ -179,12 +185,13 @@ def test_memoized_engine_is_identical_to_plain_engine():
 
 
 @pytest.mark.slow
-def test_train_archive_sample_replays_to_wins():
-    """Two games of every task type, streamed from the shared train archive (official folder layout
-    without traj_data.json), replayed through the worker pool."""
+@pytest.mark.parametrize("source", TRAIN_SOURCES)
+def test_train_split_sample_replays_to_wins(source):
+    """Two games of every task type in the official folder layout without traj_data.json (generated, or
+    streamed from the shared train archive), replayed through the worker pool."""
     from rwml_jax.envs.replay import replay_alfworld
 
-    data = train_sample(per_type=2)
+    data = train_split(source, per_type=2)
     report = replay_alfworld(data, "train", workers=2, progress=None)
     assert len(report.games) == 2 * len(TASK_TYPES)
     assert {g.task_type for g in report.games} == set(TASK_TYPES)
@@ -193,28 +200,32 @@ def test_train_archive_sample_replays_to_wins():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RWML_ALFWORLD_FULL_REPLAY") != "1",
-                    reason="the full 140-game replay takes 10-25 min on 2 cores; set RWML_ALFWORLD_FULL_REPLAY=1 "
-                           "(or run `rwml-jax envs replay --env alfworld --data ../shared/data/alfworld`)")
-def test_full_valid_seen_replay_wins_140_of_140(tmp_path):
+@pytest.mark.parametrize("source", [
+    pytest.param(s, marks=pytest.mark.skipif(
+        s == "real" and os.environ.get("RWML_ALFWORLD_FULL_REPLAY") != "1",
+        reason="the full 140-game replay takes 10-25 min on 2 cores; set RWML_ALFWORLD_FULL_REPLAY=1 "
+               "(or run `rwml-jax envs replay --env alfworld --data ../shared/data/alfworld`)"))
+    for s in DATA_SOURCES])
+def test_full_valid_seen_replay_wins_every_game(source, tmp_path):
     from rwml_jax.envs.replay import replay_alfworld
 
+    data = valid_seen(source)
     out = tmp_path / "replay.json"
-    report = replay_alfworld(shared_data(), "valid_seen", workers=2, json_out=out, progress=None)
-    assert report.wins == len(report.games) == 140, [g for g in report.games if not g.won]
+    report = replay_alfworld(data.root, "valid_seen", workers=2, json_out=out, progress=None)
+    n = data.num_games
+    assert report.wins == len(report.games) == n, [g for g in report.games if not g.won]
     table = json.loads(out.read_text())
-    assert table["rows"][-1] == {"task_type": "total", "games": 140, "wins": 140}
-    assert sum(r["games"] for r in table["rows"][:-1]) == 140
+    assert table["rows"][-1] == {"task_type": "total", "games": n, "wins": n}
+    assert sum(r["games"] for r in table["rows"][:-1]) == n
 
 
-def test_memo_defers_the_planner_translation_without_changing_plans():
+def test_memo_defers_the_planner_translation_without_changing_plans(data):
     """alfworld_memo skips the optimised PDDL translation at load (only the planner reads it) and makes it
     on the first replan: the expert plans ("policy_commands") must equal the unmodified engine's."""
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 
-    game = next(g for g in list_games(shared_data(), "valid_seen", task_types=["pick_clean_then_place_in_recep"])
-                if g.task_id.startswith("pick_clean_then_place_in_recep-SoapBar-None-Toilet-428/"))
+    game = data.game("pick_clean_then_place_in_recep")
     walk = json.loads(Path(game.gamefile).read_text())["walkthrough"]
 
     def play(with_plans: bool) -> list:

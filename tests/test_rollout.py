@@ -1,12 +1,13 @@
 """Multi-turn batched rollout over the real ALFWorld engine (worker pool) with a deterministic policy."""
 
+import dataclasses
 import json
 import os
 import re
 import signal
 
 import pytest
-from alfworld_testdata import SHARED, require_alfworld, shared_data
+from alfworld_testdata import DATA_SOURCES, require_alfworld, valid_seen
 
 from rwml_jax.agent.parse import INVALID_ACTION
 from rwml_jax.agent.rollout import rollout
@@ -20,14 +21,33 @@ from rwml_jax.envs.alfworld_env import AlfworldEnv
 from rwml_jax.envs.base import TaskSpec
 from rwml_jax.envs.pool import EnvPool
 
-DATA = str(SHARED)  # the offline valid_seen copy (../shared/data/alfworld; RWML_ALFWORLD_SHARED)
-GAME_A = "look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
-GAME_B = "pick_and_place_simple-Book-None-SideTable-329/trial_T20190908_050633_745514"
 MALFORMED = "I think I should pick up the book first."  # no <think>, no <action>: a format error
+MAX_STEPS = 10  # the pool's episode step limit
 
 
-def _walkthrough(task_id: str) -> list[str]:
-    return load_game_json(resolve_game(DATA, "valid_seen", task_id).gamefile)["walkthrough"]
+@dataclasses.dataclass(frozen=True)
+class Games:
+    """The two valid_seen games the rollouts play, from one data source."""
+
+    data: str  # the data folder
+    a: str  # task id of game A (a look_at_obj_in_light game, played by its walkthrough)
+    b: str  # task id of game B (a pick_and_place_simple game, one malformed turn first)
+
+    def walkthrough(self, task_id: str) -> list[str]:
+        return load_game_json(resolve_game(self.data, "valid_seen", task_id).gamefile)["walkthrough"]
+
+    def tasks(self, *task_ids: str) -> list[TaskSpec]:
+        return [TaskSpec("alfworld", "valid_seen", t, seed=5) for t in task_ids]
+
+
+@pytest.fixture(scope="module", params=DATA_SOURCES)
+def games(request) -> Games:
+    """Generated games always, the offline valid_seen copy where it exists."""
+    data = valid_seen(request.param)
+    g = Games(str(data.root), data.game("look_at_obj_in_light").task_id, data.game("pick_and_place_simple").task_id)
+    # the walkthrough policy wins both within the step limit (B takes one turn more)
+    assert len(g.walkthrough(g.a)) < MAX_STEPS and len(g.walkthrough(g.b)) + 1 < MAX_STEPS
+    return g
 
 
 class WalkthroughPolicy:
@@ -36,9 +56,9 @@ class WalkthroughPolicy:
     For game B it first answers with a malformed turn, then follows the walkthrough one step later.
     """
 
-    def __init__(self, sentences: dict[str, str]) -> None:
+    def __init__(self, games: Games, sentences: dict[str, str]) -> None:
         self.sentences = sentences  # task sentence -> task id
-        self.by_task = {GAME_A: (_walkthrough(GAME_A), False), GAME_B: (_walkthrough(GAME_B), True)}
+        self.by_task = {games.a: (games.walkthrough(games.a), False), games.b: (games.walkthrough(games.b), True)}
         self.calls: list[int] = []
 
     def __call__(self, prompts):
@@ -61,24 +81,22 @@ class WalkthroughPolicy:
 
 
 @pytest.fixture(scope="module")
-def pool():
-    shared_data()  # skips when the offline data is absent
+def pool(games):
     with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=3, num_workers=2,
-                 factory_kwargs={"data_dir": DATA, "max_steps": 10}) as p:
+                 factory_kwargs={"data_dir": games.data, "max_steps": MAX_STEPS}) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def reference_observations():
+def reference_observations(games):
     """Each game's walkthrough replayed in-process by the real engine: first observation + one per action."""
-    shared_data()
-    env = AlfworldEnv(DATA, max_steps=10)
+    env = AlfworldEnv(games.data, max_steps=MAX_STEPS)
     out = {}
     try:
-        for tid, prefix in ((GAME_A, []), (GAME_B, [INVALID_ACTION])):
+        for tid, prefix in ((games.a, []), (games.b, [INVALID_ACTION])):
             first = env.reset(TaskSpec("alfworld", "valid_seen", tid, seed=5))
             obs = [first.observation]
-            for a in prefix + _walkthrough(tid):
+            for a in prefix + games.walkthrough(tid):
                 obs.append(env.step(a).observation)
             out[tid] = (first.info["task"], obs)
     finally:
@@ -86,19 +104,20 @@ def reference_observations():
     return out
 
 
-def test_rollout_walkthrough_policy_wins_and_records_transitions(pool, reference_observations):
-    policy = WalkthroughPolicy({sentence: tid for tid, (sentence, _) in reference_observations.items()})
-    tasks = [TaskSpec("alfworld", "valid_seen", GAME_A, seed=5), TaskSpec("alfworld", "valid_seen", GAME_B, seed=5)]
+def test_rollout_walkthrough_policy_wins_and_records_transitions(games, pool, reference_observations):
+    policy = WalkthroughPolicy(games, {sentence: tid for tid, (sentence, _) in reference_observations.items()})
+    tasks = games.tasks(games.a, games.b)
     res = rollout(pool, tasks, policy, trajectories_per_task=2, history_length=2,
                   provenance={"model": "walkthrough-policy", "config_hash": "abc123", "seed": 5})
     trajs = res.trajectories
     # 4 episodes over 3 slots: the 4th starts when the first finishes; output ordered by (task, sample)
-    assert [(t.task.task_id, t.sample_index) for t in trajs] == [(GAME_A, 0), (GAME_A, 1), (GAME_B, 0), (GAME_B, 1)]
+    assert [(t.task.task_id, t.sample_index) for t in trajs] == [(games.a, 0), (games.a, 1), (games.b, 0),
+                                                                  (games.b, 1)]
     assert max(policy.calls) == 3 and min(policy.calls) >= 1  # live episodes generated together each turn
     assert len({t.episode_id for t in trajs}) == 4
     for t in trajs:
-        walk = _walkthrough(t.task.task_id)
-        malformed = t.task.task_id == GAME_B
+        walk = games.walkthrough(t.task.task_id)
+        malformed = t.task.task_id == games.b
         sentence, ref_obs = reference_observations[t.task.task_id]
         assert t.success and t.done and not t.truncated and t.reward == 1.0 and t.error is None
         assert t.task.seed == 5  # group episodes share the reset seed
@@ -132,29 +151,30 @@ def test_rollout_walkthrough_policy_wins_and_records_transitions(pool, reference
         assert all(turn.output_tokens is not None for turn in t.turns if turn.format_ok)
     s = res.stats
     assert s.episodes == 4 and s.successes == 4 and s.success_rate == 1.0
-    assert s.steps == 2 * 3 + 2 * 5 and s.format_errors == 2 and s.invalid_steps == 2
+    len_a, len_b = len(games.walkthrough(games.a)), len(games.walkthrough(games.b))
+    assert s.steps == 2 * len_a + 2 * (len_b + 1) and s.format_errors == 2 and s.invalid_steps == 2
     # JSON round trip of what the collect stage writes
     back = [Trajectory.from_dict(json.loads(json.dumps(t.to_dict()))) for t in trajs]
     assert back == trajs
 
 
-def test_rollouts_in_fresh_pools_with_one_run_tag_are_identical(reference_observations):
+def test_rollouts_in_fresh_pools_with_one_run_tag_are_identical(games, reference_observations):
     """Reproducibility across runs: whichever worker answers first, two fresh pools with the same run tag
     give byte-identical trajectories, episode ids included (the train/val split sorts triplet ids)."""
-    tasks = [TaskSpec("alfworld", "valid_seen", GAME_A, seed=5), TaskSpec("alfworld", "valid_seen", GAME_B, seed=5)]
+    tasks = games.tasks(games.a, games.b)
     sentences = {sentence: tid for tid, (sentence, _) in reference_observations.items()}
     runs = []
     for _ in range(2):
         with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=3, num_workers=2, run_tag="collect-s0",
-                     factory_kwargs={"data_dir": DATA, "max_steps": 10}) as p:
-            res = rollout(p, tasks * 2, WalkthroughPolicy(sentences), trajectories_per_task=2)
+                     factory_kwargs={"data_dir": games.data, "max_steps": MAX_STEPS}) as p:
+            res = rollout(p, tasks * 2, WalkthroughPolicy(games, sentences), trajectories_per_task=2)
         runs.append(json.dumps([t.to_dict() for t in res.trajectories], sort_keys=True))
         assert all(t.episode_id.startswith("collect-s0-") for t in res.trajectories)
     assert runs[0] == runs[1]
 
 
-def test_rollout_turn_limit_and_text_prompts(pool, reference_observations):
-    policy = WalkthroughPolicy({sentence: tid for tid, (sentence, _) in reference_observations.items()})
+def test_rollout_turn_limit_and_text_prompts(games, pool, reference_observations):
+    policy = WalkthroughPolicy(games, {sentence: tid for tid, (sentence, _) in reference_observations.items()})
     seen = []
 
     def text_policy(prompts):
@@ -162,7 +182,7 @@ def test_rollout_turn_limit_and_text_prompts(pool, reference_observations):
         return policy([[{"role": "user", "content": p.removeprefix("User: ").removesuffix("\n\nAssistant:")}]
                        for p in prompts])
 
-    res = rollout(pool, [TaskSpec("alfworld", "valid_seen", GAME_B, seed=5)], text_policy, max_turns=2,
+    res = rollout(pool, games.tasks(games.b), text_policy, max_turns=2,
                   prompt_format="text", record_prompts=False)
     (t,) = res.trajectories
     assert all(isinstance(p, str) and p.startswith("User: You are an expert agent") for p in seen)
@@ -170,16 +190,16 @@ def test_rollout_turn_limit_and_text_prompts(pool, reference_observations):
     assert res.stats.truncated == 1
 
 
-def test_rollout_rejects_bad_generate_fn(pool):
+def test_rollout_rejects_bad_generate_fn(games, pool):
     with pytest.raises(ValueError, match="returned 0 results for 1 prompts"):
-        rollout(pool, [TaskSpec("alfworld", "valid_seen", GAME_A)], lambda prompts: [])
+        rollout(pool, [TaskSpec("alfworld", "valid_seen", games.a)], lambda prompts: [])
 
 
-def test_worker_crash_truncates_only_its_episode(pool, reference_observations):
+def test_worker_crash_truncates_only_its_episode(games, pool, reference_observations):
     """SIGKILL the worker hosting slot 1 mid-rollout: its episodes are kept, truncated, with the error; the
     others finish, and the next episode runs on the restarted worker. (Resets are scheduled on whichever
     worker is free, so which other slots share slot 1's worker is read from the pool at the kill.)"""
-    policy = WalkthroughPolicy({sentence: tid for tid, (sentence, _) in reference_observations.items()})
+    policy = WalkthroughPolicy(games, {sentence: tid for tid, (sentence, _) in reference_observations.items()})
     calls = {"n": 0}
     victims: set[str] = set()
 
@@ -192,8 +212,7 @@ def test_worker_crash_truncates_only_its_episode(pool, reference_observations):
         return policy(prompts)
 
     restarts = pool.restarts
-    tasks = [TaskSpec("alfworld", "valid_seen", GAME_A, seed=5), TaskSpec("alfworld", "valid_seen", GAME_B, seed=5)]
-    res = rollout(pool, tasks, killing_policy, trajectories_per_task=2)
+    res = rollout(pool, games.tasks(games.a, games.b), killing_policy, trajectories_per_task=2)
     a0, a1, b0, b1 = res.trajectories  # slots 0, 1, 2, then b1 in the first freed slot
     assert pool.restarts == restarts + 1
     assert a1.episode_id in victims and b1.episode_id not in victims
