@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from alfworld_testdata import generated_games, require_alfworld, shared_data
+from alfworld_testdata import DATA_SOURCES, generated_games, require_alfworld, valid_seen
 from rwml_jax.evaluation.metrics import mean_std, pass_hat_k, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,9 +201,10 @@ def test_official_layout_ood_split(games, tmp_path):
     assert len(r["episodes"]) == 2
 
 
-def test_real_valid_seen_expert_subset(tmp_path):
+@pytest.mark.parametrize("source", DATA_SOURCES)
+def test_valid_seen_expert_subset(source, tmp_path):
     require_alfworld()
-    data = shared_data()
+    data = valid_seen(source).root
     out = tmp_path / "vs.json"
     cli("eval", "--env", "alfworld", "--data", str(data), "--split", "id", "--policy", "expert", "--runs", "1",
         "--limit", "6", "--workers", "2", "--json", str(out))
@@ -212,14 +213,15 @@ def test_real_valid_seen_expert_subset(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_valid_seen_expert_all_140_games(tmp_path):
+@pytest.mark.parametrize("source", DATA_SOURCES)
+def test_valid_seen_expert_every_game(source, tmp_path):
     require_alfworld()
-    data = shared_data()
+    data = valid_seen(source)
     out = tmp_path / "vs.json"
-    cli("eval", "--env", "alfworld", "--data", str(data), "--split", "valid_seen", "--policy", "expert",
+    cli("eval", "--env", "alfworld", "--data", str(data.root), "--split", "valid_seen", "--policy", "expert",
         "--runs", "1", "--workers", "2", "--json", str(out), timeout=3600)
     r = load(out)
-    assert r["scores"]["overall"]["episodes"] == 140 and r["scores"]["overall"]["success_mean"] == 1.0
+    assert r["scores"]["overall"]["episodes"] == data.num_games and r["scores"]["overall"]["success_mean"] == 1.0
     assert set(r["scores"]["groups"]) == set(TYPES)
 
 

@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from rwml_jax.envs import TAU2_DOMAINS
 from rwml_jax.envs.base import StepResult, TaskSpec
 from rwml_jax.envs.pool import resolve_factory
 from rwml_jax.envs.replay import ALFWORLD_FACTORY  # noqa: F401  (re-exported: the factory evaluations play ALFWorld through)
@@ -56,12 +57,12 @@ def alfworld_tasks(data: str | os.PathLike | None, split: str, *, task_types: Se
 
 def tau2_tasks(domains: Sequence[str], split: str = "test", *, limit: int | None = None) -> list[EvalTask]:
     """τ²'s `split` tasks of each domain (the first `limit` per domain, in τ²'s order)."""
-    from rwml_jax.envs.tau2_env import DOMAINS, list_task_ids
+    from rwml_jax.envs.tau2_env import list_task_ids
 
     out = []
     for d in domains:
-        if d not in DOMAINS:
-            raise ValueError(f"unknown τ² domain {d!r}; expected some of {DOMAINS}")
+        if d not in TAU2_DOMAINS:
+            raise ValueError(f"unknown τ² domain {d!r}; expected some of {TAU2_DOMAINS}")
         ids = list_task_ids(d, split)
         out += [EvalTask(t, d, TaskSpec("tau2", split, t, options=(("domain", d),))) for t in ids[:limit]]
     return out
