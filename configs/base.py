@@ -211,4 +211,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True  # write tensorboard event files to <work_dir>/<stage>/tb
     c.logging.log_every = 1  # scalars every this many optimiser steps
     c.logging.num_sample_texts = 4  # sample predictions logged as text at each evaluation
+    # Weights & Biases (optional extra: pip install -e .[wandb]); the same scalars, sample tables and plots as
+    # tensorboard, one W&B run per stage (its id is kept in <stage>/wandb_run.json, so a resumed stage continues it)
+    c.logging.wandb = False  # also log to Weights & Biases; the wandb_* keys below may only be set when True
+    c.logging.wandb_project = ""  # W&B project ("" = "rwml-jax")
+    c.logging.wandb_entity = ""  # W&B user or team ("" = the account's default)
+    c.logging.wandb_mode = ""  # "online" | "offline" (sync later with `wandb sync`) | "disabled"; "" = $WANDB_MODE, else online
+    c.logging.wandb_group = ""  # runs grouped under this name ("" = the recipe name; a sweep sets its sweep name)
     return c

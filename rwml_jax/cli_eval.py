@@ -24,6 +24,7 @@ from typing import Any
 
 from rwml_jax.envs import TAU2_DOMAINS as DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS, SPLIT_ALIASES, TASK_TYPES
+from rwml_jax.train.runtime import resolve_model_path
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +37,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="with a recipe: print the plan and exit")
     p.add_argument("--env", choices=["alfworld", "tau2"], default=None)
     p.add_argument("--policy", default=None,
-                   help="expert | gold | random | a model folder (HF folder or a stage folder holding model/)")
+                   help="expert | gold | random | a model folder (HF folder or a stage folder holding model/) "
+                        "or a hub name (Qwen/Qwen3-0.6B; needs internet once)")
     p.add_argument("--json", dest="json_out", default=None, help="result JSON (progress files go beside it)")
     p.add_argument("--data", default=None, help="ALFWorld data folder (either layout, or generated games); "
                                                   "default $ALFWORLD_DATA")
@@ -152,11 +154,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_folder(path: str) -> str:
-    """The HF folder of a policy argument: the folder itself, or its model/ subfolder (a stage folder)."""
+    """The HF folder of a policy argument: the folder itself, its model/ subfolder (a stage folder), or a hub
+    name ("Qwen/Qwen3-0.6B", fetched as the recipes' model.path is)."""
     p = Path(path)
     for cand in (p, p / "model"):
         if (cand / "config.json").is_file():
             return os.fspath(cand)
+    if not p.exists() and path.count("/") == 1 and not path.startswith((".", "~")):
+        return resolve_model_path(path, what="--policy")
     raise FileNotFoundError(f"--policy {path!r} is neither expert/gold/random nor a model folder (no config.json "
                             f"in it or in {os.fspath(p / 'model')})")
 

@@ -1,4 +1,4 @@
-"""`rwml-jax generate`: sample completions from a Hugging Face model folder (or a tiny offline demo model).
+"""`rwml-jax generate`: sample completions from a Hugging Face model folder or hub name (or a tiny offline demo model).
 
     rwml-jax generate --model ~/models/Qwen3-0.6B --chat --prompt "What is 2+2?" --temperature 0.7
     rwml-jax generate --tiny --prompt "Action: go to" --max-new-tokens 16
@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from rwml_jax import models, sampling, sharding
 from rwml_jax.sampling import tiny
+from rwml_jax.train.runtime import resolve_model_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Hugging Face model folder (config.json + *.safetensors + tokenizer files)")
+    src.add_argument("--model", help="Hugging Face model folder (config.json + *.safetensors + tokenizer files) "
+                                      "or hub name (Qwen/Qwen3-0.6B; downloaded once, needs internet)")
     src.add_argument("--tiny", action="store_true",
                      help="use a freshly built tiny random Qwen3 model and a small BPE tokenizer (offline demo)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model folder")
@@ -74,9 +75,12 @@ def _load(args: argparse.Namespace, mesh):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model and not os.path.isdir(args.model):
-        print(f"rwml-jax generate: --model {args.model!r} is not a folder", file=sys.stderr)
-        return 2
+    if args.model:
+        try:  # a local folder or a hub name, as the recipes' model.path
+            args.model = resolve_model_path(args.model, what="--model")
+        except FileNotFoundError as e:
+            print(f"rwml-jax generate: {e}", file=sys.stderr)
+            return 2
     mesh = sharding.make_mesh(args.data, args.fsdp, args.tensor)
     config, params, tok = _load(args, mesh)
     texts = args.prompt or ["Your task is to: put a clean mug in the coffeemachine."]

@@ -10,6 +10,7 @@ reported together in one `ConfigError`.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -295,9 +296,23 @@ def _checkpoint(s: Section) -> None:
     s.positive_int("keep")
 
 
+# logging.wandb_mode: what wandb.init(mode=...) takes ("" = wandb's own choice: $WANDB_MODE, else online)
+WANDB_MODES: tuple[str, ...] = ("", "online", "offline", "disabled")
+
+
 def _logging(s: Section) -> None:
+    """`MetricsLogger`'s writers (rwml_jax/train/metrics_log.py, rwml_jax/train/writers.py)."""
     s.positive_int("log_every")
     s.nonneg_int("num_sample_texts")
+    s.one_of("wandb_mode", WANDB_MODES)
+    set_keys = [k for k in ("wandb_project", "wandb_entity", "wandb_mode", "wandb_group") if s.has(k) and s.get(k)]
+    if not (s.has("wandb") and s.get("wandb")):
+        for k in set_keys:
+            s.fail(k, "is set but logging.wandb is False: set logging.wandb=True to log to Weights & Biases, "
+                      "or leave it empty")
+    elif importlib.util.find_spec("wandb") is None:
+        s.fail("wandb", "the wandb package is not installed: pip install 'rwml-jax[wandb]' (or wandb), "
+                        "or set logging.wandb=False")
 
 
 def _eval(s: Section) -> None:

@@ -18,7 +18,7 @@ from rwml_jax.rwml.triplets import Triplet
 from rwml_jax.rwml.wm_prompts import wm_messages
 from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.policy import PolicySampler
-from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.runtime import Runtime, resolve_model_path
 from rwml_jax.train.sft_loop import train_sft
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 from rwml_jax.train.stages.triplets import load_split
@@ -53,7 +53,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         stage.finish(c, summary=summary, outputs=["kept.jsonl"])
         return summary
 
-    source = rt.policy_source() if not f.model else f.model
+    source = rt.policy_source() if not f.model else resolve_model_path(f.model, what="filter.model")
     model_config, start = rt.load_model(source)
     tokenizer = rt.tokenizer()
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.rwml.max_prompt_tokens,
@@ -64,7 +64,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     else:
         examples = sft_examples(policy, val, f.max_new_tokens)
         batch = min(f.sft.batch_size, len(examples))
-        logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard)
+        logger = MetricsLogger.for_stage(stage.path, c)
         params, _ = train_sft(
             stage_dir=stage.path, mesh=rt.mesh, model_config=model_config, init_params=lambda: start,
             examples=examples, learning_rate=f.sft.learning_rate, epochs=f.sft.epochs, batch_size=batch,

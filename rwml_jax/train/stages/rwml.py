@@ -135,7 +135,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         return policy.sample_ids(params, prompt_ids, n=n, temperature=r.temperature, top_p=r.top_p, seed=seed)
 
     state, cursor, first = loop.start(lambda: start_params)
-    logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard, resume_step=first or None)
+    logger = MetricsLogger.for_stage(stage.path, c, resume_step=first or None)
     evaluator = Evaluator(rt, stage, policy, logger, r)
     evaluator.truncate(first)
     if first == 0:
@@ -168,6 +168,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     plot_reward_curve(stage.file("reward_curve.png"),
                       {"rwml": ([e["step"] for e in evals], [e["mean_reward"] for e in evals])},
                       title=f"{c.name}: held-out world-model reward")
+    logger.image(total, "rwml/reward_curve", stage.file("reward_curve.png"))
     logger.close()
     summary = {
         "steps": total, "train_triplets": len(train), "eval_triplets": len(evaluator.val),

@@ -180,7 +180,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     def init_params():
         return init_params_sharded(model_config, jax.random.key(c.seed), rt.mesh)
 
-    logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard)
+    logger = MetricsLogger.for_stage(stage.path, c)
     params, metrics = train_sft(
         stage_dir=stage.path, mesh=rt.mesh, model_config=model_config, init_params=init_params,
         examples=examples, learning_rate=w.learning_rate, epochs=w.epochs, batch_size=w.batch_size,

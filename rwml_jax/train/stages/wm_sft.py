@@ -37,7 +37,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     tokenizer = rt.tokenizer()
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.rwml.max_prompt_tokens,
                            max_new_tokens=c.rwml.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
-    logger = MetricsLogger(stage.path, tensorboard=c.logging.tensorboard)
+    logger = MetricsLogger.for_stage(stage.path, c)
     evaluator = Evaluator(rt, stage, policy, logger, c.rwml)  # the same held-out set and decoding as RWML
     if not evaluator.records():
         evaluator(0, start)
