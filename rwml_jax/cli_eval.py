@@ -22,9 +22,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rwml_jax import sharding as sh
+from rwml_jax.cli_run import _cmd_run
 from rwml_jax.envs import TAU2_DOMAINS as DOMAINS
-from rwml_jax.envs.alfworld_data import SPLITS, SPLIT_ALIASES, TASK_TYPES
-from rwml_jax.train.runtime import resolve_model_path
+from rwml_jax.envs.alfworld_data import (
+    SPLIT_ALIASES,
+    SPLITS,
+    TASK_TYPES,
+    AlfworldDataError,
+)
+from rwml_jax.evaluation import tasks as T
+from rwml_jax.evaluation.compare import compare_table, load_rows
+from rwml_jax.evaluation.harness import evaluate, markdown
+from rwml_jax.evaluation.policies import (
+    REFERENCE_POLICIES,
+    gold_turns,
+    model_policy,
+    reference_policy,
+)
+from rwml_jax.evaluation.world_model import moved_fraction
+from rwml_jax.models import load_pretrained
+from rwml_jax.train.policy import PolicySampler
+from rwml_jax.train.runtime import load_tokenizer, resolve_model_path
+from rwml_jax.train.stage_io import atomic_write_json, atomic_write_text
 
 
 def add_parser(sub: Any) -> None:
@@ -75,7 +95,6 @@ def add_parser(sub: Any) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.config is not None:
-        from rwml_jax.cli_run import _cmd_run
 
         return _cmd_run(args, only=("eval",))
     missing = [f"--{n.replace('_out', '')}" for n in ("env", "policy", "json_out") if getattr(args, n) is None]
@@ -85,8 +104,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from rwml_jax.envs.alfworld_data import AlfworldDataError
-    from rwml_jax.evaluation.harness import markdown
 
     for name, v in (("--runs", args.runs), ("--max-steps", args.max_steps), ("--num-envs", args.num_envs)):
         if v < 1:
@@ -106,10 +123,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from rwml_jax.evaluation import tasks as T
-    from rwml_jax.evaluation.harness import evaluate
-    from rwml_jax.evaluation.policies import REFERENCE_POLICIES, model_policy, reference_policy
-
     if args.env == "alfworld":
         split = args.split or "valid_seen"
         tasks = T.alfworld_tasks(args.data, split, task_types=args.task_types, limit=args.limit)
@@ -122,7 +135,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         tasks = T.tau2_tasks(domains, split, limit=args.limit)
         max_steps = args.max_steps
         if args.policy in ("expert", "gold"):  # the gold conversation must fit: it is the harness' check
-            from rwml_jax.evaluation.policies import gold_turns
 
             max_steps = max(max_steps, *(len(gold_turns(t.group, split, t.task_id)) + 1 for t in tasks))
         factory = T.TAU2_FACTORY
@@ -143,11 +155,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                       factory_kwargs=kwargs, max_steps=max_steps, settings=settings, num_envs=args.num_envs,
                       num_workers=args.workers, history_length=args.history_length)
     if args.start and args.policy not in REFERENCE_POLICIES:
-        from rwml_jax.evaluation.world_model import moved_fraction
 
         result["world_model"] = {"moved_fraction": moved_fraction(model_folder(args.start), model_folder(args.policy)),
                                  "start": os.path.abspath(model_folder(args.start))}
-        from rwml_jax.train.stage_io import atomic_write_text
 
         atomic_write_text(args.json_out, json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
@@ -169,10 +179,6 @@ def model_folder(path: str) -> str:
 def load_model_generate_fn(model_dir: str, *, temperature: float, top_p: float, seed: int, max_new_tokens: int,
                            max_prompt_tokens: int):
     """A rollout generate_fn(prompts) sampling the model in `model_dir` on all local devices."""
-    from rwml_jax import sharding as sh
-    from rwml_jax.models import load_pretrained
-    from rwml_jax.train.policy import PolicySampler
-    from rwml_jax.train.runtime import load_tokenizer
 
     mesh = sh.make_mesh(data=-1, fsdp=1, tensor=1)
     model_config, params = load_pretrained(model_dir, mesh=mesh)
@@ -182,8 +188,6 @@ def load_model_generate_fn(model_dir: str, *, temperature: float, top_p: float, 
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rwml_jax.evaluation.compare import compare_table, load_rows
-
     try:
         rows = load_rows(args.inputs)
     except (FileNotFoundError, ValueError) as e:
@@ -191,7 +195,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 2
     print(compare_table(rows))
     if args.json_out:
-        from rwml_jax.train.stage_io import atomic_write_json
 
         atomic_write_json(args.json_out, rows)
         print(f"\nwrote {args.json_out}")

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from rwml_jax.config import ConfigError, load_config
 from rwml_jax.train.export import EXPORT_DTYPES, ExportError, export_model, push_to_hub
 
 
@@ -39,7 +40,6 @@ def work_dir_of(run_arg: str, overrides: list[str]) -> str:
             raise ExportError(f"--config overrides ({' '.join(overrides)}) apply to a recipe name, but {run_arg!r} "
                               "is a run folder")
         return run_arg
-    from rwml_jax.config import ConfigError, load_config
 
     try:
         config = load_config(run_arg, overrides)

@@ -19,7 +19,10 @@ import sys
 import time
 from typing import Any
 
-from rwml_jax.config import STAGE_ORDER
+from rwml_jax.config import STAGE_ORDER, ConfigError, load_config
+from rwml_jax.evaluation.metrics import pct
+from rwml_jax.train.plan import describe_plan
+from rwml_jax.train.run import run_stages
 
 DEMO_RECIPE = "demo_cpu"
 
@@ -74,8 +77,6 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(args: argparse.Namespace, recipe: str):
-    from rwml_jax.config import ConfigError, load_config
-
     try:
         return load_config(recipe, args.config_overrides)
     except ConfigError as e:
@@ -89,12 +90,10 @@ def _cmd_run(args: argparse.Namespace, *, only: tuple[str, ...] | None = None, d
     config = _load(args, recipe or args.config)
     stages = only or (tuple(s for s in args.stages.split(",") if s) if getattr(args, "stages", "") else None)
     if dry or args.dry_run:
-        from rwml_jax.train.plan import describe_plan
 
         print(describe_plan(config))
         return 0
     force = tuple(STAGE_ORDER if "all" in args.force else args.force)
-    from rwml_jax.train.run import run_stages
 
     summaries = run_stages(config, stages, force=force)
     _print_summary(config, summaries)
@@ -142,7 +141,6 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
                     print(f"  {'':10s}    on {v['n']} {kind.replace('_', ' ')}s: before {v['before']:.3f} -> "
                           f"after {v['after']:.3f}")
     if "eval" in summaries:
-        from rwml_jax.evaluation.metrics import pct
 
         for model, s in summaries["eval"].get("models", {}).items():
             for name, v in s.items():

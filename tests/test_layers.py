@@ -78,3 +78,34 @@ def test_imports_follow_the_layer_order():
             elif not my_side and their_layer > my_layer:
                 bad.append(f"{me}:{line} imports {target} (a higher layer)")
     assert not bad, "\n".join(bad)
+
+
+# Modules imported inside functions, and why: everything else is imported at module level, so the
+# dependency graph can be read off the top of each file.
+LAZY_TARGETS = {
+    "rwml_jax.envs.tau2_env": "imports the tau2 package (litellm and its providers: seconds)",
+    "rwml_jax.envs.tau2_users": "imports the tau2 package",
+    "rwml_jax.envs.tau2_replay": "imports the tau2 package",
+    "rwml_jax.models.embedder": "`rwml_jax.models` stays light to import; loading an embedder imports transformers",
+    "rwml_jax.sampling": "rwml.rewards is read by config validation, which must not import JAX",
+}
+LAZY_PACKAGES = {
+    "rwml_jax.bench": "benchmarks import JAX after the malloc re-exec, and their peers' subprocesses import no JAX",
+}
+
+
+def test_imports_inside_functions_are_the_stated_exceptions():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module_name(path)
+        if any(me.startswith(p) for p in LAZY_PACKAGES):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rwml_jax") \
+                        and node.module not in LAZY_TARGETS:
+                    bad.append(f"{me}:{node.lineno} imports {node.module} inside {fn.name}()")
+    assert not bad, "import these at module level (or state why not in LAZY_TARGETS):\n" + "\n".join(bad)

@@ -17,7 +17,16 @@ import sys
 from typing import Any
 
 from rwml_jax.envs import ENV_NAMES
-from rwml_jax.envs.alfworld_data import SPLITS, TASK_TYPES
+from rwml_jax.envs.alfworld_data import (
+    SPLITS,
+    TASK_TYPES,
+    AlfworldDataError,
+    list_games,
+)
+from rwml_jax.envs.alfworld_env import AlfworldEnv
+from rwml_jax.envs.alfworld_gen import generate_games
+from rwml_jax.envs.base import TaskSpec
+from rwml_jax.envs.replay import format_table, replay_alfworld
 
 
 def add_parser(subparsers: Any) -> None:
@@ -78,9 +87,6 @@ def _replay(args: argparse.Namespace) -> int:
 
         return int(replay_tau2(args.domain, args.limit, args.json_out) or 0)
 
-    from rwml_jax.envs.alfworld_data import AlfworldDataError
-    from rwml_jax.envs.replay import format_table, replay_alfworld
-
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
@@ -105,10 +111,6 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _play(args: argparse.Namespace) -> int:
-    from rwml_jax.envs.alfworld_data import AlfworldDataError, list_games
-    from rwml_jax.envs.alfworld_env import AlfworldEnv
-    from rwml_jax.envs.base import TaskSpec
-
     try:
         if args.game is None:
             games = list_games(args.data, args.split, args.task_types)
@@ -150,8 +152,6 @@ def _play(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from rwml_jax.envs.alfworld_gen import generate_games
-
     if args.num < 1:
         print(f"error: --num must be >= 1, got {args.num}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from typing import Any
 
 from rwml_jax.agent.rollout import TurnContext
 from rwml_jax.envs.alfworld_data import load_game_json
+from rwml_jax.envs.tau2_parse import format_tool_call
 
 REFERENCE_POLICIES = ("expert", "gold", "random")
 ALFWORLD_FALLBACK = "look"  # after the walkthrough ran out (never reached on a valid game)
@@ -77,7 +78,6 @@ def random_action(ctx: TurnContext, seed: int) -> str:
     rng = _rng(seed, ctx)
     if ctx.task.env == "alfworld":
         return f"<action>{rng.choice(ctx.admissible) if ctx.admissible else ALFWORLD_FALLBACK}</action>"
-    from rwml_jax.envs.tau2_parse import format_tool_call
 
     fn = rng.choice(ctx.tools)["function"]
     params = fn.get("parameters", {})

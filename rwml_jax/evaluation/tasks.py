@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from rwml_jax.envs import TAU2_DOMAINS
+from rwml_jax.envs.alfworld_data import normalize_split, scan_games
 from rwml_jax.envs.base import StepResult, TaskSpec
 from rwml_jax.envs.pool import resolve_factory
 from rwml_jax.envs.replay import ALFWORLD_FACTORY  # noqa: F401  (re-exported: the factory evaluations play ALFWorld through)
+from rwml_jax.envs.tau2_parse import parse_turn
 from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS
 
 GUARDED_FACTORY = "rwml_jax.evaluation.tasks:GuardedEnv"
@@ -44,7 +46,6 @@ class EvalTask:
 def alfworld_tasks(data: str | os.PathLike | None, split: str, *, task_types: Sequence[str] | None = None,
                    limit: int | None = None) -> list[EvalTask]:
     """Every game of `split` (the first `limit` by task id), broken ones included with their error."""
-    from rwml_jax.envs.alfworld_data import normalize_split, scan_games
 
     split = normalize_split(split)
     games, broken = scan_games(data, split, tuple(task_types) if task_types else None, full_check=True)
@@ -134,8 +135,6 @@ def classify_tool_calls(action: str, domain: str) -> tuple[int, dict[str, int]]:
     JSON with a name and an arguments object), "unknown_tool" (no such tool in the domain), "schema" (the
     arguments fail the tool's JSON schema: missing / extra / mistyped fields)."""
     import jsonschema
-
-    from rwml_jax.envs.tau2_parse import parse_turn
 
     schemas = tool_schemas(domain)
     bad = dict.fromkeys(INVALID_CALL_KINDS, 0)

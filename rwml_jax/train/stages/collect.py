@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from rwml_jax.agent.rollout import rollout
+from rwml_jax.config import config_hash, config_to_dict
+from rwml_jax.envs.alfworld_data import list_games
+from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.envs.base import TaskSpec
+from rwml_jax.envs.pool import EnvPool
+from rwml_jax.train.metrics_log import progress
+from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
@@ -30,11 +37,9 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
     c = rt.config
     e = c.env
     if e.name == "alfworld":
-        from rwml_jax.envs.alfworld_data import list_games
 
         data_dir = e.data_dir
         if data_dir == "generated":
-            from rwml_jax.envs.alfworld_gen import generate_games
 
             data_dir = os.fspath(stage.file("games"))
             if not os.path.exists(os.path.join(data_dir, "generation.json")):
@@ -76,12 +81,6 @@ def make_tau2_env(user: str, max_steps: int):
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
-    from rwml_jax.agent.rollout import rollout
-    from rwml_jax.config import config_hash, config_to_dict
-    from rwml_jax.envs.pool import EnvPool
-    from rwml_jax.train.metrics_log import progress
-    from rwml_jax.train.policy import PolicySampler
-
     c = rt.config
     stage = Stage(rt.work_dir, "collect")
     if stage.begin(c, force=force) == "done":
