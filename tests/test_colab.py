@@ -80,8 +80,9 @@ def test_notebook_cpu_path_runs(tmp_path, monkeypatch):
     assert sum("image/png" in o.data for o in shown) >= 2  # reward curve + scalars plot
     compare = (run / "eval" / "compare.md").read_text()
     assert any(compare.strip() in o.data.get("text/markdown", "") for o in shown)
-    # the accelerator recipe's overrides validate (the plan cell printed a plan) ...
-    assert "rwml_alfworld" in out and "Qwen/Qwen3-0.6B" in out
+    # the accelerator recipe's overrides validate and take effect (the plan cell printed its plan) ...
+    assert "Plan for recipe 'rwml_alfworld'" in out and "Model: Qwen/Qwen3-0.6B" in out
+    assert "tasks: 32 from ALFWorld train" in out and "first 32 tasks each" in out
     # ... and its cells skipped themselves: no ALFWorld download, no 0.6B run on a CPU runtime
     for c in nb.cells:
         if ACCEL_TAG in _tags(c):
