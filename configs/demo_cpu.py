@@ -1,7 +1,7 @@
 """The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 10-14 minutes.
 
     rwml-jax run demo_cpu              # the README's main command
-    rwml-jax run demo_cpu:smoke        # a ~2-minute variant with even smaller numbers (tests, CI)
+    rwml-jax run demo_cpu:smoke        # ~2.2 min: even smaller numbers (CI runs it in the Colab notebook)
 
 No pretrained weights can be downloaded here, so the demo builds its own small setting honestly:
 - ALFWorld games are generated offline (`env.data_dir = "generated"`), with the real ALFWorld/TextWorld

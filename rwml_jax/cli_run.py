@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "world-model reward before and after RWML.")
     _add_common(p, recipe=False)
     p.add_argument("--variant", default="default", choices=["default", "smoke"],
-                   help="'smoke' is a ~3-minute version with tiny numbers")
+                   help="'smoke' is a ~2.2-minute version with tiny numbers")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("plan", help="print a recipe's plan (same as run --dry-run)")
