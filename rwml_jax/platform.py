@@ -118,6 +118,18 @@ def default_execution(model_config: Any) -> ExecutionConfig:
     return _default_for(model_config, jax.default_backend())
 
 
+def embedder_dtype(devices: Iterable[Any], requested: str) -> str:
+    """The dtype an embedding model runs in: `requested` on accelerators, float32 on CPUs (XLA:CPU has no
+    fast bfloat16 matmul, and the reward threshold was set on float32 embeddings)."""
+    return "float32" if _all_cpu(devices) else requested
+
+
+def embedder_tokens_per_call(devices: Iterable[Any]) -> int:
+    """Tokens per device in one embedder call: 2,048 on CPUs (a call's activations stay in the caches),
+    32,768 on accelerators."""
+    return 2048 if _all_cpu(devices) else 32768
+
+
 # ---------------------------------------------------------------------------------------------------
 # The decode weight format rule and its probes
 # ---------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transformers import AutoTokenizer
 
+from rwml_jax import platform
 from rwml_jax import sharding as sh
 from rwml_jax.models import bert, decoder
 from rwml_jax.models.embedder_folder import (
@@ -202,7 +203,7 @@ class Embedder:
     default_prompt: str | None = None  # raw prefix for calls that name none (load_embedder(instruction=...))
     identity: str = ""
     bucket_granularity: int = 8
-    tokens_per_call: int = 0  # 0: 2048 per device on CPU, 32768 per device on accelerators
+    tokens_per_call: int = 0  # 0: `platform.embedder_tokens_per_call` per device
     matmul_params: int = 0  # parameters in per-token matmuls (for FLOP accounting)
     _jitted: Any = dataclasses.field(default=None, repr=False)
 
@@ -211,8 +212,7 @@ class Embedder:
         self._row_multiple = int(np.prod([self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape]))
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(batch_axes, None))
         if not self.tokens_per_call:
-            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-            self.tokens_per_call = (2048 if on_cpu else 32768) * self._row_multiple
+            self.tokens_per_call = platform.embedder_tokens_per_call(self.mesh.devices.flat) * self._row_multiple
         param_shardings = jax.tree_util.tree_map(lambda a: a.sharding, self.params)
         encode = self.encode
 

