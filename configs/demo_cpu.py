@@ -1,4 +1,4 @@
-"""The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 10-14 minutes.
+"""The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 5 minutes.
 
     rwml-jax run demo_cpu              # the README's main command
     rwml-jax run demo_cpu:smoke        # ~2.2 min: even smaller numbers (CI runs it in the Colab notebook)
