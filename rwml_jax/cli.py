@@ -20,6 +20,7 @@ SUBCOMMANDS: list[str] = [
     "rwml_jax.cli_generate",
     "rwml_jax.envs.cli",
     "rwml_jax.cli_eval",
+    "rwml_jax.cli_sweep",
 ]
 
 
