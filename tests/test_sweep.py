@@ -184,6 +184,9 @@ def test_fast_sweep_shares_upstream_records_failure_and_skips_finished_points(tm
     assert all((p / s).is_symlink() for p in good for s in ("warmstart", "collect", "triplets"))
     assert (good[0] / "collect").resolve() == (good[1] / "collect").resolve()
     assert [read_json(p / "triplets" / "DONE.json")["deps"]["triplets.val_fraction"] for p in good] == [0.2, 0.5]
+    for p in good:  # each point's triplets were made from the collect / warmstart outputs it links
+        ids = {s: read_json(p / s / "DONE.json")["run_id"] for s in ("warmstart", "collect")}
+        assert read_json(p / "triplets" / "DONE.json")["upstream"] == ids
 
     finished = _snapshot([*(sweep_dir / SHARED).glob("*/DONE.json"), *(p / "log.txt" for p in good)])
     again = _sweep(f, sweep_dir, "--config.stages=warmstart,collect,triplets")

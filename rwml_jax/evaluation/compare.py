@@ -42,9 +42,13 @@ def _policy_label(settings: dict[str, Any]) -> str:
 def _evals(inp: str) -> list[tuple[str | None, dict[str, Any]]]:
     """[(row name or None = the policy's label, evaluation)] of one input."""
     name, sep, path = inp.partition("=")
-    if not sep:
+    if not sep or os.path.exists(inp):  # a path may hold "=" itself (a sweep's point folders do)
         name, path = None, inp
-    p = Path(path)
+    return _path_evals(name, Path(path))
+
+
+def _path_evals(name: str | None, p: Path) -> list[tuple[str | None, dict[str, Any]]]:
+    path = str(p)
     if p.is_dir() and (p / SWEEP_MANIFEST).is_file():
         return _sweep_evals(name, p)
     if p.is_dir():
@@ -72,7 +76,7 @@ def _sweep_evals(name: str | None, sweep_dir: Path) -> list[tuple[str | None, di
     for point in read_json(sweep_dir / SWEEP_MANIFEST)["points"]:
         run = sweep_dir / point["name"]
         if glob.glob(os.path.join(run, "eval", "*", "*.json")):
-            out += _evals(f"{name + ': ' if name else ''}{point['name']}={run}")
+            out += _path_evals(f"{name + ': ' if name else ''}{point['name']}", run)
     if not out:
         raise FileNotFoundError(f"{str(sweep_dir)!r}: no point of this sweep has evaluations yet")
     return out

@@ -95,9 +95,10 @@ def collect_rows(sweep_dir: str | os.PathLike) -> dict[str, Any]:
             "labels": key_labels(man["keys"]), "columns": columns, "main_metric": main_metric(columns), "rows": rows}
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, column: str = "") -> str:
+    """A metric as a table cell: success % with one decimal, rewards with three."""
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) <= 1.0 else f"{v:.1f}"
+        return "nan" if math.isnan(v) else f"{v:.1f}" if column.startswith("eval ") else f"{v:.3f}"
     return str(v)
 
 
@@ -116,7 +117,7 @@ def markdown(data: dict[str, Any]) -> str:
         err = (r["error"] or "").replace("|", "\\|")
         err = err if len(err) <= ERROR_CHARS else err[:ERROR_CHARS - 1] + "…"
         cells = [r["point"], *(_value(r["values"][k]) if k in r["values"] else "-" for k in keys), r["status"],
-                 *(_cell(r["metrics"][c]) if c in r["metrics"] else "-" for c in cols)] + ([err] if errors else [])
+                 *(_cell(r["metrics"][c], c) if c in r["metrics"] else "-" for c in cols)] + ([err] if errors else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,11 +140,12 @@ def plot_main_metric(path: str | os.PathLike, data: dict[str, Any]) -> Path | No
         vals = [r["metrics"].get(col) for r in rows]
         ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], color="C0")
         for x, r, v in zip(xs, rows, vals):
-            ax.annotate(r["status"] if v is None else _cell(v), (x, v or 0.0), ha="center", va="bottom", fontsize=8,
+            ax.annotate(r["status"] if v is None else _cell(v, col), (x, v or 0.0), ha="center", va="bottom", fontsize=8,
                         color="C3" if v is None else "black")
         ax.set_xticks(xs, [r["point"].rsplit("-", 1)[0] for r in rows], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(col + (" (%)" if col.startswith("eval ") else ""))
         ax.set_title(f"{data['recipe']} sweep: {col} per point")
+        ax.set_ylim(0.0, 100.0 if col.startswith("eval ") else 1.0)  # success %, or a reward in [0, 1]
         ax.grid(True, axis="y", alpha=0.3)
         return save_png(fig, path)
     finally:
