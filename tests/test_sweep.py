@@ -19,7 +19,7 @@ from rwml_jax.evaluation.compare import load_rows
 from rwml_jax.train.stage_io import read_json, stage_deps
 from rwml_jax.train.sweep import SHARED, key_labels, plan_sweep, point_name
 from rwml_jax.train.sweep_run import device_slots, error_line
-from rwml_jax.train.sweep_table import collect_rows
+from rwml_jax.train.sweep_table import collect_rows, main_metric, point_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 # shrinks demo_cpu:smoke further: every point runs in well under a minute on 2 cores
@@ -133,6 +133,18 @@ def test_device_slots_are_disjoint_slices():
     assert device_slots(3, ("cpu", [])) == [{}, {}, {}]
     with pytest.raises(ValueError, match="needs at least 4"):
         device_slots(4, ("cuda", ["0", "1"]))
+
+
+def test_table_metrics_in_pipeline_order():
+    m = point_metrics({"filter": {"kept": 3, "total": 9}, "rwml": {"reward_before": 0.1, "reward_after": 0.5},
+                       "eval": {"models": {"rwml": {"valid_seen": {"success_mean": 0.5}, "policy": "x"},
+                                           "warmstart": {"valid_seen": {"success_mean": 0.25}}}}})
+    assert list(m) == ["filter kept", "rwml reward before", "rwml reward after", "eval valid_seen (warmstart)",
+                       "eval valid_seen (rwml)"]
+    assert m["filter kept"] == "3/9" and m["eval valid_seen (rwml)"] == 50.0
+    assert main_metric(list(m)) == "eval valid_seen (rwml)"
+    assert main_metric(["eval valid_seen", "eval valid_unseen"]) == "eval valid_seen"
+    assert main_metric(["filter kept", "rwml reward after"]) == "rwml reward after"
 
 
 def test_error_line_finds_the_exception():

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rwml_jax.config import STAGE_ORDER
 from rwml_jax.train.plots import save_png
 from rwml_jax.train.stage_io import atomic_write_json, atomic_write_text, read_json
 from rwml_jax.train.sweep import SHARED, SWEEP_MANIFEST, key_labels
@@ -55,7 +56,8 @@ def point_metrics(summaries: dict[str, dict[str, Any]]) -> dict[str, float | str
             out[f"{stage} reward before"] = s["reward_before"]
             out[f"{stage} reward after"] = s["reward_after"]
     models = (summaries.get("eval") or {}).get("models") or {}
-    for model, res in models.items():
+    # pipeline order (DONE.json sorts keys): base, warmstart, rwml, wm_sft; the last is the main model
+    for model, res in sorted(models.items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else -1):
         for split, v in res.items():
             if isinstance(v, dict) and "success_mean" in v:
                 col = f"eval {split}" + (f" ({model})" if len(models) > 1 else "")
