@@ -21,6 +21,7 @@ SUBCOMMANDS: list[str] = [
     "rwml_jax.envs.cli",
     "rwml_jax.cli_eval",
     "rwml_jax.cli_export",
+    "rwml_jax.cli_sweep",
 ]
 
 

@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", default="", help="comma-separated subset of stages to run instead of config.stages")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="the embedded CPU demo: warm start, collect, triplets, filter, rwml",
+    p = sub.add_parser("demo", help="the embedded CPU demo: warm start, collect, triplets, filter, rwml, eval",
                        description="Runs configs/demo_cpu.py end to end offline and prints the held-out "
                                    "world-model reward before and after RWML.")
     _add_common(p, recipe=False)

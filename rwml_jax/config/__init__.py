@@ -15,7 +15,7 @@ is out of range raises `ConfigError` naming the field and what it accepts. The r
 
 Modules: `recipes` (finding and building recipes), `overrides` (``--config.KEY=VALUE`` through
 ml_collections' config_flags), `validate` (one validator per section), `provenance` (JSON form, hashes),
-`keys` (dotted keys, ConfigError), `stages` (STAGE_ORDER).
+`keys` (dotted keys, ConfigError), `stages` (STAGE_ORDER), `hyper` (a sweep file's points: sweep, product, zip).
 """
 
 from __future__ import annotations

@@ -112,7 +112,12 @@ def _load_module(path: Path) -> types.ModuleType:
         _ensure_configs_package(folder)
     if folder is not None and path.parent == folder:
         return importlib.import_module(f"configs.{path.stem}")
-    name = f"_rwml_recipe_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    return import_file(path)
+
+
+def import_file(path: Path, prefix: str = "_rwml_recipe") -> types.ModuleType:
+    """Import the Python file `path` as a private module named ``<prefix>_<hash of the path>``."""
+    name = f"{prefix}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import config file {path}")

@@ -7,7 +7,7 @@ is the mean ± std over runs of the per-run mean of its columns (so it needs eve
 Inputs: a run folder (its evaluations are ``<run>/eval/<model>/*.json``, one row per model named
 "<run>: <model>"; an eval stage folder itself works too), an evaluation JSON (row = the evaluated policy: the
 model folder's stage, or expert / gold / random), or ``NAME=PATH`` to name the rows (a folder's rows then
-become "NAME: <model>" when it holds several models)
+become "NAME: <model>" when it holds several models), or a sweep folder (`rwml-jax sweep`: one run per point)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from rwml_jax.envs import TAU2_DOMAINS
 from rwml_jax.evaluation.metrics import mean_std, pct
 from rwml_jax.train.stage_io import read_json
+from rwml_jax.train.sweep import SWEEP_MANIFEST
 
 ALFWORLD_COLUMNS = (("ALFWorld ID", "valid_seen"), ("ALFWorld OOD", "valid_unseen"))
 COLUMNS = ("ALFWorld ID", "ALFWorld OOD", "ALFWorld avg", "τ² airline", "τ² retail", "τ² telecom", "τ² avg")
@@ -41,9 +42,15 @@ def _policy_label(settings: dict[str, Any]) -> str:
 def _evals(inp: str) -> list[tuple[str | None, dict[str, Any]]]:
     """[(row name or None = the policy's label, evaluation)] of one input."""
     name, sep, path = inp.partition("=")
-    if not sep:
+    if not sep or os.path.exists(inp):  # a path may hold "=" itself (a sweep's point folders do)
         name, path = None, inp
-    p = Path(path)
+    return _path_evals(name, Path(path))
+
+
+def _path_evals(name: str | None, p: Path) -> list[tuple[str | None, dict[str, Any]]]:
+    path = str(p)
+    if p.is_dir() and (p / SWEEP_MANIFEST).is_file():
+        return _sweep_evals(name, p)
     if p.is_dir():
         folder = p / "eval" if (p / "eval").is_dir() else p
         files = sorted(glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "*", "*.json")))
@@ -60,6 +67,19 @@ def _evals(inp: str) -> list[tuple[str | None, dict[str, Any]]]:
     if not p.is_file():
         raise FileNotFoundError(f"{path!r} is neither a run folder nor an evaluation JSON")
     return [(name, read_json(p))]
+
+
+def _sweep_evals(name: str | None, sweep_dir: Path) -> list[tuple[str | None, dict[str, Any]]]:
+    """A sweep folder's points (`rwml-jax sweep`), each as a run folder named by its point; points without
+    evaluations (failed, unfinished, or a recipe without eval) are left out."""
+    out = []
+    for point in read_json(sweep_dir / SWEEP_MANIFEST)["points"]:
+        run = sweep_dir / point["name"]
+        if glob.glob(os.path.join(run, "eval", "*", "*.json")):
+            out += _path_evals(f"{name + ': ' if name else ''}{point['name']}", run)
+    if not out:
+        raise FileNotFoundError(f"{str(sweep_dir)!r}: no point of this sweep has evaluations yet")
+    return out
 
 
 def load_rows(inputs: Sequence[str]) -> list[dict[str, Any]]:

@@ -71,10 +71,15 @@ def plot_reward_curve(
             ax.set_ylim(*ylim)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out a matplotlib figure and write it to `path` as PNG, atomically."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
