@@ -74,7 +74,7 @@ class ParamWeights:
     def _matmul(self, x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
         ws = [w.astype(self.cdt) for w in ws]
         if self.fuse and len(ws) > 1:
-            return _split(x @ jnp.concatenate(ws, axis=1), [w.shape[1] for w in ws])
+            return split_widths(x @ jnp.concatenate(ws, axis=1), [w.shape[1] for w in ws])
         return [x @ w for w in ws]
 
     def _bias(self, ys: list[jax.Array], biases: list[jax.Array | None]) -> list[jax.Array]:
@@ -107,7 +107,7 @@ class ParamWeights:
         return jnp.matmul(hidden.astype(self.cdt), self.head(params), preferred_element_type=jnp.float32)
 
 
-def _split(y: jax.Array, widths: list[int]) -> list[jax.Array]:
+def split_widths(y: jax.Array, widths: list[int]) -> list[jax.Array]:
     """Split the last axis of y into consecutive pieces of `widths`."""
     cuts, total = [], 0
     for w in widths[:-1]:

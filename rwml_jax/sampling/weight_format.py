@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from rwml_jax import platform
 from rwml_jax.models import decoder
+from rwml_jax.models.block import split_widths
 from rwml_jax.models.config import ModelConfig
 
 Params = Any
@@ -196,8 +197,7 @@ class DecodeWeights:
     def _fused(self, lp: Params, fused: str, names: tuple[str, ...], widths: list[int], h: jax.Array) -> list[jax.Array]:
         if fused + self._s not in lp:
             return [self._one(lp, n, h) for n in names]
-        y = self._one(lp, fused, h)
-        return jnp.split(y, [sum(widths[:i + 1]) for i in range(len(widths) - 1)], axis=1)
+        return split_widths(self._one(lp, fused, h), widths)
 
     def _one(self, lp: Params, name: str, x: jax.Array) -> jax.Array:
         return _bias(self.linear(x, lp[name + self._s]), lp.get(f"{name}_bias"))
