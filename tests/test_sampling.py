@@ -527,8 +527,8 @@ def test_default_weight_format_follows_model_size_and_machine(qwen3):
 def test_cached_decoding_equals_forward(qwen3, layout):
     """`apply` with a KV cache (a left-padded prefill, then one token at a time) gives `forward`'s logits,
     for the stacked cache [L, ...] with stacked params, for the per-layer Flax form, and for the sampler's
-    decode layout (with and without q/k/v and gate/up fused, in every weight format; the model has a tied
-    head, so "in_out" also runs the transposed head copy). The decode layouts also run a cache-less batch
+    decode weight format (with and without q/k/v and gate/up fused, in every weight format; the model has a tied
+    head, so "in_out" also runs the transposed head copy). The decode formats also run a cache-less batch
     of more than `REDUCE_MAX_ROWS` rows, which "out_in_reduce" multiplies with dots instead."""
     import jax.numpy as jnp
 
