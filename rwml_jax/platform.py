@@ -74,9 +74,6 @@ class ExecutionConfig:
         if self.weight_format not in WEIGHT_FORMATS[1:]:
             raise ValueError(f"weight orientation {self.weight_format!r}; expected one of {WEIGHT_FORMATS[1:]}")
 
-    def replace(self, **kw: Any) -> ExecutionConfig:
-        return dataclasses.replace(self, **kw)
-
 
 def _all_cpu(devices: Iterable[Any]) -> bool:
     devices = list(devices)

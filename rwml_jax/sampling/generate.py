@@ -45,9 +45,6 @@ class SamplerPool:
             self._samplers.popitem(last=False)
         return sampler
 
-    def clear(self) -> None:
-        self._samplers.clear()
-
 
 def generate(
     config: ModelConfig,
