@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the sampler's decode weight layout: out_in ([out, in]) | in_out ([in, out]) | out_in_reduce ([out, in],
     # skinny products as multiply-and-sum) | auto (chosen for the machine by rwml_jax.platform)
     c.execution.weight_format = "auto"
+    # training / full-forward attention kernel: xla | cudnn (GPU flash attention, bfloat16 / float16) |
+    # splash (TPU Pallas kernel) | auto (splash on TPU, cudnn on GPU in bfloat16, xla otherwise)
+    c.execution.attention = "auto"
 
     # ---- the frozen reward embedder E(.) -----------------------------------------------------------
     c.embedder = ml_collections.ConfigDict()

@@ -17,6 +17,8 @@ Execution options (all numerically equivalent up to float rounding):
   (`rwml_jax.sampling.weight_format`): "out_in" ([out, in], contracted on the last axis), "in_out"
   ([in, out]) or "out_in_reduce" ([out, in], skinny products as a multiply-and-sum). "auto":
   `default_weight_format`.
+- attention: the training / full-forward attention kernel (`rwml_jax.models.attention`): "xla" | "cudnn" |
+  "splash". "auto": `default_attention`.
 - ordered_head_grad: the LM head's VJP computes the hidden-state gradient before the weight gradient,
   each on every thread, and the weight gradient in the head's [E, V] orientation. Left alone, XLA:CPU
   runs the two products side by side on one thread each and folds the tied embedding's transpose into
@@ -52,6 +54,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes a mode
 REMAT_POLICIES = ("none", "full", "dots")
 LAYER_LOOPS = ("auto", "scan", "unroll")
 WEIGHT_FORMATS = ("auto", "out_in", "in_out", "out_in_reduce")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 
 AUTO_UNROLL_MAX_LAYERS = 12
 # "out_in_reduce": products with more rows than this (a prefill) run as a dot_general; break-even ~128.
@@ -67,8 +70,11 @@ class ExecutionConfig:
     unroll_layers: bool = False
     weight_format: str = "out_in"
     ordered_head_grad: bool = False
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS[1:]:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_KERNELS[1:]}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.weight_format not in WEIGHT_FORMATS[1:]:
@@ -81,13 +87,15 @@ def _all_cpu(devices: Iterable[Any]) -> bool:
 
 
 def resolve(model_config: Any, devices: Iterable[Any] | None = None, *, remat: str = "none",
-            layer_loop: str = "auto", weight_format: str = "auto") -> ExecutionConfig:
+            layer_loop: str = "auto", weight_format: str = "auto", attention: str = "auto") -> ExecutionConfig:
     """The execution config of `model_config` (a `rwml_jax.models.ModelConfig`) on `devices` (default:
     all devices), with "auto" choices resolved by this module's rules."""
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"layer_loop={layer_loop!r}; expected one of {LAYER_LOOPS}")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight orientation {weight_format!r}; expected one of {WEIGHT_FORMATS}")
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention={attention!r}; expected one of {ATTENTION_KERNELS}")
     import jax
 
     devices = list(jax.devices() if devices is None else devices)
@@ -98,7 +106,21 @@ def resolve(model_config: Any, devices: Iterable[Any] | None = None, *, remat: s
         unroll = layer_loop == "unroll"
     if weight_format == "auto":
         weight_format = default_weight_format(devices, model_config)
-    return ExecutionConfig(remat=remat, unroll_layers=unroll, weight_format=weight_format, ordered_head_grad=cpu)
+    if attention == "auto":
+        attention = default_attention(devices, model_config)
+    return ExecutionConfig(remat=remat, unroll_layers=unroll, weight_format=weight_format, ordered_head_grad=cpu,
+                           attention=attention)
+
+
+def default_attention(devices: Iterable[Any], model_config: Any) -> str:
+    """The training attention kernel: "splash" on TPUs; "cudnn" on NVIDIA GPUs when the model computes in
+    bfloat16 or float16 (cuDNN's flash attention takes no float32); "xla" otherwise (CPUs)."""
+    platforms = {d.platform for d in devices}
+    if platforms == {"tpu"}:
+        return "splash"
+    if platforms == {"gpu"} and str(model_config.compute_dtype) in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
 
 
 @functools.cache

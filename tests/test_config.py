@@ -104,7 +104,8 @@ def test_allowed_values_are_those_of_the_code_that_acts_on_them():
 
     for key, allowed in [("rwml.kl_estimator", grpo.KL_ESTIMATORS), ("rwml.loss_agg", grpo.LOSS_AGGS),
                          ("execution.remat", platform.REMAT_POLICIES), ("execution.layer_loop", platform.LAYER_LOOPS),
-                         ("execution.weight_format", platform.WEIGHT_FORMATS)]:
+                         ("execution.weight_format", platform.WEIGHT_FORMATS),
+                         ("execution.attention", platform.ATTENTION_KERNELS)]:
         for value in allowed:
             assert flatten(load_config("rwml_alfworld", [f"--config.{key}={value}"]))[key] == value
         with pytest.raises(ConfigError, match=re.escape(f"{key}='bogus': expected one of {', '.join(map(repr, allowed))}")):
@@ -114,7 +115,7 @@ def test_allowed_values_are_those_of_the_code_that_acts_on_them():
 
 def test_execution_options_are_not_model_fields():
     c = load_config("rwml_alfworld")
-    assert set(c.execution) == {"remat", "layer_loop", "weight_format"}
+    assert set(c.execution) == {"remat", "layer_loop", "weight_format", "attention"}
     assert not {"remat", "layer_loop", "weight_format"} & set(c.model)
     assert load_config("demo_cpu").execution.remat == "none"
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.remat'; did you mean 'execution\.remat'\?"):

@@ -21,7 +21,7 @@ from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
 from rwml_jax.envs import ENV_NAMES, TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
-from rwml_jax.platform import DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
+from rwml_jax.platform import ATTENTION_KERNELS, DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 from rwml_jax.rwml.rewards import REWARD_KINDS
 
@@ -148,6 +148,7 @@ def _execution(s: Section) -> None:
     s.one_of("remat", REMAT_POLICIES)
     s.one_of("layer_loop", LAYER_LOOPS)
     s.one_of("weight_format", WEIGHT_FORMATS)
+    s.one_of("attention", ATTENTION_KERNELS)
 
 
 def _embedder(s: Section) -> None:

@@ -6,13 +6,16 @@ q and k come rotated (RoPE) and unscaled; `kv` is the layer's cache state (None 
 cache) and comes back updated. Heads are grouped: query head h reads kv head h // G (G = H / K).
 
 Strategies:
-- `causal(mask)`: training and cache-less forward passes. Token t attends to the real tokens (mask [B, T])
-  at slots <= t. The core runs on [B, K, G, T, D] with an additive float32 bias and a hand-written VJP that
-  saves the probabilities (one [B, K, G, T, S] array instead of the autodiff version's several passes and
-  layout copies).
-- `grouped_prompt(prompt_mask, completion_mask)`: a GRPO group as one sequence of P + G*C tokens, its prompt
-  then its G completions; completion g attends to the prompt and its own earlier tokens only
-  (`rwml_jax.rl.shared_prompt`). Same core and VJP as `causal`.
+- `causal(mask, kernel)`: training and cache-less forward passes. Token t attends to the real tokens
+  (mask [B, T]) at slots <= t.
+- `grouped_prompt(prompt_mask, completion_mask, kernel)`: a GRPO group as one sequence of P + G*C tokens,
+  its prompt then its G completions; completion g attends to the prompt and its own earlier tokens only
+  (`rwml_jax.rl.shared_prompt`).
+  Both run on one of three kernels (`ExecutionConfig.attention`, chosen by `rwml_jax.platform`):
+  "xla": the core here, on [B, K, G, T, D] with an additive float32 bias and a hand-written VJP that saves
+  the probabilities (one [B, K, G, T, S] array instead of the autodiff version's several passes and layout
+  copies), the CPU path; "cudnn" (GPU flash attention) and "splash" (the TPU Pallas kernel): the library
+  kernels of `rwml_jax.models.attention_kernels`, same masks.
 - `cached(allowed, index)`: the sampler's prefill and decode steps. kv = (k [B, K, D, S], v [B, K, S, D]):
   this call's keys and values are written into slots [index, index + T) in place (`dynamic_update_slice`
   on a donated or loop-carried buffer), then the queries attend to the slots `allowed` [B, T, S] permits.
@@ -33,8 +36,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rwml_jax.models import attention_kernels
+from rwml_jax.platform import ATTENTION_KERNELS
 
 NEG_INF = -1e30
+KERNELS = ATTENTION_KERNELS[1:]  # "xla" | "cudnn" | "splash" (ATTENTION_KERNELS[0] is "auto")
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -76,10 +84,11 @@ def _bias_attention_bwd(res, dout):
 bias_attention.defvjp(_bias_attention_fwd, _bias_attention_bwd)
 
 
-def causal_bias(mask: jax.Array) -> jax.Array:
-    """[B, T, T] float32 additive bias: token t attends to the real tokens (mask [B, T]) at slots <= t."""
-    slot = jnp.arange(mask.shape[1])
-    allowed = (slot[None, :] <= slot[:, None])[None] & mask.astype(bool)[:, None, :]
+def _tril(n: int) -> np.ndarray:
+    return np.tril(np.ones((n, n), bool))
+
+
+def _bias(allowed: jax.Array) -> jax.Array:
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
 
 
@@ -94,33 +103,50 @@ def _attend_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> j
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def causal(mask: jax.Array) -> Attend:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, pattern: attention_kernels.Pattern, kernel: str) -> jax.Array:
+    """q [B, T, H, D] unscaled, k, v [B, S, K, D] over `pattern` by `kernel` (module docstring)."""
+    if kernel == "xla":
+        return _attend_bias(q, k, v, _bias(pattern.allowed()))
+    if kernel == "cudnn":
+        return attention_kernels.dot_product(q, k, v, pattern, "cudnn")
+    if kernel == "splash":
+        return attention_kernels.splash(q, k, v, pattern)
+    raise ValueError(f"attention kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def causal(mask: jax.Array, kernel: str = "xla") -> Attend:
     """Causal attention over a right- or left-padded batch (mask [B, T]); no cache (kv passes through)."""
-    bias = causal_bias(mask)
+    pattern = attention_kernels.Pattern(_tril(mask.shape[1]), mask, mask)
+    if kernel == "xla":  # the bias once for every layer
+        bias = _bias(pattern.allowed())
+        return lambda q, k, v, kv: (_attend_bias(q, k, v, bias), kv)
+    return lambda q, k, v, kv: (_attend(q, k, v, pattern, kernel), kv)
 
-    def attend(q, k, v, kv):
-        return _attend_bias(q, k, v, bias), kv
 
-    return attend
-
-
-def grouped_prompt(prompt_mask: jax.Array, completion_mask: jax.Array) -> Attend:
+def grouped_prompt(prompt_mask: jax.Array, completion_mask: jax.Array, kernel: str = "xla") -> Attend:
     """Attention over bp groups of [P + G*C] tokens (prompt, then G completions of C slots);
     prompt_mask [bp, P], completion_mask [bp, G, C]."""
     bp, P = prompt_mask.shape
     G, C = completion_mask.shape[1:]
-    see_prompt = jnp.where(jnp.repeat(prompt_mask.astype(bool), G, axis=0), 0.0, NEG_INF).astype(jnp.float32)
-    bias_p = causal_bias(prompt_mask)  # [bp, P, P]
-    bias_c = jnp.concatenate([jnp.broadcast_to(see_prompt[:, None, :], (bp * G, C, P)),
-                              causal_bias(completion_mask.reshape(bp * G, C))], axis=2)  # [bp*G, C, P + C]
+    c_mask = completion_mask.reshape(bp * G, C)
+    prompt = attention_kernels.Pattern(_tril(P), prompt_mask, prompt_mask)
+    own = attention_kernels.Pattern(np.concatenate([np.ones((C, P), bool), _tril(C)], axis=1), c_mask,
+                                    jnp.concatenate([jnp.repeat(prompt_mask, G, axis=0), c_mask], axis=1))
+    if kernel == "xla":  # the biases once for every layer
+        bias_p, bias_c = _bias(prompt.allowed()), _bias(own.allowed())
+        attend_p = lambda q, k, v: _attend_bias(q, k, v, bias_p)  # noqa: E731
+        attend_c = lambda q, k, v: _attend_bias(q, k, v, bias_c)  # noqa: E731
+    else:
+        attend_p = lambda q, k, v: _attend(q, k, v, prompt, kernel)  # noqa: E731
+        attend_c = lambda q, k, v: _attend(q, k, v, own, kernel)  # noqa: E731
 
     def rows(x, prompt):  # [bp, G*C, n, D] -> [bp*G, C, n, D], after the prompt's [bp, P, n, D] if given
         own = x.reshape(bp * G, C, *x.shape[2:])
         return own if prompt is None else jnp.concatenate([jnp.repeat(prompt, G, axis=0), own], axis=1)
 
     def attend(q, k, v, kv):
-        op = _attend_bias(q[:, :P], k[:, :P], v[:, :P], bias_p)  # prompt tokens, once per group
-        oc = _attend_bias(rows(q[:, P:], None), rows(k[:, P:], k[:, :P]), rows(v[:, P:], v[:, :P]), bias_c)
+        op = attend_p(q[:, :P], k[:, :P], v[:, :P])  # prompt tokens, once per group
+        oc = attend_c(rows(q[:, P:], None), rows(k[:, P:], k[:, :P]), rows(v[:, P:], v[:, :P]))
         return jnp.concatenate([op, oc.reshape(bp, G * C, *oc.shape[2:])], axis=1), kv
 
     return attend

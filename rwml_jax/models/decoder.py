@@ -246,8 +246,9 @@ def apply(
         if prefix is not None:
             raise ValueError("a shared prefix is for one-token decode steps with a per-layer cache")
         pos = positions if positions is not None else positions_from_mask(mask)
-        hidden, _ = hidden_states(config, params, input_ids, pos, attention.causal(mask), weights=weights,
-                                  execution=execution)
+        execution = execution if execution is not None else platform.default_execution(config)
+        hidden, _ = hidden_states(config, params, input_ids, pos, attention.causal(mask, execution.attention),
+                                  weights=weights, execution=execution)
         new_cache = None
     else:
         per_layer = isinstance(cache["k"], (tuple, list))

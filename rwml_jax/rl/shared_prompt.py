@@ -142,8 +142,10 @@ def completion_hidden(config: ModelConfig, params: Any, gbatch: Mapping[str, jax
     c_pos = jnp.broadcast_to(n_prompt[:, None, None] + jnp.arange(C, dtype=jnp.int32), (bp, G, C))
     positions = jnp.concatenate([p_pos, c_pos.reshape(bp, G * C)], axis=1)
     ids = jnp.concatenate([p_ids, c_ids.reshape(bp, G * C)], axis=1)
-    hidden, _ = decoder.hidden_states(config, params, ids, positions, attention.grouped_prompt(p_mask, c_mask),
-                                      weights=ParamWeights(config, fuse), execution=execution)
+    execution = execution if execution is not None else platform.default_execution(config)
+    attend = attention.grouped_prompt(p_mask, c_mask, execution.attention)
+    hidden, _ = decoder.hidden_states(config, params, ids, positions, attend, weights=ParamWeights(config, fuse),
+                                      execution=execution)
     E = hidden.shape[-1]
     # completion token 0 is predicted by the prompt's last slot, token j > 0 by completion token j - 1
     first = jnp.broadcast_to(hidden[:, P - 1][:, None, None, :], (bp, G, 1, E))

@@ -228,7 +228,8 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     add(f"  {pol.shape}; {_fmt_n(pol.num_params)} parameters; params {config.model.dtype}, compute "
         f"{config.model.compute_dtype}")
     x = config.execution
-    add(f"Execution: remat {x.remat}, layer loop {x.layer_loop}, decode weight format {x.weight_format}")
+    add(f"Execution: remat {x.remat}, layer loop {x.layer_loop}, decode weight format {x.weight_format}, "
+        f"training attention {x.attention}")
     add(f"Embedder (frozen reward model): {emb.name}  [{emb.source}]")
     add(f"  {emb.shape}; {_fmt_n(emb.num_params)} parameters; {config.embedder.dtype}; max {config.embedder.max_length} "
         f"tokens, batch {config.embedder.batch_size}")

@@ -81,7 +81,7 @@ class Runtime:
         decode weight format) with "auto" resolved by `rwml_jax.platform`'s rules."""
         x = self.config.execution
         return platform.resolve(model_config, self.mesh.devices.flat, remat=x.remat, layer_loop=x.layer_loop,
-                                weight_format=x.weight_format)
+                                weight_format=x.weight_format, attention=x.attention)
 
     def tokenizer(self, path: str | None = None):
         path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
