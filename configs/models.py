@@ -1,6 +1,6 @@
 """Model-shape presets, as Hugging Face ``config.json`` dicts.
 
-* ``tiny``, ``small``, ``qwen3-0.6b``: the benchmark shapes of ``docs/benchmarks.md`` (Qwen3 architecture:
+* ``tiny``, ``small``, ``qwen3-0.6b``, ``qwen3-1.7b``: the benchmark shapes of ``docs/benchmarks.md`` (Qwen3 architecture:
   RMSNorm, SwiGLU, RoPE theta 1e6, q/k-norm, GQA, tied embeddings), used for random init
   (``config.model.preset``) in tests and benchmarks; ``micro`` (~1.1M) is the CPU demo's model.
 * ``qwen2.5-7b-instruct``, ``qwen3-8b``: the paper's policy / world models (ALFWorld, τ²).
@@ -47,6 +47,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, head_dim=128, intermediate_size=3072, tie_word_embeddings=True,
         max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
     ),
+    "qwen3-1.7b": dict(  # 1.72B parameters: the real Qwen/Qwen3-1.7B config (the GPU check's second shape)
+        _QWEN3_COMMON, vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, intermediate_size=6144, tie_word_embeddings=True,
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
+    ),
     # ---- CPU demo (not a benchmark shape): ~1.1M parameters, vocabulary of the demo's own tokenizer ---
     "micro": dict(
         _QWEN3_COMMON, vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -83,6 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Hub names (and common spellings) -> preset.
 HUB_NAMES: dict[str, str] = {
     "Qwen/Qwen3-0.6B": "qwen3-0.6b",
+    "Qwen/Qwen3-1.7B": "qwen3-1.7b",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b-instruct",
     "Qwen/Qwen3-8B": "qwen3-8b",
     "Qwen/Qwen3-Embedding-8B": "qwen3-embedding-8b",

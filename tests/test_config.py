@@ -294,8 +294,8 @@ def test_benchmark_presets_match_benchmarks_md():
     from rwml_jax.train.plan import model_info
 
     table = _benchmark_shapes_table()
-    assert sorted(table) == ["qwen3-0.6b", "small", "tiny"]
-    expected = {"tiny": 5.05e6, "small": 100.1e6, "qwen3-0.6b": 596e6}
+    assert sorted(table) == ["qwen3-0.6b", "qwen3-1.7b", "small", "tiny"]
+    expected = {"tiny": 5.05e6, "small": 100.1e6, "qwen3-0.6b": 596e6, "qwen3-1.7b": 1.72e9}
     models = import_configs_module("models")
     scale = {"M": 1e6, "B": 1e9}
     for name, n in expected.items():

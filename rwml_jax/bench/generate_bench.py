@@ -43,6 +43,8 @@ SHAPES: dict[str, dict[str, int]] = {  # docs/benchmarks.md, "Model shapes"
                   num_key_value_heads=4, head_dim=64, intermediate_size=2048),
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=3072),
+    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=6144),
 }
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0, top_p=1.0)}
 

@@ -33,6 +33,10 @@ min_new_tokens=128, beta=0.04, loss_type="dapo" (token mean, as ours), temperatu
 eval, no saving, use_cpu). Tokenizer: a word-level tokenizer "w0".."w{V-1}" built offline, one word =
 one token, so the 128-word prompts are exactly 128 tokens.
 
+The workload's lengths, dtype and device are options: the GPU check (`launch/gpu_check.sh`) runs the paper's
+world-model shapes, 2,048-token prompts and 512-token completions in bfloat16, with MFU against the GPU's
+bfloat16 peak (`--peak-tflops`) and TRL on the same GPU.
+
     python -m rwml_jax.bench.grpo_bench                      # tiny + small, with TRL
     python -m rwml_jax.bench.grpo_bench --shapes tiny --steps 3 --no-peer
 """
@@ -40,6 +44,7 @@ one token, so the 128-word prompts are exactly 128 tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -53,7 +58,29 @@ from typing import Any
 from rwml_jax.platform import reexec_with_malloc_tunables
 from rwml_jax.bench.generate_bench import SHAPES, shape_config
 
-GROUPS, GROUP_SIZE, PROMPT_LEN, COMPLETION_LEN, BETA = 8, 8, 128, 128, 0.04
+GROUPS, GROUP_SIZE, BETA = 8, 8, 0.04
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The benchmark's shape: `groups` prompts x `group_size` completions, `prompt_len` prompt tokens and
+    `completion_len` generated tokens per sequence; `dtype` of the parameters and matmuls; `device` cpu | gpu
+    (where TRL runs)."""
+
+    prompt_len: int = 128
+    completion_len: int = 128
+    dtype: str = "float32"
+    device: str = "cpu"
+    groups: int = GROUPS
+    group_size: int = GROUP_SIZE
+
+    @property
+    def sequences(self) -> int:
+        return self.groups * self.group_size
+
+    def flags(self) -> list[str]:
+        return ["--prompt-len", str(self.prompt_len), "--completion-len", str(self.completion_len),
+                "--dtype", self.dtype, "--device", self.device]
 TRL_MARK = "@@TRL "
 # Ours: the fastest measured on the 2-vCPU Zen 4 machine. `tiny` with 4 sequences (1,024 tokens) per
 # micro-batch keeps each pass's activations and logits in L3: 4.07 against 4.91 s per update with 32
@@ -113,7 +140,7 @@ def reward_last_token_even(token_ids: list[int]) -> float:
 class Ours:
     """Sampler + jitted GRPO update on a single-process mesh over all local devices."""
 
-    def __init__(self, shape: str, micro_batch: int, seed: int, shared: bool = True):
+    def __init__(self, shape: str, micro_batch: int, seed: int, shared: bool = True, w: Workload = Workload()):
         import jax
         import numpy as np
 
@@ -123,7 +150,8 @@ class Ours:
         from rwml_jax.rl.update import GRPOConfig, make_grpo_step
         from rwml_jax.sampling import Sampler
 
-        self.config = shape_config(shape)
+        self.w = w
+        self.config = shape_config(shape, w.dtype)
         self.mesh = sh.make_mesh()
         params = decoder.init_params_sharded(self.config, jax.random.key(seed), self.mesh)
         self.ref = jax.tree.map(lambda x: x.copy(), params)
@@ -134,26 +162,27 @@ class Ours:
         self.step = make_grpo_step(self.config, self.grpo, optimizer, self.mesh)
         self.state = create_train_state(params, optimizer, self.step.state_shardings)
         del params
-        self.sampler = Sampler(self.config, max_new_tokens=COMPLETION_LEN, mesh=self.mesh)
+        self.sampler = Sampler(self.config, max_new_tokens=w.completion_len, mesh=self.mesh)
         rng = np.random.default_rng(seed)
-        self.distinct = [rng.integers(3, self.config.vocab_size, PROMPT_LEN).tolist() for _ in range(GROUPS)]
+        self.distinct = [rng.integers(3, self.config.vocab_size, w.prompt_len).tolist() for _ in range(w.groups)]
 
     @property
     def layer_tokens(self) -> int:
         """Tokens the layers process per forward pass over the batch."""
+        w = self.w
         if self.shared:
-            return GROUPS * (PROMPT_LEN + GROUP_SIZE * COMPLETION_LEN)
-        return GROUPS * GROUP_SIZE * (PROMPT_LEN + COMPLETION_LEN)
+            return w.groups * (w.prompt_len + w.group_size * w.completion_len)
+        return w.sequences * (w.prompt_len + w.completion_len)
 
     def sample(self, params: Any, prompts: list[list[int]], n: int, seed: int) -> list[Any]:
         """`n` completions of each prompt, prompt by prompt (the `sample` of `grpo_iteration`)."""
         from rwml_jax.train.policy import Completion
 
         if self.shared:  # each prompt prefilled once for its n samples
-            out = self.sampler.generate(params, prompts, max_new_tokens=COMPLETION_LEN, temperature=1.0, seed=seed,
+            out = self.sampler.generate(params, prompts, max_new_tokens=self.w.completion_len, temperature=1.0, seed=seed,
                                         stop_at_eos=False, num_samples=n)
         else:
-            out = self.sampler.generate(params, [p for p in prompts for _ in range(n)], max_new_tokens=COMPLETION_LEN,
+            out = self.sampler.generate(params, [p for p in prompts for _ in range(n)], max_new_tokens=self.w.completion_len,
                                         temperature=1.0, seed=seed, stop_at_eos=False)
         return [Completion(r.token_ids, r.logprobs, "") for r in out]
 
@@ -168,8 +197,9 @@ class Ours:
             return np.asarray([reward_last_token_even(list(c.ids)) for c in completions], np.float32)
 
         self.state, m, rollouts = grpo_iteration(
-            self.state, self.distinct, sample=self.sample, score=score, group_size=GROUP_SIZE, step_fn=self.step,
-            pad_id=0, completion_len=COMPLETION_LEN, seed=it, prompt_multiple=PROMPT_LEN, ref_params=self.ref)
+            self.state, self.distinct, sample=self.sample, score=score, group_size=self.w.group_size, step_fn=self.step,
+            pad_id=0, completion_len=self.w.completion_len, seed=it, prompt_multiple=self.w.prompt_len,
+            ref_params=self.ref)
         return dict(generate=m["time/generate_s"], score=m["time/reward_s"] + m["time/pack_s"],
                     update=m["time/update_s"], total=m["time/step_s"], reward=m["reward_mean"], loss=m["loss"],
                     tokens=sum(len(c) for c in rollouts.completion_ids))
@@ -179,7 +209,7 @@ class Ours:
 # TRL (subprocess)
 # ---------------------------------------------------------------------------------------------------
 
-def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
+def trl_worker(shape: str, steps: int, micro_batch: int, seed: int, w: Workload) -> int:
     """Runs TRL's GRPOTrainer; each optimizer step waits for a line on stdin and reports one JSON line."""
     import torch
     import transformers
@@ -191,6 +221,8 @@ def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
     torch.manual_seed(seed)
     cfg = shape_config(shape)
     V = cfg.vocab_size
+    on_gpu = w.device == "gpu"
+    torch_dtype = getattr(torch, w.dtype)
     vocab = {f"w{i}": i for i in range(V)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -199,7 +231,7 @@ def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
     hf = cfg.replace(eos_token_id=1, pad_token_id=0, bos_token_id=None).to_hf_dict()
     hf.pop("architectures", None)
     hf.pop("torch_dtype", None)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf)).float()
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf)).to(torch_dtype)
     # TRL builds its reference model from the policy's path, so both come from a saved folder.
     model_dir = tempfile.mkdtemp(prefix="trl_grpo_model_")
     model.save_pretrained(model_dir)
@@ -209,10 +241,10 @@ def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
     import random
 
     rnd = random.Random(seed)
-    n_prompts = GROUPS * (steps + 2)
-    prompts = [" ".join(f"w{rnd.randrange(3, V)}" for _ in range(PROMPT_LEN)) for _ in range(n_prompts)]
+    n_prompts = w.groups * (steps + 2)
+    prompts = [" ".join(f"w{rnd.randrange(3, V)}" for _ in range(w.prompt_len)) for _ in range(n_prompts)]
     dataset = Dataset.from_dict({"prompt": prompts})
-    accum = (GROUPS * GROUP_SIZE) // micro_batch
+    accum = w.sequences // micro_batch
 
     def reward(completions, completion_ids=None, **_):
         return [reward_last_token_even(list(ids)) for ids in completion_ids]
@@ -220,12 +252,12 @@ def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
     out_dir = tempfile.mkdtemp(prefix="trl_grpo_bench_")
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accum,
-        steps_per_generation=accum, num_generations=GROUP_SIZE, max_completion_length=COMPLETION_LEN,
-        generation_kwargs={"min_new_tokens": COMPLETION_LEN}, temperature=1.0, top_p=1.0, beta=BETA,
+        steps_per_generation=accum, num_generations=w.group_size, max_completion_length=w.completion_len,
+        generation_kwargs={"min_new_tokens": w.completion_len}, temperature=1.0, top_p=1.0, beta=BETA,
         loss_type="dapo", epsilon=0.2, num_iterations=1, learning_rate=1e-6, max_grad_norm=1.0,
         max_steps=steps, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=True, bf16=False, fp16=False, disable_tqdm=True, seed=seed, use_vllm=False,
-        dataloader_num_workers=0, log_completions=False, model_init_kwargs={"dtype": torch.float32},
+        use_cpu=not on_gpu, bf16=w.dtype == "bfloat16", fp16=False, disable_tqdm=True, seed=seed, use_vllm=False,
+        dataloader_num_workers=0, log_completions=False, model_init_kwargs={"dtype": torch_dtype},
     )
 
     timers = {"generate": 0.0, "reward": 0.0}
@@ -264,9 +296,9 @@ def trl_worker(shape: str, steps: int, micro_batch: int, seed: int) -> int:
 
 
 class TRLPeer:
-    def __init__(self, shape: str, steps: int, micro_batch: int, seed: int):
+    def __init__(self, shape: str, steps: int, micro_batch: int, seed: int, w: Workload):
         cmd = [sys.executable, "-m", "rwml_jax.bench.grpo_bench", "--trl-worker", "--shapes", shape,
-               "--steps", str(steps), "--trl-micro-batch", str(micro_batch), "--seed", str(seed)]
+               "--steps", str(steps), "--trl-micro-batch", str(micro_batch), "--seed", str(seed), *w.flags()]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)
@@ -299,17 +331,18 @@ class TRLPeer:
 def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
+    w = workload(args)
     peaks = [matmul_peaks()]
     shared = not args.no_shared_prompts
-    micro = args.micro_batch or (DEFAULT_MICRO_SHARED if shared else DEFAULT_MICRO)[shape]
-    trl_micro = args.trl_micro_batch or DEFAULT_TRL_MICRO[shape]
+    micro = args.micro_batch or (DEFAULT_MICRO_SHARED if shared else DEFAULT_MICRO).get(shape, GROUP_SIZE)
+    trl_micro = args.trl_micro_batch or DEFAULT_TRL_MICRO.get(shape, GROUP_SIZE)
     t = time.perf_counter()
-    ours = Ours(shape, micro, args.seed, shared=shared)
+    ours = Ours(shape, micro, args.seed, shared=shared, w=w)
     setup = time.perf_counter() - t
-    flat = Ours(shape, DEFAULT_MICRO[shape], args.seed, shared=False) if args.also_flat and shared else None
+    flat = Ours(shape, DEFAULT_MICRO.get(shape, GROUP_SIZE), args.seed, shared=False, w=w) if args.also_flat and shared else None
     print(f"[{shape}] params {ours.config.num_params / 1e6:.2f}M, micro-batch {micro}, shared prompts {shared}, "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); setup {setup:.1f}s", flush=True)
-    peer = None if args.no_peer else TRLPeer(shape, args.warmup + args.steps, trl_micro, args.seed)
+    peer = None if args.no_peer else TRLPeer(shape, args.warmup + args.steps, trl_micro, args.seed, w)
     if peer:
         print(f"[{shape}] TRL {peer.info['trl']} / torch {peer.info['torch']}, {peer.info['threads']} threads, "
               f"micro-batch {trl_micro}", flush=True)
@@ -341,11 +374,12 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             peer.close()
     peaks.append(matmul_peaks())
     peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
-    best = max(peak.values())
+    best = args.peak_tflops * 1e3 if args.peak_tflops else max(peak.values())
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    tokens = GROUPS * GROUP_SIZE * (PROMPT_LEN + COMPLETION_LEN)
+    tokens = w.sequences * (w.prompt_len + w.completion_len)
     flops = 8 * ours.config.num_params * tokens
     res: dict[str, Any] = dict(shape=shape, params=ours.config.num_params, micro_batch=micro, shared_prompts=shared,
+                               workload=dataclasses.asdict(w), peak_tflops=best / 1e3,
                                peak_gflops=peak, update_flops=flops, first_iteration_s=first.get("total"),
                                setup_s=setup)
     for name, rows, impl in (("ours", mine, ours), ("flat", per_row, flat), ("trl", theirs, None)):
@@ -363,6 +397,11 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             res["speedup_update" + suffix] = res["trl"]["update_s"] / res[name]["update_s"]
             res["speedup_total" + suffix] = res["trl"]["total_s"] / res[name]["total_s"]
     return res
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    return Workload(prompt_len=args.prompt_len, completion_len=args.completion_len, dtype=args.dtype,
+                    device=args.device)
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -407,11 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-flat", action="store_true",
                    help="also measure the per-row path (no shared prompts), interleaved with the others")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    p.add_argument("--completion-len", type=int, default=128, help="generated tokens per sequence (default 128)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="params and matmuls")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where TRL runs (ours: JAX's default)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the accelerator's dense matmul peak in the benchmark's dtype (e.g. 989 for an H100/H200 in "
+                        "bfloat16); MFU is against it instead of the measured float32 matmul peak")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.trl_worker:
-        return trl_worker(args.shapes[0], args.steps, args.trl_micro_batch, args.seed)
+        return trl_worker(args.shapes[0], args.steps, args.trl_micro_batch, args.seed, workload(args))
     print(f"GRPO step benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (TRL's subprocess inherits it)", flush=True)
     results = [run_shape(s, args) for s in args.shapes]
