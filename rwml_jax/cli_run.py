@@ -21,7 +21,7 @@ from typing import Any
 
 from rwml_jax.config import STAGE_ORDER, ConfigError, load_config
 from rwml_jax.evaluation.metrics import pct
-from rwml_jax.train.plan import describe_plan
+from rwml_jax.train.plan import compiled_update_memory_lines, describe_plan
 from rwml_jax.train.run import run_stages
 
 DEMO_RECIPE = "demo_cpu"
@@ -59,6 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="print a recipe's plan (same as run --dry-run)")
     _add_common(p)
+    p.add_argument("--memory", action="store_true",
+                   help="also compile the rwml update for the recipe's shapes on this machine's devices under each "
+                        "remat policy and print XLA's memory per device")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="GiB per device to choose the remat policy for (default: the device's own memory)")
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
     for stage in STAGE_ORDER:
@@ -92,6 +97,8 @@ def _cmd_run(args: argparse.Namespace, *, only: tuple[str, ...] | None = None, d
     if dry or args.dry_run:
 
         print(describe_plan(config))
+        if getattr(args, "memory", False):
+            print("\n".join(compiled_update_memory_lines(config, args.memory_budget)))
         return 0
     force = tuple(STAGE_ORDER if "all" in args.force else args.force)
 

@@ -13,9 +13,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
+from rwml_jax import platform
+from rwml_jax import sharding as sh
 from rwml_jax.config import ConfigDict, import_configs_module
 from rwml_jax.models.config import ModelConfig
+from rwml_jax.rl.memory import choose_remat
 from rwml_jax.rl.shared_prompt import micro_batching
+from rwml_jax.rl.train_state import OptimizerConfig, make_optimizer
+from rwml_jax.train.stages.rwml import update_config
 from rwml_jax.train.stages.eval import model_stages
 
 # Paper counts (docs/method.md) used to estimate data sizes the config cannot fix.
@@ -66,10 +73,10 @@ def _shape_str(d: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def model_info(path: str, preset: str = "", *, embedder: bool = False) -> ModelInfo:
-    """Shapes and parameter count of a model named by preset, local HF folder or hub name."""
+def model_dict(path: str, preset: str = "") -> tuple[dict[str, Any] | None, str]:
+    """The HF config.json dict of a model named by preset, local HF folder or hub name (a preset with its
+    shape), and where it came from; (None, why) when unknown."""
     models = import_configs_module("models")
-    name = preset or path
     d: dict[str, Any] | None = None
     source = "unknown (not a preset and not a local folder with config.json)"
     if preset:
@@ -82,6 +89,13 @@ def model_info(path: str, preset: str = "", *, embedder: bool = False) -> ModelI
     elif path and models.preset_for(path):
         p = models.preset_for(path)
         d, source = models.preset(p), f"preset {p!r}"
+    return d, source
+
+
+def model_info(path: str, preset: str = "", *, embedder: bool = False) -> ModelInfo:
+    """Shapes and parameter count of a model named by preset, local HF folder or hub name."""
+    name = preset or path
+    d, source = model_dict(path, preset)
     if d is None:
         return ModelInfo(name, source, None, "?")
     lm_head = not (embedder or d.get("embedding", {}).get("lm_head") is False)
@@ -349,3 +363,34 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             row.append(f"{k}: {_fmt_gib(mk['total'])}")
         add(f"  per device by fsdp x tensor = {'; '.join(row)}")
     return "\n".join(lines)
+
+
+def compiled_update_memory_lines(config: ConfigDict, budget_gib: float | None = None) -> list[str]:
+    """The rwml stage's GRPO update compiled for the recipe's shapes (batch_prompts x group_size sequences of
+    max_prompt_tokens + max_new_tokens) on this machine's devices under each remat policy, with XLA's memory
+    per device (`rwml_jax.rl.memory`), and the remat policy that fits the device memory (or `budget_gib`)."""
+    d, source = model_dict(config.model.path, config.model.preset)
+    if d is None:
+        return [f"Compiled update memory: model shape unknown ({source})"]
+    cfg = ModelConfig.from_hf_dict(d, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+    m, r, x = config.mesh, config.rwml, config.execution
+    mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    execution = platform.resolve(cfg, mesh.devices.flat, layer_loop=x.layer_loop, weight_format=x.weight_format,
+                                 attention=x.attention)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=r.learning_rate, weight_decay=r.weight_decay,
+                                               max_grad_norm=r.max_grad_norm))
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    budget = budget_gib * 2**30 if budget_gib else stats.get("bytes_limit")
+    rows, P, C = r.batch_prompts * r.group_size, r.max_prompt_tokens, r.max_new_tokens
+    best, reports = choose_remat(cfg, update_config(r, mesh), optimizer, mesh, rows=rows, prompt_len=P,
+                                 completion_len=C, budget_bytes=budget or 2**62, execution=execution)
+    where = f"{mesh.devices.size} {jax.default_backend()} device(s), mesh {dict(mesh.shape)}"
+    out = [f"Compiled rwml update ({rows} sequences of {P} + {C} tokens, {where}), per device:"]
+    for rep in reports:
+        out.append(f"  remat {rep.remat:<5} peak {_fmt_gib(rep.peak)} = arguments {_fmt_gib(rep.arguments)} + "
+                   f"temporaries {_fmt_gib(rep.temporaries)} + outputs {_fmt_gib(rep.outputs)} - donated "
+                   f"{_fmt_gib(rep.aliased)}")
+    if budget:
+        choice = f"remat {best!r}" if best else "none fits: more fsdp devices or a smaller micro-batch"
+        out.append(f"  fits {_fmt_gib(budget)} per device: {choice} (configured: {x.remat})")
+    return out

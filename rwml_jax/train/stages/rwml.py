@@ -98,6 +98,17 @@ def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: Reward
     return fn
 
 
+def update_config(r: Any, mesh: Any) -> GRPOConfig:
+    """The GRPO update of the `rwml` config section `r` on `mesh`: its loss options, and prompts shared by
+    groups and micro-batches as far as the mesh allows (`rl.shared_prompt.micro_batching`)."""
+    G = r.group_size
+    share, micro = 0, (r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
+    if r.share_prompts:
+        share, micro = micro_batching(r.batch_prompts, G, r.micro_batch_size, batch_size_multiple(mesh))
+    return GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
+                      kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro, prompt_group_size=share)
+
+
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     c = rt.config
     r = c.rwml
@@ -120,14 +131,10 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
                           max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps)
     loop = TrainLoop(stage.path, rt.mesh, model_config, opt, len(train), r.batch_prompts, total, c.seed,
                      every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
-    share, micro = 0, (r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
-    if r.share_prompts:
-        share, micro = micro_batching(r.batch_prompts, G, r.micro_batch_size, batch_size_multiple(rt.mesh))
+    grpo_cfg = update_config(r, rt.mesh)
+    if grpo_cfg.prompt_group_size:
         log.info("rwml: prompts shared by groups of %d rows, micro-batches of %s sequences (rwml.micro_batch_size=%d)",
-                 share, micro or r.batch_prompts * G, r.micro_batch_size)
-    grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
-                          kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro,
-                          prompt_group_size=share)
+                 grpo_cfg.prompt_group_size, grpo_cfg.micro_batch_size or r.batch_prompts * G, r.micro_batch_size)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=rt.execution(model_config))
     ref_params = start_params if grpo_cfg.uses_reference else None
 
