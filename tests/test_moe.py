@@ -1,0 +1,106 @@
+"""Qwen3-MoE: parity with `transformers.Qwen3MoeForCausalLM`, expert sharding, weights I/O and training."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_fixtures import MOE_VARIANTS, build_hf_model, padded_batch, rel_err, torch_logits
+from rwml_jax import models
+from rwml_jax.models import moe
+from rwml_jax.models.config import ModelConfig, UnsupportedModelError
+
+LENGTHS = [11, 4, 9, 1]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", params=sorted(MOE_VARIANTS))
+def hf_moe(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    return request.param, path, build_hf_model(request.param, path)
+
+
+def test_config_reads_the_moe_fields(hf_moe):
+    name, path, torch_model = hf_moe
+    config = ModelConfig.from_pretrained(path)
+    hf = torch_model.config
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (
+        hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size)
+    expected = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in torch_model.model.layers]
+    assert list(config.sparse_layers) == expected and any(expected), name
+    assert config.num_params == sum(p.numel() for p in torch_model.parameters())  # a tied head counted once
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_float32_logits_match_torch(hf_moe, left):
+    name, path, torch_model = hf_moe
+    config, params = models.load_pretrained(path, dtype="float32")
+    ids, mask = padded_batch(config.vocab_size, LENGTHS, left=left)
+    ours = np.asarray(models.forward(config, params, ids, mask))
+    ref = torch_logits(torch_model, ids, mask)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref, mask) < 1e-4, name
+
+
+def test_unsupported_fields_are_refused(tmp_path):
+    base = dict(model_type="qwen3_moe", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=8)
+    assert ModelConfig.from_hf_dict(base).is_moe
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        ModelConfig.from_hf_dict(dict(base, use_sliding_window=True))
+    with pytest.raises(UnsupportedModelError, match="dropout"):
+        ModelConfig.from_hf_dict(dict(base, attention_dropout=0.1))
+    with pytest.raises(UnsupportedModelError, match="silu"):
+        ModelConfig.from_hf_dict(dict(base, hidden_act="gelu"))
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ModelConfig.from_hf_dict(dict(base, num_experts_per_tok=5))
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        ModelConfig.from_hf_dict(dict(base, mlp_only_layers=[2]))
+
+
+def test_experts_are_dropless_and_ragged_matches_dense():
+    """The grouped matmul equals looping over every expert densely, whatever the routing imbalance."""
+    rng = np.random.default_rng(0)
+    N, E, F, X, k = 13, 8, 6, 5, 2
+    h = jnp.asarray(rng.normal(size=(N, E)), jnp.float32)
+    gate, up = (jnp.asarray(rng.normal(size=(X, E, F)), jnp.float32) for _ in range(2))
+    down = jnp.asarray(rng.normal(size=(X, F, E)), jnp.float32)
+    top_i = jnp.asarray(np.r_[np.zeros((9, k), int) + [0, 3], rng.integers(0, X, (4, k))], jnp.int32)  # expert 0 hot
+    top_w = jnp.asarray(rng.random((N, k)), jnp.float32)
+    want = np.zeros((N, E), np.float32)
+    for n in range(N):
+        for j in range(k):
+            e = int(top_i[n, j])
+            a = jax.nn.silu(h[n] @ gate[e]) * (h[n] @ up[e])
+            want[n] += float(top_w[n, j]) * np.asarray(a @ down[e])
+    np.testing.assert_allclose(np.asarray(moe.experts_local(h, top_i, top_w, gate, up, down)), want, rtol=1e-5, atol=1e-5)
+    # two halves of the experts add up to the whole (what each expert shard computes)
+    half = moe.experts_local(h, top_i, top_w, gate[:3], up[:3], down[:3], 0) + moe.experts_local(
+        h, top_i, top_w, gate[3:], up[3:], down[3:], 3)
+    np.testing.assert_allclose(np.asarray(half), want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_round_trip(hf_moe, tmp_path):
+    import torch
+    import transformers
+
+    name, path, torch_model = hf_moe
+    config, params = models.load_pretrained(path)
+    assert params["layers"]["moe"]["gate_kernel"].shape == (sum(config.sparse_layers), config.num_experts,
+                                                            config.hidden_size, config.moe_intermediate_size)
+    out = tmp_path / "saved"
+    models.save_pretrained(config, params, out)
+    assert "model.layers.{}.mlp.experts.0.gate_proj.weight".format(config.sparse_layers.index(True)) in json.dumps(
+        sorted(__import__("rwml_jax.models.safetensors_io", fromlist=["x"]).SafetensorsFile(
+            str(out / "model.safetensors"))))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask = padded_batch(config.vocab_size, LENGTHS, left=False, seed=2)
+    np.testing.assert_allclose(torch_logits(reloaded, ids, mask), torch_logits(torch_model, ids, mask), rtol=0, atol=1e-5)
+    config2, params2 = models.load_pretrained(out)
+    assert config2 == config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
