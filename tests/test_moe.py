@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +182,35 @@ def test_grpo_update_on_a_moe_lowers_the_loss_and_reports_experts():
     assert sum(counts) == real * sum(cfg.sparse_layers) * cfg.num_experts_per_tok
     assert float(metrics["expert_load_max"]) >= 1.0 >= float(metrics["expert_load_min"])
     assert float(metrics["router_aux_loss"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8 forced CPU devices (subprocess: the device count is fixed when JAX starts)
+# ---------------------------------------------------------------------------------------------------
+SHARDED = ["expert8", "expert4_fsdp2", "expert2_fsdp2_tensor2"]
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("moe_sharded") / "res.npz")
+    cmd = [sys.executable, os.path.join(HERE, "moe_worker.py"), "--out", out, "--meshes", "1dev", *SHARDED]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("mesh", SHARDED)
+def test_sharded_experts_give_the_same_logits_and_gradients(sharded_results, mesh):
+    """Experts split over the expert axis (alone, x fsdp, x fsdp x tensor): the forward's logits and router
+    counts, the GRPO loss (with the load-balancing loss) and every parameter's gradient equal one device's."""
+    r = sharded_results
+    np.testing.assert_allclose(r[f"{mesh}:logits"], r["1dev:logits"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(r[f"{mesh}:counts"], r["1dev:counts"])
+    np.testing.assert_allclose(r[f"{mesh}:loss"], r["1dev:loss"], rtol=1e-5)
+    leaves = [k[len("init/"):] for k in r if k.startswith("init/")]
+    assert any("moe" in k and "gate_kernel" in k for k in leaves)
+    for leaf in leaves:
+        g1 = r[f"init/{leaf}"] - r[f"1dev/{leaf}"]  # = SGD_SCALE * gradient
+        gn = r[f"init/{leaf}"] - r[f"{mesh}/{leaf}"]
+        assert np.abs(g1).max() > 0, leaf
+        np.testing.assert_allclose(gn, g1, rtol=0, atol=1e-4 * np.abs(g1).max(), err_msg=leaf)
