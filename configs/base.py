@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # batch-parallel replicas
     c.mesh.fsdp = 1  # parameter/optimiser sharding (ZeRO-3); batch is also split over it
+    c.mesh.expert = 1  # experts of a mixture-of-experts model split over it; batch is also split over it
     c.mesh.tensor = 1  # tensor (Megatron-style) parallelism over heads / mlp / vocab
 
     # ---- environment ---------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="print a recipe's plan (same as run --dry-run)")
     _add_common(p)
+    p.add_argument("--devices", type=int, default=None, help="plan the mesh and memory for N devices (default: "
+                   "the devices visible here)")
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
     for stage in STAGE_ORDER:
@@ -91,7 +93,7 @@ def _cmd_run(args: argparse.Namespace, *, only: tuple[str, ...] | None = None, d
     stages = only or (tuple(s for s in args.stages.split(",") if s) if getattr(args, "stages", "") else None)
     if dry or args.dry_run:
 
-        print(describe_plan(config))
+        print(describe_plan(config, getattr(args, "devices", None)))
         return 0
     force = tuple(STAGE_ORDER if "all" in args.force else args.force)
 

@@ -214,3 +214,23 @@ def test_sharded_experts_give_the_same_logits_and_gradients(sharded_results, mes
         gn = r[f"init/{leaf}"] - r[f"{mesh}/{leaf}"]
         assert np.abs(g1).max() > 0, leaf
         np.testing.assert_allclose(gn, g1, rtol=0, atol=1e-4 * np.abs(g1).max(), err_msg=leaf)
+
+
+def test_plan_memory_for_qwen3_30b_a3b_on_an_expert_mesh():
+    """`rwml-jax plan` with the hub name as the recipe override: the preset's shapes (30.5B parameters, 3.35B
+    active), and per-device memory with the experts split over the expert axis and the rest over fsdp."""
+    from rwml_jax.config import load_config
+    from rwml_jax.train.plan import describe_plan
+
+    overrides = ["--config.model.path=Qwen/Qwen3-30B-A3B", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+                 "--config.mesh.expert=8"]
+    config = load_config("rwml_alfworld", overrides)
+    text = describe_plan(config, num_devices=32)
+    cfg = ModelConfig.from_hf_dict(__import__("configs.models", fromlist=["x"]).preset("qwen3-30b-a3b"))
+    assert cfg.num_experts == 128 and cfg.num_experts_per_tok == 8 and all(cfg.sparse_layers)
+    assert "30.53B parameters (3.35B active per token)" in text
+    assert "data 1 x fsdp 4 x expert 8 x tensor 1 (planned for 32 devices)" in text and "WARNING" not in text
+    experts = 48 * 128 * 3 * 2048 * 768
+    per_device = (cfg.num_params - experts) / 4 + experts / 32  # parameters on one device
+    assert f"params {per_device * 4 / 2**30:.2f} GiB" in text  # float32 parameters
+    assert f"adam {per_device * 8 / 2**30:.2f} GiB" in text
