@@ -79,11 +79,19 @@ def test_experts_are_dropless_and_ragged_matches_dense():
             e = int(top_i[n, j])
             a = jax.nn.silu(h[n] @ gate[e]) * (h[n] @ up[e])
             want[n] += float(top_w[n, j]) * np.asarray(a @ down[e])
-    np.testing.assert_allclose(np.asarray(moe.experts_local(h, top_i, top_w, gate, up, down)), want, rtol=1e-5, atol=1e-5)
-    # two halves of the experts add up to the whole (what each expert shard computes)
-    half = moe.experts_local(h, top_i, top_w, gate[:3], up[:3], down[:3], 0) + moe.experts_local(
-        h, top_i, top_w, gate[3:], up[3:], down[3:], 3)
-    np.testing.assert_allclose(np.asarray(half), want, rtol=1e-5, atol=1e-5)
+    for impl in ("ragged", "blocked"):
+        got = moe.experts_local(h, top_i, top_w, gate, up, down, impl=impl)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+        # two halves of the experts add up to the whole (what each expert shard computes)
+        half = moe.experts_local(h, top_i, top_w, gate[:3], up[:3], down[:3], 0, impl) + moe.experts_local(
+            h, top_i, top_w, gate[3:], up[3:], down[3:], 3, impl)
+        np.testing.assert_allclose(np.asarray(half), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    # and their gradients agree
+    def loss(impl):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(moe.experts_local(*a, impl=impl))), argnums=(0, 2, 3, 4, 5))(
+            h, top_i, top_w, gate, up, down)
+    for a, b in zip(loss("ragged"), loss("blocked")):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * np.abs(np.asarray(a)).max())
 
 
 def test_save_pretrained_round_trip(hf_moe, tmp_path):

@@ -8,8 +8,14 @@ the k largest probabilities (renormalised to sum to one when `norm_topk_prob`), 
 y = sum over the chosen experts e of p_e * down_e(silu(gate_e h) * up_e h).
 
 Dropless: the N * k (token, expert) assignments are sorted by expert and every expert multiplies its own
-contiguous rows with one grouped matmul (`jax.lax.ragged_dot`, group sizes = tokens per expert); no
-capacity factor, no dropped tokens, and the FLOPs are those of the k active experts per token.
+contiguous rows with one grouped matmul; no capacity factor, no dropped tokens, and the FLOPs are those of
+the k active experts per token. Two forms of the grouped matmul (`grouped_swiglu`):
+- "ragged" (TPU, GPU): `jax.lax.ragged_dot` with group sizes = rows per expert (XLA's ragged-dot
+  instruction on TPU; on GPU its lowering, or the Pallas Triton kernel under
+  `jax_ragged_dot_use_gpu_pallas_triton_lowering`);
+- "blocked" (CPU, where `ragged_dot` is lowered to a dense product with every expert, X times the work):
+  each expert's rows padded to whole blocks of `block_rows` rows, then one batched matmul over the blocks
+  with each block's expert weights gathered (the MegaBlocks layout); at most X blocks are padding.
 
 Expert parallelism: expert weights carry the logical axes ("experts", "expert_embed", "expert_mlp") and
 tokens ("activation_batch", ...). Under a mesh whose expert / fsdp / tensor axes are > 1 the expert
@@ -51,29 +57,91 @@ def route(c: ModelConfig, h: jax.Array, router: jax.Array) -> tuple[jax.Array, j
     return probs, top_w, top_i.astype(jnp.int32)
 
 
+def block_rows(rows: int, groups: int) -> int:
+    """Rows per block of the blocked grouped matmul: the mean rows per group rounded down to a power of two
+    in [8, 256]. Then there are at most 2 x groups blocks while the rows fill fewer than 256 blocks (the
+    gathered block weights stay within twice the experts' own) and the padding, under one block per group,
+    at most doubles the work."""
+    b = 8
+    while b < 256 and 2 * b * groups <= rows:
+        b *= 2
+    return b
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
+    """x_ext[idx] with x_ext = x [R, ...] and a zero row appended (idx == R selects it). idx [S] must reach
+    each row at most once and inv [R] be its inverse (inv[idx[s]] = s; S where no slot takes the row): the
+    backward is then the gather ct_ext[inv], not a scatter-add (slow on the CPU)."""
+    return jnp.concatenate([x, jnp.zeros_like(x[:1])]).take(idx, axis=0)
+
+
+def _gather_rows_fwd(x, idx, inv):
+    return gather_rows(x, idx, inv), (idx, inv)
+
+
+def _gather_rows_bwd(res, ct):
+    idx, inv = res
+    return gather_rows(ct, inv, idx), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def grouped_swiglu(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                   impl: str = "auto") -> jax.Array:
+    """Each group's SwiGLU: rows xs [R, E] sorted by group, sizes [G] rows per group (rows past their sum
+    belong to no group and give zeros), gate / up [G, E, F], down [G, F, E] in xs's dtype. Returns [R, E].
+    impl: "ragged", "blocked" (module docstring) or "auto" (blocked on the CPU, ragged elsewhere)."""
+    if impl == "auto":
+        impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+    if impl == "ragged":
+        g = jax.lax.ragged_dot(xs, gate, sizes)
+        u = jax.lax.ragged_dot(xs, up, sizes)
+        return jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)
+    R, E = xs.shape
+    G = sizes.shape[0]
+    b = block_rows(R, G)
+    n_blocks = -(-R // b) + G  # every group's rows rounded up to whole blocks fit
+    S = n_blocks * b
+    blocks = (sizes + b - 1) // b
+    blk_end = jnp.cumsum(blocks)
+    ends = jnp.cumsum(sizes)
+    row = jnp.arange(R)
+    grp = jnp.searchsorted(ends, row, side="right")  # the row's group; G past the groups
+    g_ = jnp.minimum(grp, G - 1)
+    pos = jnp.where(grp < G, (blk_end[g_] - blocks[g_]) * b + row - (ends[g_] - sizes[g_]), S)  # row -> slot
+    src = jnp.full((S + 1,), R, jnp.int32).at[pos].set(row.astype(jnp.int32))[:S]  # slot -> row (R: padding)
+    xp = gather_rows(xs, src, pos).reshape(n_blocks, b, E)
+    blk_grp = jnp.minimum(jnp.searchsorted(blk_end, jnp.arange(n_blocks), side="right"), G - 1)
+    g = jnp.einsum("nbe,nef->nbf", xp, jnp.take(gate, blk_grp, axis=0))
+    u = jnp.einsum("nbe,nef->nbf", xp, jnp.take(up, blk_grp, axis=0))
+    y = jnp.einsum("nbf,nfe->nbe", jax.nn.silu(g) * u, jnp.take(down, blk_grp, axis=0)).reshape(S, E)
+    return gather_rows(y, pos, src)
+
+
 def experts_local(h: jax.Array, top_i: jax.Array, top_w: jax.Array, gate: jax.Array, up: jax.Array,
-                  down: jax.Array, first: Any = 0) -> jax.Array:
+                  down: jax.Array, first: Any = 0, impl: str = "auto") -> jax.Array:
     """The contribution of experts [first, first + Xl) (the weights given: gate, up [Xl, E, F], down
     [Xl, F, E]) to the tokens h [N, E] routed by top_i, top_w [N, k]. Returns y [N, E] in h's dtype.
 
     The N * k assignments are sorted by expert (assignments to other experts last) and each expert's rows
-    go through one grouped matmul; rows of other experts contribute zero."""
+    go through one grouped matmul (`grouped_swiglu`, impl); rows of other experts contribute zero. Rows
+    move by gathers with the inverse permutation as their gradient (`gather_rows`)."""
     N, k = top_i.shape
     Xl = gate.shape[0]
     e = top_i.reshape(-1) - first  # [N * k]
     local = (e >= 0) & (e < Xl)
     key = jnp.where(local, e, Xl)
-    order = jnp.argsort(key, stable=True)
-    token = order // k
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # sorted slot -> assignment
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(N * k, dtype=jnp.int32))  # assignment -> sorted slot
     sizes = jnp.bincount(key, length=Xl + 1)[:Xl].astype(jnp.int32)  # rows per local expert
-    xs = jnp.take(h, token, axis=0)  # [N * k, E], grouped by expert
     cdt = h.dtype
-    g = jax.lax.ragged_dot(xs, gate.astype(cdt), sizes)
-    u = jax.lax.ragged_dot(xs, up.astype(cdt), sizes)
-    o = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(cdt), sizes)  # [N * k, E]
-    w = jnp.take(top_w.reshape(-1), order).astype(cdt)
-    o = jnp.where(jnp.take(local, order)[:, None], o * w[:, None], 0)
-    return jnp.zeros_like(h).at[token].add(o)
+    xs = gather_rows(jnp.repeat(h, k, axis=0), order, inv)  # [N * k, E], grouped by expert
+    o = grouped_swiglu(xs, sizes, gate.astype(cdt), up.astype(cdt), down.astype(cdt), impl)  # [N * k, E]
+    o = gather_rows(o, inv, order).reshape(N, k, -1)  # back in assignment order
+    w = jnp.where(local, top_w.reshape(-1), 0).astype(cdt).reshape(N, k, 1)
+    return jnp.sum(jnp.where(local.reshape(N, k, 1), o * w, 0), axis=1)
 
 
 def _mesh_axes(logical: tuple[str | None, ...]) -> tuple[Any, ...]:
