@@ -158,7 +158,7 @@ def test_router_stats_and_aux_loss_match_transformers(hf_moe):
     np.testing.assert_allclose(float(moe.load_balancing_loss(config, stats)), float(out.aux_loss), rtol=1e-5)
 
 
-def test_grpo_update_on_a_moe_lowers_the_loss_and_reports_experts():
+def test_grpo_and_sft_updates_on_a_moe_lower_the_loss_and_report_experts():
     """Repeated GRPO steps on one fixed batch (sampler log-probs = the initial policy's) lower its loss, with the
     load-balancing loss on; the step reports per-expert token counts of the real tokens."""
     import optax
@@ -166,6 +166,7 @@ def test_grpo_update_on_a_moe_lowers_the_loss_and_reports_experts():
     from rwml_jax import sharding as sh
     from rwml_jax.rl import batch as bt
     from rwml_jax.rl import grpo
+    from rwml_jax.rl.sft import SFTConfig, make_sft_step
     from rwml_jax.rl.train_state import create_train_state
     from rwml_jax.rl.update import GRPOConfig, make_grpo_step, make_logprob_fn
 
@@ -190,6 +191,15 @@ def test_grpo_update_on_a_moe_lowers_the_loss_and_reports_experts():
     assert sum(counts) == real * sum(cfg.sparse_layers) * cfg.num_experts_per_tok
     assert float(metrics["expert_load_max"]) >= 1.0 >= float(metrics["expert_load_min"])
     assert float(metrics["router_aux_loss"]) > 0
+
+    # the SFT update on the same model: the completions' cross-entropy falls
+    sft = make_sft_step(cfg, SFTConfig(router_aux_loss_coef=0.01), optimizer, sh.make_mesh())
+    state = create_train_state(decoder.init_params(cfg, jax.random.PRNGKey(1)), optimizer, sft.state_shardings)
+    nll = []
+    for _ in range(4):
+        state, metrics = sft(state, packed)
+        nll.append(float(metrics["nll"]))
+    assert nll[-1] < nll[0] - 0.01 and "expert_tokens/000" in metrics, nll
 
 
 # ---------------------------------------------------------------------------------------------------

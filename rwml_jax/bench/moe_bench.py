@@ -91,7 +91,7 @@ class Peer:
         t = time.perf_counter()
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        return time.perf_counter() - t, float(loss)
+        return time.perf_counter() - t, float(loss.detach())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

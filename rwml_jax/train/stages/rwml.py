@@ -127,7 +127,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
                  share, micro or r.batch_prompts * G, r.micro_batch_size)
     grpo_cfg = GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
                           kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro,
-                          prompt_group_size=share)
+                          prompt_group_size=share, router_aux_loss_coef=r.router_aux_loss_coef)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=rt.execution(model_config))
     ref_params = start_params if grpo_cfg.uses_reference else None
 
