@@ -252,3 +252,5 @@ def test_plan_memory_for_qwen3_30b_a3b_on_an_expert_mesh():
     per_device = (cfg.num_params - experts) / 4 + experts / 32  # parameters on one device
     assert f"params {per_device * 4 / 2**30:.2f} GiB" in text  # float32 parameters
     assert f"adam {per_device * 8 / 2**30:.2f} GiB" in text
+    odd = describe_plan(load_config("rwml_alfworld", overrides[:-1] + ["--config.mesh.expert=3"]), num_devices=12)
+    assert "128 experts do not split evenly over expert = 3" in odd

@@ -1,4 +1,4 @@
-"""The decoder block: one pre-norm transformer layer (Qwen2 / Qwen3 / Llama 3), the only one there is.
+"""The decoder block: one pre-norm transformer layer (Qwen2 / Qwen3 / Llama 3 / Qwen3-MoE), the only one there is.
 
     x, kv, stats = block(config, weights, layer_params, x, cos, sin, attend, kv, token_mask)
 

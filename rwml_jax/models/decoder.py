@@ -47,6 +47,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from rwml_jax import platform
@@ -143,6 +144,13 @@ def param_shapes(config: ModelConfig) -> Params:
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES) -> Params:
     """NamedShardings of the parameters on `mesh` under the logical-axis `rules`."""
+    if config.num_experts:
+        target = dict(rules).get("experts")
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        ways = int(np.prod([mesh.shape[a] for a in names if a in mesh.shape]))
+        if config.num_experts % ways:
+            raise ValueError(f"{config.num_experts} experts cannot be split evenly over the mesh's "
+                             f"{' x '.join(names)} axis of size {ways}")
     return sh.logical_to_sharding(param_logical_axes(config), mesh, rules)
 
 

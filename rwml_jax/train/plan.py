@@ -37,6 +37,7 @@ class ModelInfo:
     shape: str
     expert_params: int = 0  # of num_params, the experts' weights (split over the mesh's expert axis)
     active_params: int | None = None  # parameters one token passes through (mixture of experts)
+    num_experts: int = 0
 
 
 def _bert_params(d: dict[str, Any]) -> int:
@@ -97,7 +98,7 @@ def model_info(path: str, preset: str = "", *, embedder: bool = False) -> ModelI
     if d.get("model_type") == "qwen3_moe":
         cfg = ModelConfig.from_hf_dict(d)
         experts = sum(cfg.sparse_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        return ModelInfo(name, source, n, _shape_str(d), experts, cfg.num_active_params)
+        return ModelInfo(name, source, n, _shape_str(d), experts, cfg.num_active_params, cfg.num_experts)
     return ModelInfo(name, source, n, _shape_str(d))
 
 
@@ -249,6 +250,8 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
         f"{mesh['tensor']} ({dev_note})")
     if problem:
         add(f"  WARNING: {problem}")
+    if pol.num_experts and pol.num_experts % mesh["expert"]:
+        add(f"  WARNING: {pol.num_experts} experts do not split evenly over expert = {mesh['expert']}")
 
     d = estimate_data(config)
     add("")
