@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # batch-parallel replicas
     c.mesh.fsdp = 1  # parameter/optimiser sharding (ZeRO-3); batch is also split over it
+    c.mesh.expert = 1  # experts of a mixture-of-experts model split over it; batch is also split over it
     c.mesh.tensor = 1  # tensor (Megatron-style) parallelism over heads / mlp / vocab
 
     # ---- environment ---------------------------------------------------------------------------------
@@ -129,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rwml.clip_eps_high = 0.2  # ratio clip 1 + ε_high (verl: 0.2; DAPO clip-higher uses 0.28)
     c.rwml.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     c.rwml.normalize_std = True  # A = (r - mean) / std within a group (False: Dr. GRPO, r - mean)
+    c.rwml.router_aux_loss_coef = 0.0  # mixture-of-experts models: load-balancing loss weight (0 = off, as in RL)
     c.rwml.temperature = 1.0  # sampling temperature of the G predictions
     c.rwml.top_p = 1.0  # nucleus sampling mass of the G predictions
     c.rwml.max_prompt_tokens = 2048  # world-model prompt budget (verl: 2048)

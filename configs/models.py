@@ -4,6 +4,7 @@
   RMSNorm, SwiGLU, RoPE theta 1e6, q/k-norm, GQA, tied embeddings), used for random init
   (``config.model.preset``) in tests and benchmarks; ``micro`` (~1.1M) is the CPU demo's model.
 * ``qwen2.5-7b-instruct``, ``qwen3-8b``: the paper's policy / world models (ALFWorld, τ²).
+* ``qwen3-30b-a3b``: the paper's mixture-of-experts scaling model (Qwen3-MoE: 128 experts, top-8).
 * ``qwen3-embedding-8b``: the paper's reward embedder (a Qwen3-8B-shaped decoder without LM head;
   last-token pooling, 4096-d embeddings). ``minilm``: the bundled all-MiniLM-L6-v2 (BERT, 384-d).
 
@@ -71,6 +72,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, head_dim=128, intermediate_size=12288, tie_word_embeddings=False,
         max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
     ),
+    "qwen3-30b-a3b": dict(  # 30.53B parameters, 3.35B active per token (Qwen/Qwen3-30B-A3B)
+        _QWEN3_COMMON, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936,
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], attention_dropout=0.0,
+        tie_word_embeddings=False, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
+    ),
     "qwen3-embedding-8b": dict(  # 7.57B parameters (Qwen/Qwen3-Embedding-8B; no LM head)
         _QWEN3_COMMON, vocab_size=151665, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, intermediate_size=12288, tie_word_embeddings=False,
@@ -91,6 +99,8 @@ HUB_NAMES: dict[str, str] = {
     "Qwen/Qwen3-1.7B": "qwen3-1.7b",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b-instruct",
     "Qwen/Qwen3-8B": "qwen3-8b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-30b-a3b",
     "Qwen/Qwen3-Embedding-8B": "qwen3-embedding-8b",
     "sentence-transformers/all-MiniLM-L6-v2": "minilm",
     "all-MiniLM-L6-v2": "minilm",

@@ -64,6 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "remat policy and print XLA's memory per device")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="GiB per device to choose the remat policy for (default: the device's own memory)")
+    p.add_argument("--devices", type=int, default=None, help="plan the mesh and memory for N devices (default: "
+                   "the devices visible here)")
     p.set_defaults(func=lambda a: _cmd_run(a, dry=True))
 
     for stage in STAGE_ORDER:
@@ -96,7 +98,7 @@ def _cmd_run(args: argparse.Namespace, *, only: tuple[str, ...] | None = None, d
     stages = only or (tuple(s for s in args.stages.split(",") if s) if getattr(args, "stages", "") else None)
     if dry or args.dry_run:
 
-        print(describe_plan(config))
+        print(describe_plan(config, getattr(args, "devices", None)))
         if getattr(args, "memory", False):
             print("\n".join(compiled_update_memory_lines(config, args.memory_budget)))
         return 0

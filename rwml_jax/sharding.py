@@ -2,8 +2,9 @@
 
 Sharding is data, not code: parameters and activations carry logical axis names ("embed", "mlp",
 "q_heads", "vocab", "layers", "activation_batch", ...), and a rules table maps each to mesh axes. The
-mesh always has the three axes ("data", "fsdp", "tensor"); a size-1 axis costs nothing, so the same
-rules serve one CPU, 8 forced CPU devices, a GPU and a TPU pod slice.
+mesh always has the four axes ("data", "fsdp", "expert", "tensor"); a size-1 axis costs nothing, so the
+same rules serve one CPU, 8 forced CPU devices, a GPU and a TPU pod slice. The "expert" axis splits the
+experts of a mixture-of-experts model (`rwml_jax.models.moe`) and, like data and fsdp, the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or axes, or None = replicated). Parameters shard their "embed" dimension
 # over fsdp (ZeRO-3 style) and head / mlp / vocab dimensions over tensor; activations shard the batch
@@ -35,7 +36,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
-    ("activation_batch", ("data", "fsdp")),
+    ("experts", "expert"),
+    ("expert_embed", "fsdp"),
+    ("expert_mlp", "tensor"),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
@@ -77,14 +81,15 @@ def maybe_initialize_distributed(
     return jax.process_count() > 1
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (all devices by default).
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              expert: int = 1) -> Mesh:
+    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (all devices by default).
 
     One axis may be -1: it takes whatever the others leave. Raises ValueError naming the sizes when the
     product does not match the device count.
     """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     if -1 in sizes:
@@ -94,7 +99,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         sizes[sizes.index(-1)] = len(devices) // rest
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} devices, "
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x expert={sizes[2]} x tensor={sizes[3]} = "
+            f"{int(np.prod(sizes))} devices, "
             f"but {len(devices)} are available"
         )
     try:
@@ -117,8 +123,8 @@ def named(mesh: Mesh, *axes: Any) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Leading (batch) axis over data x fsdp x expert, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -135,9 +141,10 @@ def axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
 # ---------------------------------------------------------------------------------------------------
 
 def mesh_from_config(cfg: Mapping[str, Any] | Any | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh from a config with `data`, `fsdp`, `tensor` entries (mapping or attribute style).
+    """A mesh from a config with `data`, `fsdp`, `expert`, `tensor` entries (mapping or attribute style).
 
-    Missing entries default to data=-1 (all remaining devices), fsdp=1, tensor=1; None gives that default.
+    Missing entries default to data=-1 (all remaining devices), fsdp=1, expert=1, tensor=1; None gives that
+    default.
     """
     def get(name: str, default: int) -> int:
         if cfg is None:
@@ -148,7 +155,7 @@ def mesh_from_config(cfg: Mapping[str, Any] | Any | None, devices: Sequence[jax.
     unknown = set(cfg) - set(MESH_AXES) if isinstance(cfg, Mapping) else set()
     if unknown:
         raise ValueError(f"unknown mesh config keys {sorted(unknown)}; expected {MESH_AXES}")
-    return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), devices=devices)
+    return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), devices=devices, expert=get("expert", 1))
 
 
 def rules_from_config(
@@ -182,14 +189,13 @@ def tracing_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the batch dimension is split over (data x fsdp)."""
-    del mesh
-    return ("data", "fsdp")
+    """The mesh axes the batch dimension is split over (data x fsdp x expert)."""
+    return tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape)
 
 
 def batch_size_multiple(mesh: Mesh) -> int:
-    """Global batch sizes must be a multiple of this (the data x fsdp device count)."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+    """Global batch sizes must be a multiple of this (the data x fsdp x expert device count)."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama-mqa-tied-oddhd": ("llama", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=12, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
 }
 
+# Qwen3-MoE variants (tests/test_moe.py): normalised and unnormalised top-k, sparse step > 1, dense layers
+# listed, tied and untied heads, GQA / MQA; every one has sparse and (but the first) dense layers.
+MOE_BASE = dict(num_hidden_layers=4, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2)
+MOE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "moe-norm-gqa-untied": ("qwen3_moe", dict(MOE_BASE, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              norm_topk_prob=True, tie_word_embeddings=False)),
+    "moe-unnorm-step2-tied": ("qwen3_moe", dict(MOE_BASE, num_attention_heads=4, num_key_value_heads=1, head_dim=12,
+                                                norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=True,
+                                                num_experts_per_tok=3)),
+    "moe-mlp-only-bias": ("qwen3_moe", dict(MOE_BASE, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                            norm_topk_prob=True, mlp_only_layers=[0, 2], attention_bias=True)),
+}
+
 BASE = dict(vocab_size=160, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=512, rms_norm_eps=1e-6)
 
 
@@ -28,9 +41,11 @@ def build_hf_model(variant: str, path: str, seed: int = 0):
     import torch
     import transformers
 
-    model_type, kw = VARIANTS[variant]
-    cls_cfg = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig}[model_type]
-    cls_model = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM, "llama": transformers.LlamaForCausalLM}[model_type]
+    model_type, kw = {**VARIANTS, **MOE_VARIANTS}[variant]
+    cls_cfg = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig,
+               "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
+    cls_model = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "llama": transformers.LlamaForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM}[model_type]
     cfg = cls_cfg(**{**BASE, **kw})
     torch.manual_seed(seed)
     model = cls_model(cfg).eval()
@@ -40,6 +55,8 @@ def build_hf_model(variant: str, path: str, seed: int = 0):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # the router: spread its probabilities
+                p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     model.save_pretrained(path)
@@ -57,6 +74,12 @@ def padded_batch(vocab: int, lengths: list[int], left: bool, seed: int = 0) -> t
         ids[b, sl] = rng.integers(1, vocab, n)
         mask[b, sl] = 1
     return ids, mask
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """Largest error over the real tokens relative to the largest reference value there."""
+    m = mask.astype(bool)
+    return float(np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max())
 
 
 def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -343,7 +343,7 @@ def test_dry_run_plan_alfworld():
 
     text = describe_plan(load_config("rwml_alfworld"), num_devices=8)
     assert "Stages: collect -> triplets -> filter -> rwml -> wm_sft" in text
-    assert "data 1 x fsdp 8 x tensor 1" in text
+    assert "data 1 x fsdp 8 x expert 1 x tensor 1" in text
     assert "7.62B parameters" in text and "7.57B parameters" in text
     assert "2,048" in text and "6,144 episodes" in text
     assert "~15,813" in text  # the paper's final set

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hf_fixtures import VARIANTS, build_hf_model, padded_batch, torch_logits
+from hf_fixtures import VARIANTS, build_hf_model, padded_batch, rel_err, torch_logits
 from rwml_jax import models
 
 LENGTHS = [11, 4, 9, 1]
@@ -15,11 +15,6 @@ def hf_model(request, tmp_path_factory):
     return request.param, path, build_hf_model(request.param, path)
 
 
-def _rel_err(ours, ref, mask):
-    m = mask.astype(bool)
-    return np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max()
-
-
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 def test_float32_logits_match_torch(hf_model, left):
     name, path, torch_model = hf_model
@@ -28,7 +23,7 @@ def test_float32_logits_match_torch(hf_model, left):
     ours = np.asarray(models.forward(config, params, ids, mask))
     ref = torch_logits(torch_model, ids, mask)
     assert ours.shape == ref.shape == (len(LENGTHS), max(LENGTHS), config.vocab_size)
-    assert _rel_err(ours, ref, mask) < 1e-4, name
+    assert rel_err(ours, ref, mask) < 1e-4, name
 
 
 def test_bfloat16_compute_within_tolerance(hf_model):
@@ -37,7 +32,7 @@ def test_bfloat16_compute_within_tolerance(hf_model):
     ids, mask = padded_batch(config.vocab_size, LENGTHS, left=True, seed=1)
     ours = np.asarray(models.forward(config, params, ids, mask))
     assert ours.dtype == np.float32
-    assert _rel_err(ours, torch_logits(torch_model, ids, mask), mask) < 2e-2, name
+    assert rel_err(ours, torch_logits(torch_model, ids, mask), mask) < 2e-2, name
 
 
 def test_save_pretrained_round_trip(hf_model, tmp_path):

@@ -241,6 +241,7 @@ def _rwml(s: Section) -> None:
     s.number("clip_eps_low", lo=0.0, hi=1.0)
     s.number("clip_eps_high", lo=0.0)
     s.one_of("loss_agg", LOSS_AGGS)
+    s.number("router_aux_loss_coef", lo=0.0)
     _sampling(s, greedy_ok=False)
     s.positive_int("max_prompt_tokens")
     s.positive_int("micro_batch_size")

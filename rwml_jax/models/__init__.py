@@ -1,4 +1,4 @@
-"""Models: the decoder (Qwen2 / Qwen3 / Llama 3) as one block, its attention strategies and forward, HF
+"""Models: the decoder (Qwen2 / Qwen3 / Llama 3 / Qwen3-MoE) as one block, its attention strategies and forward, HF
 checkpoint I/O, tokenizer training, and embedding models (BERT / decoder embedders)."""
 
 from rwml_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError

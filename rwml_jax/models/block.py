@@ -1,6 +1,6 @@
-"""The decoder block: one pre-norm transformer layer (Qwen2 / Qwen3 / Llama 3), the only one there is.
+"""The decoder block: one pre-norm transformer layer (Qwen2 / Qwen3 / Llama 3 / Qwen3-MoE), the only one there is.
 
-    x, kv = block(config, weights, layer_params, x, cos, sin, attend, kv)
+    x, kv, stats = block(config, weights, layer_params, x, cos, sin, attend, kv, token_mask)
 
 The full forward, the training forward and the sampler's prefill and decode steps all run this function;
 they differ in two arguments:
@@ -16,6 +16,11 @@ they differ in two arguments:
       gate_up(lp, h [N, E]) -> gate [N, F], up [N, F]
       down(lp, a [N, F]) -> [N, E]
       lm_logits(params, hidden [..., E]) -> float32 logits [..., V]
+      sparse(lp) -> bool                           whether the layer's MLP is the mixture of experts
+      moe(lp) -> (router [E, X], gate [X, E, Fm], up [X, E, Fm], down [X, Fm, E])   (sparse layers)
+
+The MLP is the dense SwiGLU or, in the sparse layers of a mixture-of-experts model (Qwen3-MoE), the
+router and experts of `rwml_jax.models.moe`; a sparse layer also returns its router statistics.
 
 The residual stream is 2-D, x [N, E] with N = B * T tokens in row-major order: with one sequence per
 micro-batch (GRPO groups sharing their prompt) XLA:CPU ran the norms and their backward on [1, T, E]
@@ -32,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rwml_jax.models import moe
 from rwml_jax.models.attention import Attend
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.rope import apply_rope
@@ -98,6 +104,13 @@ class ParamWeights:
         m = lp["mlp"]
         return self._bias([a @ m["down_kernel"].astype(self.cdt)], [m.get("down_bias")])[0]
 
+    def sparse(self, lp: Params) -> bool:
+        return "moe" in lp
+
+    def moe(self, lp: Params) -> tuple[jax.Array, ...]:
+        m = lp["moe"]
+        return m["router"], m["gate_kernel"], m["up_kernel"], m["down_kernel"]
+
     def head(self, params: Params) -> jax.Array:
         """The output projection [E, V] in the compute dtype (the transposed embedding when tied)."""
         w = params["embed"].T if self.config.tie_word_embeddings else params["lm_head"]
@@ -117,12 +130,14 @@ def split_widths(y: jax.Array, widths: list[int]) -> list[jax.Array]:
 
 
 def block(c: ModelConfig, weights: Any, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-          attend: Attend, kv: Any = None) -> tuple[jax.Array, Any]:
+          attend: Attend, kv: Any = None, token_mask: jax.Array | None = None) -> tuple[jax.Array, Any, Any]:
     """One pre-norm block on the residual stream x [B * T, E] (compute dtype).
 
     weights: the weight format of `lp` (one layer's parameters); cos, sin: RoPE tables [B, T, D];
-    attend: the attention strategy; kv: this layer's cache state for it (None without a cache).
-    Returns (x [B * T, E], kv updated by `attend`).
+    attend: the attention strategy; kv: this layer's cache state for it (None without a cache);
+    token_mask: [B * T], the tokens counted in a sparse layer's router statistics (default all).
+    Returns (x [B * T, E], kv updated by `attend`, the router statistics of `moe.moe_mlp` for a sparse
+    layer, None for a dense one).
     """
     B, T = cos.shape[:2]
     N, E = x.shape
@@ -139,9 +154,13 @@ def block(c: ModelConfig, weights: Any, lp: Params, x: jax.Array, cos: jax.Array
     x = x + weights.out(lp, o.reshape(N, H * D))
 
     h = rms_norm(x, weights.norm(lp, "post_attention_norm"), c.rms_norm_eps)
-    gate, up = weights.gate_up(lp, h)
-    act = constrain((jax.nn.silu(gate) * up).reshape(B, T, F),
-                    ("activation_batch", "activation_length", "activation_mlp")).reshape(N, F)
-    x = constrain((x + weights.down(lp, act)).reshape(B, T, E),
-                  ("activation_batch", "activation_length", "activation_embed"))
-    return x.reshape(N, E), kv
+    stats = None
+    if weights.sparse(lp):
+        y, stats = moe.moe_mlp(c, weights.moe(lp), h, token_mask)
+    else:
+        gate, up = weights.gate_up(lp, h)
+        act = constrain((jax.nn.silu(gate) * up).reshape(B, T, F),
+                        ("activation_batch", "activation_length", "activation_mlp")).reshape(N, F)
+        y = weights.down(lp, act)
+    x = constrain((x + y).reshape(B, T, E), ("activation_batch", "activation_length", "activation_embed"))
+    return x.reshape(N, E), kv, stats

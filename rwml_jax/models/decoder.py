@@ -1,4 +1,4 @@
-"""The decoder-only LLM (Qwen2 / Qwen3 / Llama 3) as pure functions over a parameter pytree.
+"""The decoder-only LLM (Qwen2 / Qwen3 / Llama 3 / Qwen3-MoE) as pure functions over a parameter pytree.
 
     params = init_params(config, rng)                       # or models.load_pretrained(path)
     logits, cache = apply(config, params, input_ids, attention_mask, cache=cache)
@@ -15,7 +15,11 @@ Parameters (logical axis names in brackets; `param_logical_axes` gives them as P
               head_dim), o_kernel [H, D, E] (q_heads, head_dim, embed); q_bias [H, D], k_bias / v_bias [K, D]
               (qkv_bias models), o_bias [E] (o_bias models); q_norm / k_norm: {scale [D] (head_dim)} (Qwen3)
         mlp: gate_kernel / up_kernel [E, F] (embed, mlp), down_kernel [F, E] (mlp, embed); biases (mlp_bias)
+        moe (mixture-of-experts models): router [E, X] (embed, -), gate_kernel / up_kernel [X, E, Fm]
+             (experts, expert_embed, expert_mlp), down_kernel [X, Fm, E] (experts, expert_mlp, expert_embed)
         input_norm, post_attention_norm: {scale [E] (norm)}
+    In a mixture-of-experts model `mlp` is stacked over the dense layers only and `moe` over the sparse ones
+    (`ModelConfig.sparse_layers`; Qwen3-30B-A3B has no dense layer, so no `mlp`); attn and the norms over all.
     final_norm: {scale [E] (norm)}
     lm_head [E, V] (embed, vocab) unless the embeddings are tied
 Kernels are initialised normal(0.02), norm scales to one, biases to zero. `unstack_layers` turns the stacked
@@ -43,11 +47,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from rwml_jax import platform
 from rwml_jax import sharding as sh
-from rwml_jax.models import attention
+from rwml_jax.models import attention, moe
 from rwml_jax.models.block import ParamWeights, block, constrain, rms_norm
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.rope import rope_tables
@@ -86,8 +91,20 @@ def _specs(c: ModelConfig) -> Params:
     if c.mlp_bias:
         mlp.update(gate_bias=((F,), ("mlp",), "zeros"), up_bias=((F,), ("mlp",), "zeros"),
                    down_bias=((E,), ("embed",), "zeros"))
-    layer = {"attn": attn, "mlp": mlp, "input_norm": norm(E, "norm"), "post_attention_norm": norm(E, "norm")}
-    stacked = jax.tree.map(lambda s: ((L, *s[0]), ("layers", *s[1]), s[2]), layer, is_leaf=_is_spec)
+    X, Fm = c.num_experts, c.moe_intermediate_size
+    experts = {"router": ((E, X), moe.ROUTER_AXES, "normal"), "gate_kernel": ((X, E, Fm), moe.GATE_UP_AXES, "normal"),
+               "up_kernel": ((X, E, Fm), moe.GATE_UP_AXES, "normal"),
+               "down_kernel": ((X, Fm, E), moe.DOWN_AXES, "normal")}
+    n_sparse = sum(c.sparse_layers)
+
+    def stack(tree, n):
+        return jax.tree.map(lambda s: ((n, *s[0]), ("layers", *s[1]), s[2]), tree, is_leaf=_is_spec)
+
+    stacked = stack({"attn": attn, "input_norm": norm(E, "norm"), "post_attention_norm": norm(E, "norm")}, L)
+    if L - n_sparse:
+        stacked["mlp"] = stack(mlp, L - n_sparse)
+    if n_sparse:
+        stacked["moe"] = stack(experts, n_sparse)
     out = {"embed": ((V, E), ("vocab", "embed"), "normal"), "layers": stacked, "final_norm": norm(E, "norm")}
     if not c.tie_word_embeddings:
         out["lm_head"] = ((E, V), ("embed", "vocab"), "normal")
@@ -127,6 +144,13 @@ def param_shapes(config: ModelConfig) -> Params:
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES) -> Params:
     """NamedShardings of the parameters on `mesh` under the logical-axis `rules`."""
+    if config.num_experts:
+        target = dict(rules).get("experts")
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        ways = int(np.prod([mesh.shape[a] for a in names if a in mesh.shape]))
+        if config.num_experts % ways:
+            raise ValueError(f"{config.num_experts} experts cannot be split evenly over the mesh's "
+                             f"{' x '.join(names)} axis of size {ways}")
     return sh.logical_to_sharding(param_logical_axes(config), mesh, rules)
 
 
@@ -136,13 +160,27 @@ def init_params_sharded(config: ModelConfig, rng: jax.Array, mesh: Mesh,
     return jax.jit(lambda r: init_params(config, r), out_shardings=param_shardings(config, mesh, rules))(rng)
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, config: ModelConfig | None = None) -> Params:
     """`params` with the stacked `layers` subtree split into a tuple of L per-layer subtrees (one copy of
-    the layer weights under jit)."""
+    the layer weights under jit); each has `mlp` or, in the sparse layers of a mixture-of-experts model,
+    `moe`. config: needed only for a model with both dense and sparse layers (their order)."""
     if isinstance(params["layers"], (tuple, list)):
         return params
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)))
+    layers = params["layers"]
+    kinds = [k for k in ("mlp", "moe") if k in layers]
+    common = {k: v for k, v in layers.items() if k not in kinds}
+    n = jax.tree.leaves(common)[0].shape[0]
+    if len(kinds) == 2 and config is None:
+        raise ValueError("unstack_layers: a model with dense and sparse layers needs its config")
+    sparse = config.sparse_layers if config is not None else (kinds == ["moe"],) * n
+    seen = {True: 0, False: 0}
+    out = []
+    for i in range(n):
+        kind, j = ("moe" if sparse[i] else "mlp"), seen[sparse[i]]
+        seen[sparse[i]] += 1
+        take = {kind: jax.tree.map(lambda a, j=j: a[j], layers[kind])}
+        out.append(dict(jax.tree.map(lambda a, i=i: a[i], common), **take))
+    return dict(params, layers=tuple(out))
 
 
 def _per_layer(params: Params) -> bool:
@@ -162,41 +200,77 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = Non
 
 
 def run_layers(c: ModelConfig, weights: Any, layers: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               attend: attention.Attend, kv: Any, execution: platform.ExecutionConfig) -> tuple[jax.Array, Any]:
-    """Every block over the residual stream x [B * T, E]. layers: stacked (a `lax.scan`, unrolled when
-    `execution.unroll_layers`) or a tuple of per-layer trees (straight-line code); kv: the layers' cache
-    states in the same form (stacked arrays, or a tuple of per-layer states), or None."""
+               attend: attention.Attend, kv: Any, execution: platform.ExecutionConfig,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, Any, Any]:
+    """Every block over the residual stream x [B * T, E]. layers: stacked (a `lax.scan` per run of layers
+    of one kind, `ModelConfig.layer_runs`; unrolled when `execution.unroll_layers`) or a tuple of per-layer
+    trees (straight-line code); kv: the layers' cache states in the same form (stacked arrays, or a tuple
+    of per-layer states), or None; token_mask [B * T]: the tokens the router statistics count.
+    Returns (x, kv, the router statistics summed over the sparse layers, or None for a dense model)."""
     def body(x, layer):
         lp, kv_l = layer
-        return block(c, weights, lp, x, cos, sin, attend, kv_l)
+        x, kv_l, stats = block(c, weights, lp, x, cos, sin, attend, kv_l, token_mask)
+        return x, (kv_l, stats)
 
     if execution.remat != "none":
         policy = None if execution.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    if not isinstance(layers, (tuple, list)):
-        return jax.lax.scan(body, x, (layers, kv), unroll=execution.unroll_layers)
-    new_kv = []
-    for i, lp in enumerate(layers):
-        x, kv_l = body(x, (lp, None if kv is None else kv[i]))
-        new_kv.append(kv_l)
-    return x, (None if kv is None else tuple(new_kv))
+    total = None
+
+    def add(stats):
+        nonlocal total
+        if stats is not None:
+            total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+
+    if isinstance(layers, (tuple, list)):
+        new_kv = []
+        for i, lp in enumerate(layers):
+            x, (kv_l, stats) = body(x, (lp, None if kv is None else kv[i]))
+            new_kv.append(kv_l)
+            add(stats)
+        return x, (None if kv is None else tuple(new_kv)), total
+    kinds = [k for k in ("mlp", "moe") if k in layers]
+    common = {k: v for k, v in layers.items() if k not in kinds}
+    runs = c.layer_runs
+    kv_parts = []
+
+    def part(tree, start, n):
+        return tree if len(runs) == 1 else jax.tree.map(lambda a: a[start:start + n], tree)
+
+    for sparse, start, n, kind_start in runs:
+        kind = "moe" if sparse else "mlp"
+        lp = dict(part(common, start, n), **{kind: part(layers[kind], kind_start, n)})
+        x, (kv_run, stats) = jax.lax.scan(body, x, (lp, None if kv is None else part(kv, start, n)),
+                                          unroll=execution.unroll_layers)
+        kv_parts.append(kv_run)
+        add(None if stats is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), stats))
+    if kv is not None and len(runs) > 1:
+        kv = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kv_parts)
+    elif kv is not None:
+        kv = kv_parts[0]
+    return x, kv, total
 
 
 def hidden_states(c: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
                   attend: attention.Attend, kv: Any = None, *, weights: Any = None,
-                  execution: platform.ExecutionConfig | None = None) -> tuple[jax.Array, Any]:
+                  execution: platform.ExecutionConfig | None = None, token_mask: jax.Array | None = None,
+                  with_router: bool = False) -> tuple[jax.Array, Any]:
     """Embed input_ids [B, T], run the blocks with RoPE at `positions` [B, T] and the attention strategy
     `attend`, apply the final norm. weights: the layers' weight format (default `ParamWeights` unfused);
-    execution: default `platform.default_execution(c)`. Returns (hidden [B, T, E] in the compute dtype,
-    the layers' updated cache states)."""
+    execution: default `platform.default_execution(c)`; token_mask [B, T]: the tokens counted in the router
+    statistics (default all). Returns (hidden [B, T, E] in the compute dtype, the layers' updated cache
+    states), and with `with_router` also the router statistics summed over the sparse layers
+    (`rwml_jax.models.moe.moe_mlp`; None for a dense model)."""
     B, T = input_ids.shape
     weights = weights if weights is not None else ParamWeights(c, fuse=False)
     execution = execution if execution is not None else platform.default_execution(c)
     x = jnp.take(params["embed"], input_ids, axis=0).astype(jnp.dtype(c.compute_dtype))
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed")).reshape(B * T, -1)
     cos, sin = rope_tables(c, positions)
-    x, kv = run_layers(c, weights, params["layers"], x, cos, sin, attend, kv, execution)
-    return rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps).reshape(B, T, -1), kv
+    mask = None if token_mask is None else token_mask.reshape(B * T)
+    x, kv, stats = run_layers(c, weights, params["layers"], x, cos, sin, attend, kv, execution, mask)
+    hidden = rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps).reshape(B, T, -1)
+    return (hidden, kv, stats) if with_router else (hidden, kv)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | jnp.dtype | None = None, *,
@@ -227,6 +301,7 @@ def apply(
     prefix: Cache | None = None,
     weights: Any = None,
     execution: platform.ExecutionConfig | None = None,
+    with_router: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder on `input_ids` [B, T].
 
@@ -238,7 +313,7 @@ def apply(
     prefix: a shared prefix (module docstring) for one-token decode steps with a per-layer cache.
     weights, execution: see `hidden_states`.
     Returns (logits [B, T, V] float32, or final-norm hidden [B, T, E] when `return_hidden`; the updated
-    cache or None).
+    cache or None), and with `with_router` the router statistics of the real tokens (`hidden_states`).
     """
     B, T = input_ids.shape
     mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -247,8 +322,8 @@ def apply(
             raise ValueError("a shared prefix is for one-token decode steps with a per-layer cache")
         pos = positions if positions is not None else positions_from_mask(mask)
         execution = execution if execution is not None else platform.default_execution(config)
-        hidden, _ = hidden_states(config, params, input_ids, pos, attention.causal(mask, execution.attention),
-                                  weights=weights, execution=execution)
+        hidden, _, stats = hidden_states(config, params, input_ids, pos, attention.causal(mask, execution.attention),
+                                         weights=weights, execution=execution, token_mask=mask, with_router=True)
         new_cache = None
     else:
         per_layer = isinstance(cache["k"], (tuple, list))
@@ -268,12 +343,12 @@ def apply(
         else:
             kv = (cache["k"], cache["v"])
         attend = attention.cached(allowed, index, None if prefix is None else prefix["mask"])
-        hidden, kv = hidden_states(config, params, input_ids, pos, attend, kv, weights=weights, execution=execution)
+        hidden, kv, stats = hidden_states(config, params, input_ids, pos, attend, kv, weights=weights,
+                                          execution=execution, token_mask=mask, with_router=True)
         k, v = (tuple(s[0] for s in kv), tuple(s[1] for s in kv)) if per_layer else kv
         new_cache = dict(k=k, v=v, mask=kv_mask, pos=cache["pos"] + mask.sum(-1, dtype=jnp.int32), index=index + T)
-    if return_hidden:
-        return hidden, new_cache
-    return lm_logits(config, params, hidden, weights), new_cache
+    out = hidden if return_hidden else lm_logits(config, params, hidden, weights)
+    return (out, new_cache, stats) if with_router else (out, new_cache)
 
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array, weights: Any = None) -> jax.Array:

@@ -4,11 +4,15 @@
 `model.safetensors.index.json`) through memory maps and places each parameter directly into its
 sharding: with a mesh, every device receives only its own slice, so a checkpoint is never fully
 materialised on one device. `save_pretrained` writes a folder `transformers.AutoModelForCausalLM`
-loads back.
+loads back. Mixture-of-experts checkpoints (Qwen3-MoE) keep one tensor per expert
+(`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`, as on the hub and as transformers 5 saves them);
+here they are stacked into [layers, experts, ...] arrays, each device reading only the layers and
+experts of its own shard.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -82,6 +86,11 @@ _TABLE: list[tuple[tuple[str, ...], str, tuple[Converter, Converter]]] = [
     (("layers", "mlp", "gate_bias"), _LAYER + "mlp.gate_proj.bias", _ID),
     (("layers", "mlp", "up_bias"), _LAYER + "mlp.up_proj.bias", _ID),
     (("layers", "mlp", "down_bias"), _LAYER + "mlp.down_proj.bias", _ID),
+    # sparse layers of a mixture-of-experts model ({j} = expert)
+    (("layers", "moe", "router"), _LAYER + "mlp.gate.weight", _T),
+    (("layers", "moe", "gate_kernel"), _LAYER + "mlp.experts.{j}.gate_proj.weight", _T),
+    (("layers", "moe", "up_kernel"), _LAYER + "mlp.experts.{j}.up_proj.weight", _T),
+    (("layers", "moe", "down_kernel"), _LAYER + "mlp.experts.{j}.down_proj.weight", _T),
 ]
 
 
@@ -92,6 +101,36 @@ class CheckpointError(ValueError):
 def _leaf_paths(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         yield tuple(k.key for k in path), leaf
+
+
+def _layer_indices(config: ModelConfig, path: tuple[str, ...]) -> list[int]:
+    """The HF layer numbers along the stacked axis of the `layers` leaf at `path` (dense MLPs are stacked
+    over the dense layers, experts over the sparse ones, everything else over all layers)."""
+    kinds = config.sparse_layers
+    if path[1] in ("mlp", "moe"):
+        return [i for i, sparse in enumerate(kinds) if sparse == (path[1] == "moe")]
+    return list(range(config.num_hidden_layers))
+
+
+def _reader(tensors: _TensorIndex, path: tuple[str, ...], name: str, conv: tuple[Converter, Converter],
+            config: ModelConfig, shape: tuple[int, ...]) -> tuple[int, Callable[..., np.ndarray]]:
+    """(the number of stacked leading axes of the leaf, read(*stack indices) -> that slice in our layout):
+    0 for top-level leaves, 1 (layer) for layer leaves, 2 (layer, expert) for expert weights."""
+    if path[0] != "layers":
+        return 0, lambda: _convert(tensors, name, conv, config, shape)
+    layers = _layer_indices(config, path)
+    if "{j}" in name:
+        return 2, lambda a, b: _convert(tensors, name.format(i=layers[a], j=b), conv, config, shape[2:])
+    return 1, lambda a: _convert(tensors, name.format(i=layers[a]), conv, config, shape[1:])
+
+
+def _read_block(n_lead: int, read: Callable[..., np.ndarray], shape: tuple[int, ...], idx: tuple[slice, ...],
+                dtype: np.dtype) -> np.ndarray:
+    """The block `idx` of a leaf of `shape`, reading only the stacked (layer, expert) slices it covers."""
+    idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+    lead = [range(*s.indices(d)) for s, d in zip(idx[:n_lead], shape[:n_lead])]
+    parts = [np.asarray(read(*combo)[idx[n_lead:]], dtype) for combo in itertools.product(*lead)]
+    return np.stack(parts).reshape(*(len(r) for r in lead), *parts[0].shape) if n_lead else parts[0]
 
 
 def _entries(config: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[Converter, Converter], Any]]:
@@ -168,18 +207,12 @@ def load_pretrained(
 
     leaves: dict[tuple[str, ...], jax.Array] = {}
     for p, name, conv, spec in _entries(config):
-        if p[0] == "layers":
-            per_layer = []
-            for i in range(config.num_hidden_layers):
-                per_layer.append(_convert(tensors, name.format(i=i), conv, config, spec.shape[1:]))
-            host = np.stack(per_layer)
-        else:
-            host = _convert(tensors, name, conv, config, spec.shape)
-        host = host.astype(target, copy=False)
+        n_lead, read = _reader(tensors, p, name, conv, config, spec.shape)
         if shardings is not None:
-            leaves[p] = jax.make_array_from_callback(host.shape, shardings[p], lambda idx, h=host: h[idx])
+            leaves[p] = jax.make_array_from_callback(
+                spec.shape, shardings[p], lambda idx, n=n_lead, r=read, s=spec.shape: _read_block(n, r, s, idx, target))
         else:
-            leaves[p] = jnp.asarray(host)
+            leaves[p] = jnp.asarray(_read_block(n_lead, read, spec.shape, (), target))
     return config, _unflatten(leaves)
 
 
@@ -229,8 +262,12 @@ def save_pretrained(
     for p, name, (_, to_hf), _spec in _entries(config):
         host = np.asarray(jax.device_get(flat[p]))
         if p[0] == "layers":
-            for i in range(config.num_hidden_layers):
-                out[name.format(i=i)] = np.ascontiguousarray(to_hf(host[i], config))
+            for a, i in enumerate(_layer_indices(config, p)):
+                if "{j}" in name:
+                    for j in range(host.shape[1]):
+                        out[name.format(i=i, j=j)] = np.ascontiguousarray(to_hf(host[a, j], config))
+                else:
+                    out[name.format(i=i)] = np.ascontiguousarray(to_hf(host[a], config))
         else:
             out[name] = np.ascontiguousarray(to_hf(host, config))
 

@@ -147,6 +147,7 @@ def completion_logprobs(
     fuse: bool = True,
     gather: bool = True,
     execution: platform.ExecutionConfig | None = None,
+    with_router: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each row's completion tokens under (config, params).
 
@@ -156,22 +157,25 @@ def completion_logprobs(
     fuse: fused q/k/v and gate/up matmuls; gather: gather the target
     logits (use False for both when the mesh's tensor axis is > 1); execution: layer loop, remat and
     head-gradient order (default `platform.default_execution`).
-    Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None).
+    Returns (logp [B, C] float32, zero where the mask is 0; entropy [B, C] or None), and with `with_router`
+    the router statistics of the batch's real tokens (`rwml_jax.models.moe.moe_mlp`; None for a dense model).
     Differentiable with respect to `params`.
     """
     if "prompt_ids" in batch:
-        h, targets, mask = shared_prompt.completion_hidden(config, params, batch, fuse=fuse, execution=execution)
+        h, targets, mask, stats = shared_prompt.completion_hidden(config, params, batch, fuse=fuse,
+                                                                  execution=execution, with_router=True)
     else:
         ids, mask = batch["input_ids"], batch["completion_mask"]
-        hidden, _ = decoder.apply(config, params, ids, batch["attention_mask"], return_hidden=True,
-                                  weights=ParamWeights(config, fuse), execution=execution)
+        hidden, _, stats = decoder.apply(config, params, ids, batch["attention_mask"], return_hidden=True,
+                                         weights=ParamWeights(config, fuse), execution=execution, with_router=True)
         pos = completion_positions(batch["completion_start"], mask.shape[1], ids.shape[1])  # [B, C] target slots
         targets = jnp.take_along_axis(ids, pos, axis=1)
         # The hidden state at slot s - 1 predicts the token at slot s.
         h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
     logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
                                      gather=gather, execution=execution)
-    return masked(logp, ent, mask)
+    logp, ent = masked(logp, ent, mask)
+    return (logp, ent, stats) if with_router else (logp, ent)
 
 
 def masked(logp: jax.Array, ent: jax.Array | None, completion_mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:

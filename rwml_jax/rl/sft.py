@@ -25,12 +25,13 @@ SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """loss_agg: how token losses are averaged (see `rwml_jax.rl.grpo`; "token-mean" is the usual
-    cross-entropy). micro_batch_size / logits_chunk / with_entropy: as in `GRPOConfig`."""
+    cross-entropy). micro_batch_size / logits_chunk / with_entropy / router_aux_loss_coef: as in `GRPOConfig`."""
 
     loss_agg: str = "token-mean"
     micro_batch_size: int | None = None
     logits_chunk: int | None = None
     with_entropy: bool = False
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_agg not in SFT_LOSS_AGGS:
@@ -73,7 +74,8 @@ def make_sft_step(model_config: ModelConfig, sft_config: SFTConfig, optimizer: o
     step_options: `UpdateStep`'s (rules, learning_rate, check_finite, execution).
 
     Metrics: loss, nll (token mean, = loss for "token-mean"), perplexity, grad_norm, tokens, seqs,
-    step, finite, learning_rate (when given), entropy (when enabled).
+    step, finite, learning_rate (when given), entropy (when enabled); router_aux_loss and the expert
+    metrics (`rwml_jax.rl.update.expert_metrics`) for a mixture-of-experts model.
     """
     def terms(logp, entropy, mb, _ref):
         return sft_loss_terms(logp, mb["completion_mask"], loss_agg=sft_config.loss_agg, entropy=entropy)
@@ -86,5 +88,6 @@ def make_sft_step(model_config: ModelConfig, sft_config: SFTConfig, optimizer: o
         micro_batch_size=sft_config.micro_batch_size,
         logits_chunk=sft_config.logits_chunk,
         with_entropy=sft_config.with_entropy,
+        router_aux_loss_coef=sft_config.router_aux_loss_coef,
     )
     return UpdateStep(model_config, optimizer, mesh, loss, **step_options)

@@ -129,10 +129,12 @@ def flat_rows(gbatch: Mapping[str, Any]) -> Batch:
 
 
 def completion_hidden(config: ModelConfig, params: Any, gbatch: Mapping[str, jax.Array], *, fuse: bool = True,
-                      execution: platform.ExecutionConfig | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      execution: platform.ExecutionConfig | None = None,
+                      with_router: bool = False) -> tuple[jax.Array, ...]:
     """The hidden states that predict each completion token of a grouped batch, run through the decoder
     with `attention.grouped_prompt`: (hidden [bp * G, C, E], targets [bp * G, C], completion mask
-    [bp * G, C]), rows group by group as in the plain batch the grouped one was made from."""
+    [bp * G, C]), rows group by group as in the plain batch the grouped one was made from; with
+    `with_router` also the router statistics of the real tokens (each prompt counted once)."""
     p_ids, p_mask = gbatch["prompt_ids"], gbatch["prompt_mask"]
     c_ids, c_mask = gbatch["completion_ids"], gbatch["completion_mask"]
     bp, G, C = c_ids.shape
@@ -144,11 +146,13 @@ def completion_hidden(config: ModelConfig, params: Any, gbatch: Mapping[str, jax
     ids = jnp.concatenate([p_ids, c_ids.reshape(bp, G * C)], axis=1)
     execution = execution if execution is not None else platform.default_execution(config)
     attend = attention.grouped_prompt(p_mask, c_mask, execution.attention)
-    hidden, _ = decoder.hidden_states(config, params, ids, positions, attend, weights=ParamWeights(config, fuse),
-                                      execution=execution)
+    token_mask = jnp.concatenate([p_mask, c_mask.reshape(bp, G * C)], axis=1)
+    hidden, _, stats = decoder.hidden_states(config, params, ids, positions, attend, weights=ParamWeights(config, fuse),
+                                             execution=execution, token_mask=token_mask, with_router=True)
     E = hidden.shape[-1]
     # completion token 0 is predicted by the prompt's last slot, token j > 0 by completion token j - 1
     first = jnp.broadcast_to(hidden[:, P - 1][:, None, None, :], (bp, G, 1, E))
     rest = hidden[:, P:].reshape(bp, G, C, E)[:, :, : C - 1]
     h = jnp.concatenate([first, rest], axis=2).reshape(bp * G, C, E)
-    return h, c_ids.reshape(bp * G, C), c_mask.reshape(bp * G, C)
+    out = (h, c_ids.reshape(bp * G, C), c_mask.reshape(bp * G, C))
+    return (*out, stats) if with_router else out

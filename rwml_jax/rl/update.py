@@ -13,7 +13,10 @@ state donated (XLA updates parameters and optimizer moments in place). Inside:
 4. with `prompt_group_size` = G > 1 (GRPO groups sharing their prompt, `rwml_jax.rl.shared_prompt`)
    the batch is regrouped on the host into bp = B / G groups, each prompt runs through the model once
    per group, and micro-batches hold whole groups;
-5. a non-finite loss or gradient leaves parameters and optimizer state untouched (selected on
+5. mixture-of-experts models: each micro-batch's router statistics (real tokens only) give the
+   load-balancing loss of `rwml_jax.models.moe` (added with `router_aux_loss_coef`, 0 = off, the usual RL
+   setting; with micro-batches, the mean of the micro-batches' losses) and the per-expert metrics;
+6. a non-finite loss or gradient leaves parameters and optimizer state untouched (selected on
    device, no host sync) and sets `metrics["finite"] = 0`; `UpdateStep.__call__` then raises
    `NonFiniteLossError` naming the step, carrying the intact state.
 """
@@ -32,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rwml_jax import platform
 from rwml_jax import sharding as sh
-from rwml_jax.models import decoder
+from rwml_jax.models import decoder, moe
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl import grpo
 from rwml_jax.rl.logprobs import completion_logprobs
@@ -72,6 +75,7 @@ class GRPOConfig:
       "split" layout with rows ordered group by group, the G rows of a group sharing one prompt (what
       GRPO sampling produces; checked on every call), and micro_batch_size a multiple of G.
       0 or 1: every row runs its own prompt.
+    router_aux_loss_coef: weight of a mixture-of-experts model's load-balancing loss (0 = off).
     """
 
     clip_eps_low: float = 0.2
@@ -83,6 +87,7 @@ class GRPOConfig:
     logits_chunk: int | None = None
     with_entropy: bool = True
     prompt_group_size: int = 0
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_agg not in grpo.LOSS_AGGS:
@@ -115,6 +120,7 @@ class Loss:
     with_entropy: bool = False
     uses_reference: bool = False
     prompt_group_size: int = 0
+    router_aux_loss_coef: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,6 +204,9 @@ class UpdateStep:
         self._logits_chunk = loss.logits_chunk
         self._with_entropy = loss.with_entropy
         self._lr = learning_rate
+        self._aux_coef = loss.router_aux_loss_coef
+        if self._aux_coef < 0:
+            raise ValueError(f"router_aux_loss_coef={self._aux_coef}; expected >= 0")
         # Fused q/k/v and gate/up matmuls concatenate weights; only without tensor parallelism.
         self._fuse = mesh.shape["tensor"] == 1
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -209,7 +218,7 @@ class UpdateStep:
         )
 
     # -- traced -------------------------------------------------------------------------------------
-    def _micro_grads(self, params: Any, ref_params: Any, mb: Batch, den: jax.Array):
+    def _micro_grads(self, params: Any, ref_params: Any, mb: Batch, den: jax.Array, num_micro: int = 1):
         cfg = self.model_config
         rows = flat_rows(mb) if self.group > 1 else mb  # per-row entries [b, ...] for the loss
         ref_logp = rows.get("ref_logp")
@@ -219,10 +228,18 @@ class UpdateStep:
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
-            logp, ent = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
-                                 fuse=self._fuse, gather=self._fuse, execution=self.execution)
+            logp, ent, router = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
+                                                    fuse=self._fuse, gather=self._fuse, execution=self.execution,
+                                                    with_router=True)
             num, sums = self._loss_terms(logp, ent, rows, ref_logp)
-            return num / den, sums
+            loss = num / den
+            if router is not None:
+                aux = moe.load_balancing_loss(cfg, router)
+                if self._aux_coef:
+                    loss = loss + self._aux_coef * aux / num_micro
+                sums = dict(sums, router_aux_loss=jax.lax.stop_gradient(aux) / num_micro,
+                            expert_tokens=jax.lax.stop_gradient(router["counts"]))
+            return loss, sums
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
@@ -237,13 +254,15 @@ class UpdateStep:
             if num_micro == 1:
                 loss, sums, grads = self._micro_grads(state.params, ref_params, batch, den)
             else:
+                micro = num_micro
                 micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, sh.batch_axes(self.mesh)))
                 mbs = jax.tree.map(
                     lambda x: jax.lax.with_sharding_constraint(split_micro_batches(x, num_micro), micro_sharding),
                     batch,
                 )
                 first = jax.tree.map(lambda x: x[0], mbs)
-                _, sums_shape, _ = jax.eval_shape(lambda m: self._micro_grads(state.params, ref_params, m, den), first)
+                _, sums_shape, _ = jax.eval_shape(lambda m: self._micro_grads(state.params, ref_params, m, den, micro),
+                                                  first)
                 zero_grads = jax.tree.map(
                     lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
                     state.params, self.param_shardings,
@@ -253,7 +272,7 @@ class UpdateStep:
 
                 def body(carry, mb):
                     loss_acc, sums_acc, grads_acc = carry
-                    loss, sums, grads = self._micro_grads(state.params, ref_params, mb, den)
+                    loss, sums, grads = self._micro_grads(state.params, ref_params, mb, den, micro)
                     grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
                     return (loss_acc + loss, _combine(sums_acc, sums), grads_acc), None
 
@@ -273,7 +292,10 @@ class UpdateStep:
                 params=jax.tree.map(keep_if_bad, new_params, state.params),
                 opt_state=jax.tree.map(keep_if_bad, new_opt, state.opt_state),
             )
+            router = {k: sums.pop(k) for k in ("router_aux_loss", "expert_tokens") if k in sums}
             metrics = dict(self._finalize(sums, den))
+            if router:
+                metrics.update(expert_metrics(router["expert_tokens"]), router_aux_loss=router["router_aux_loss"])
             metrics.update(
                 loss=loss,
                 grad_norm=grad_norm,
@@ -331,6 +353,17 @@ class UpdateStep:
         return self._jitted.lower(*args)
 
 
+def expert_metrics(counts: jax.Array) -> dict[str, jax.Array]:
+    """Metrics of a mixture-of-experts model's routing from the (token, expert) assignments per expert
+    counts [X], summed over the sparse layers and the batch's real tokens: `expert_tokens/NNN` per expert,
+    and `expert_load_max` / `expert_load_min`, the busiest and idlest expert's share relative to an even
+    split (1 = balanced)."""
+    mean = jnp.maximum(jnp.mean(counts), 1e-9)
+    out = {f"expert_tokens/{i:03d}": counts[i] for i in range(counts.shape[0])}
+    out.update(expert_load_max=jnp.max(counts) / mean, expert_load_min=jnp.min(counts) / mean)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # GRPO
 # ---------------------------------------------------------------------------------------------------
@@ -357,7 +390,8 @@ def make_grpo_step(model_config: ModelConfig, grpo_config: GRPOConfig, optimizer
 
     batch: the arrays of `rwml_jax.rl.batch` plus `advantages` [B] and optionally `old_logp` [B, C].
     Metrics: loss, pg_loss, kl_loss, ref_kl, clip_frac(_low/_high), sampler_kl(_k1), ratio_mean,
-    max_ratio, entropy, grad_norm, learning_rate (when given), tokens, seqs, step, finite.
+    max_ratio, entropy, grad_norm, learning_rate (when given), tokens, seqs, step, finite; for a
+    mixture-of-experts model also router_aux_loss and `expert_metrics`.
     """
     loss = Loss(
         terms=grpo_loss_terms(grpo_config),
@@ -369,6 +403,7 @@ def make_grpo_step(model_config: ModelConfig, grpo_config: GRPOConfig, optimizer
         with_entropy=grpo_config.with_entropy,
         uses_reference=grpo_config.uses_reference,
         prompt_group_size=grpo_config.prompt_group_size,
+        router_aux_loss_coef=grpo_config.router_aux_loss_coef,
     )
     return UpdateStep(model_config, optimizer, mesh, loss, **step_options)
 

@@ -18,6 +18,9 @@ Per-layer tree (E hidden, H / K query / kv heads, D head_dim, F SwiGLU width), s
     o_t [E, H * D], down_t [E, F]
     biases where the model has them: qkv_bias (or q_bias, k_bias, v_bias), o_bias, gate_up_bias (or
     gate_bias, up_bias), down_bias
+Sparse layers of a mixture-of-experts model have no gate/up/down (nor their biases) but `moe`, the model's
+{router [E, X], gate_kernel / up_kernel [X, E, Fm], down_kernel [X, Fm, E]} as they are (the grouped
+matmul of `rwml_jax.models.moe` reads them in this layout in every orientation).
 The top level keeps `embed`, `final_norm` and `lm_head` as the model has them; "in_out" with a tied head adds
 `lm_head_w` [E, V] (a transposed copy of the embedding); "out_in_reduce" stores an untied head as
 `lm_head_r` [V, E] and multiplies a tied one by the [V, E] embedding itself.
@@ -32,8 +35,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from rwml_jax import platform
-from rwml_jax.models import decoder
-from rwml_jax.models.block import split_widths
+from rwml_jax.models import decoder, moe
+from rwml_jax.models.block import ParamWeights, split_widths
 from rwml_jax.models.config import ModelConfig
 
 Params = Any
@@ -117,15 +120,18 @@ class DecodeWeights:
         return (DecodeWeights, self.config, self.orientation, self.fuse)
 
     # -------------------------------------------------------------------------------- layout
-    def _layer(self, lp: Any, out_in: Any, bias: Any, store: Any) -> Params:
+    def _layer(self, lp: Any, out_in: Any, bias: Any, store: Any, experts: Any = None) -> Params:
         """One layer in this format from callables: `lp(norm name)`, `out_in(*names)` (the [out, in]
         weights of `names` concatenated, or their spec), `bias(*names)`, and `store` (the linear's
-        `store` or `store_spec`)."""
+        `store` or `store_spec`); experts: a sparse layer's `moe` subtree (or its specs), None when dense."""
         c = self.config
         out = {"input_norm": lp("input_norm"), "post_attention_norm": lp("post_attention_norm")}
         if c.qk_norm:
             out["q_norm"], out["k_norm"] = lp("q_norm"), lp("k_norm")
         groups = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+        if experts is not None:
+            del groups["gate_up"]
+            out["moe"] = experts
         has_bias = {"qkv": c.qkv_bias, "gate_up": c.mlp_bias}
         for fused, names in groups.items():
             if self.fuse:
@@ -137,31 +143,33 @@ class DecodeWeights:
                     out[n + self._s] = store(out_in(n))
                     if has_bias[fused]:
                         out[f"{n}_bias"] = bias(n)
-        out["o" + self._s], out["down" + self._s] = store(out_in("o")), store(out_in("down"))
+        out["o" + self._s] = store(out_in("o"))
         if c.o_bias:
             out["o_bias"] = bias("o")
-        if c.mlp_bias:
-            out["down_bias"] = bias("down")
+        if experts is None:
+            out["down" + self._s] = store(out_in("down"))
+            if c.mlp_bias:
+                out["down_bias"] = bias("down")
         return out
 
     def convert(self, params: Params) -> Params:
         """Stacked model parameters -> this format (one copy of the layer weights)."""
         c = self.config
         E, H, D = c.hidden_size, c.num_attention_heads, c.head_dim
-        per = decoder.unstack_layers(params)
+        per = decoder.unstack_layers(params, c)
 
         def layer(lp):
-            a, m = lp["attn"], lp["mlp"]
+            a, m = lp["attn"], lp.get("mlp", {})
             weights = {"q": a["q_kernel"].reshape(E, -1).T, "k": a["k_kernel"].reshape(E, -1).T,
-                       "v": a["v_kernel"].reshape(E, -1).T, "o": a["o_kernel"].reshape(H * D, E).T,
-                       "gate": m["gate_kernel"].T, "up": m["up_kernel"].T, "down": m["down_kernel"].T}
+                       "v": a["v_kernel"].reshape(E, -1).T, "o": a["o_kernel"].reshape(H * D, E).T}
+            weights.update({n: m[f"{n}_kernel"].T for n in ("gate", "up", "down") if f"{n}_kernel" in m})
             biases = {n: a[f"{n}_bias"].reshape(-1) for n in ("q", "k", "v", "o") if f"{n}_bias" in a}
             biases.update({n: m[f"{n}_bias"] for n in ("gate", "up", "down") if f"{n}_bias" in m})
             norms = {"input_norm": lp["input_norm"]["scale"], "post_attention_norm": lp["post_attention_norm"]["scale"]}
             if c.qk_norm:
                 norms.update(q_norm=a["q_norm"]["scale"], k_norm=a["k_norm"]["scale"])
             return self._layer(norms.__getitem__, lambda *ns: jnp.concatenate([weights[n] for n in ns], axis=0),
-                               lambda *ns: jnp.concatenate([biases[n] for n in ns]), self.linear.store)
+                               lambda *ns: jnp.concatenate([biases[n] for n in ns]), self.linear.store, lp.get("moe"))
 
         out = dict(per, layers=tuple(layer(lp) for lp in per["layers"]))
         return self._head(out, params, lambda w: w.T)
@@ -176,10 +184,16 @@ class DecodeWeights:
         norms = {"input_norm": P("norm"), "post_attention_norm": P("norm"), "q_norm": P("head_dim"), "k_norm": P("head_dim")}
         bias_axes = {n: P(out_axis[n]) for n in out_axis}
         bias_axes.update(o=P("embed"), down=P("embed"))
-        one = self._layer(norms.__getitem__, lambda *ns: specs[ns[0]] if len(ns) == 1 else P(None, "embed"),
-                          lambda *ns: bias_axes[ns[0]] if len(ns) == 1 else P(None), self.linear.store_spec)
+        experts = {"router": P(*moe.ROUTER_AXES), "gate_kernel": P(*moe.GATE_UP_AXES),
+                   "up_kernel": P(*moe.GATE_UP_AXES), "down_kernel": P(*moe.DOWN_AXES)}
+
+        def one(sparse):
+            return self._layer(norms.__getitem__, lambda *ns: specs[ns[0]] if len(ns) == 1 else P(None, "embed"),
+                               lambda *ns: bias_axes[ns[0]] if len(ns) == 1 else P(None), self.linear.store_spec,
+                               dict(experts) if sparse else None)
+
         top = {k: v for k, v in decoder.param_logical_axes(c).items() if k != "layers"}
-        top["layers"] = tuple(dict(one) for _ in range(c.num_hidden_layers))
+        top["layers"] = tuple(one(sparse) for sparse in c.sparse_layers)
         return self._head(top, decoder.param_logical_axes(c), lambda spec: P(*reversed(tuple(spec))))
 
     def _head(self, out: Params, stacked: Params, transpose: Any) -> Params:
@@ -216,6 +230,9 @@ class DecodeWeights:
 
     def down(self, lp: Params, a: jax.Array) -> jax.Array:
         return self._one(lp, "down", a)
+
+    sparse = ParamWeights.sparse  # the experts keep the model's layout
+    moe = ParamWeights.moe
 
     def lm_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """Final-norm hidden [..., E] -> float32 logits [..., V] through this format's head."""

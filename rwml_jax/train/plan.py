@@ -42,6 +42,9 @@ class ModelInfo:
     source: str  # "preset tiny", "config.json in DIR", "unknown"
     num_params: int | None
     shape: str
+    expert_params: int = 0  # of num_params, the experts' weights (split over the mesh's expert axis)
+    active_params: int | None = None  # parameters one token passes through (mixture of experts)
+    num_experts: int = 0
 
 
 def _bert_params(d: dict[str, Any]) -> int:
@@ -70,6 +73,9 @@ def _shape_str(d: dict[str, Any]) -> str:
     else:
         parts.append(f"heads {d.get('num_attention_heads')}")
     parts += [f"mlp {d.get('intermediate_size')}", f"vocab {d.get('vocab_size')}"]
+    if d.get("model_type") == "qwen3_moe":
+        parts.append(f"{d.get('num_experts')} experts (top-{d.get('num_experts_per_tok')}) of mlp "
+                     f"{d.get('moe_intermediate_size')}")
     return ", ".join(parts)
 
 
@@ -103,6 +109,10 @@ def model_info(path: str, preset: str = "", *, embedder: bool = False) -> ModelI
         n = hf_num_params(d, lm_head=lm_head)
     except (ValueError, KeyError, TypeError) as e:  # an unsupported family: still plan the rest
         return ModelInfo(name, f"{source}; cannot count parameters: {e}", None, _shape_str(d))
+    if d.get("model_type") == "qwen3_moe":
+        cfg = ModelConfig.from_hf_dict(d)
+        experts = sum(cfg.sparse_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        return ModelInfo(name, source, n, _shape_str(d), experts, cfg.num_active_params, cfg.num_experts)
     return ModelInfo(name, source, n, _shape_str(d))
 
 
@@ -121,7 +131,7 @@ def _fmt_gib(b: float) -> str:
 
 def resolve_mesh(config: ConfigDict, num_devices: int) -> tuple[dict[str, int], str | None]:
     """Mesh axis sizes for `num_devices` (the -1 axis takes the rest) and a problem description or None."""
-    sizes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
+    sizes = {a: int(config.mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     problem = None
     if -1 in sizes.values():
@@ -200,17 +210,19 @@ def _steps(n_examples: int, batch: int, epochs: int, max_steps: int = -1) -> int
 
 
 def memory_per_device(n_params: int, config: ConfigDict, shards: int, *, train: bool, ref: bool = False,
-                      embedder_params: int = 0) -> dict[str, float]:
+                      embedder_params: int = 0, expert_params: int = 0, expert_shards: int = 1) -> dict[str, float]:
     """Bytes per device of parameters (+ gradients + Adam moments when `train`, + a frozen reference copy
-    in the compute dtype when `ref`, + the frozen embedder), sharded `shards` = fsdp x tensor ways.
-    Activations and KV caches are not included."""
+    in the compute dtype when `ref`, + the frozen embedder), sharded `shards` = fsdp x tensor ways; the
+    `expert_params` of a mixture-of-experts model (part of n_params) further `expert_shards` ways (the
+    mesh's expert axis). Activations and KV caches are not included."""
     p = _BYTES[config.model.dtype]
-    out = {"params": n_params * p / shards}
+    per_device = (n_params - expert_params) / shards + expert_params / (shards * expert_shards)
+    out = {"params": per_device * p}
     if train:
-        out["grads"] = n_params * p / shards
-        out["adam"] = 2 * n_params * _BYTES[config.optimizer.state_dtype] / shards
+        out["grads"] = per_device * p
+        out["adam"] = 2 * per_device * _BYTES[config.optimizer.state_dtype]
     if ref:
-        out["reference"] = n_params * _BYTES[config.model.compute_dtype] / shards
+        out["reference"] = per_device * _BYTES[config.model.compute_dtype]
     if embedder_params:
         out["embedder"] = embedder_params * _BYTES[config.embedder.dtype] / shards
     out["total"] = sum(out.values())
@@ -239,7 +251,8 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     pol = model_info(config.model.path, config.model.preset)
     emb = model_info(config.embedder.path, embedder=True)
     add(f"Model: {pol.name}  [{pol.source}]")
-    add(f"  {pol.shape}; {_fmt_n(pol.num_params)} parameters; params {config.model.dtype}, compute "
+    active = f" ({_fmt_n(pol.active_params)} active per token)" if pol.active_params is not None else ""
+    add(f"  {pol.shape}; {_fmt_n(pol.num_params)} parameters{active}; params {config.model.dtype}, compute "
         f"{config.model.compute_dtype}")
     x = config.execution
     add(f"Execution: remat {x.remat}, layer loop {x.layer_loop}, decode weight format {x.weight_format}, "
@@ -247,11 +260,13 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     add(f"Embedder (frozen reward model): {emb.name}  [{emb.source}]")
     add(f"  {emb.shape}; {_fmt_n(emb.num_params)} parameters; {config.embedder.dtype}; max {config.embedder.max_length} "
         f"tokens, batch {config.embedder.batch_size}")
-    cfg_mesh = " x ".join(f"{a}={config.mesh[a]}" for a in ("data", "fsdp", "tensor"))
-    add(f"Mesh: {cfg_mesh} (config) -> data {mesh['data']} x fsdp {mesh['fsdp']} x tensor {mesh['tensor']} "
-        f"({dev_note})")
+    cfg_mesh = " x ".join(f"{a}={config.mesh.get(a, 1)}" for a in ("data", "fsdp", "expert", "tensor"))
+    add(f"Mesh: {cfg_mesh} (config) -> data {mesh['data']} x fsdp {mesh['fsdp']} x expert {mesh['expert']} x tensor "
+        f"{mesh['tensor']} ({dev_note})")
     if problem:
         add(f"  WARNING: {problem}")
+    if pol.num_experts and pol.num_experts % mesh["expert"]:
+        add(f"  WARNING: {pol.num_experts} experts do not split evenly over expert = {mesh['expert']}")
 
     d = estimate_data(config)
     add("")
@@ -311,7 +326,7 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             if r.share_prompts:
 
                 share, m = micro_batching(r.batch_prompts, r.group_size, r.micro_batch_size,
-                                          mesh["data"] * mesh["fsdp"])
+                                          mesh["data"] * mesh["fsdp"] * mesh["expert"])
                 micro = m or seqs
                 shared = (f"; prompts shared by {share} rows" if share else
                           "; prompts not shared (groups do not spread evenly over the devices)")
@@ -349,19 +364,23 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
         add("Memory: unknown (model shape unknown; give a preset or a local folder)")
     else:
         train_stage = "rwml" if "rwml" in stages else next((s for s in stages if s in ("wm_sft", "filter", "warmstart")), None)
-        m = memory_per_device(pol.num_params, config, shards, train=train_stage is not None,
-                              ref=train_stage == "rwml" and config.rwml.kl_coef > 0,
-                              embedder_params=emb.num_params or 0)
+        def mem(k: int, e: int) -> dict[str, float]:
+            return memory_per_device(pol.num_params, config, k, train=train_stage is not None,
+                                     ref=train_stage == "rwml" and config.rwml.kl_coef > 0,
+                                     embedder_params=emb.num_params or 0, expert_params=pol.expert_params,
+                                     expert_shards=e)
+
+        m = mem(shards, mesh["expert"])
         parts = ", ".join(f"{k} {_fmt_gib(v)}" for k, v in m.items() if k != "total")
+        experts = (f", experts ({_fmt_n(pol.expert_params)} parameters) further over expert = {mesh['expert']}"
+                   if pol.expert_params else "")
         add(f"Memory per device (model state of the {train_stage or 'inference'} stage, sharded fsdp x tensor = "
-            f"{shards} ways; activations and KV cache extra): {_fmt_gib(m['total'])} = {parts}")
-        row = []
-        for k in (1, 2, 4, 8, 16, 32, 64):
-            mk = memory_per_device(pol.num_params, config, k, train=train_stage is not None,
-                                   ref=train_stage == "rwml" and config.rwml.kl_coef > 0,
-                                   embedder_params=emb.num_params or 0)
-            row.append(f"{k}: {_fmt_gib(mk['total'])}")
+            f"{shards} ways{experts}; activations and KV cache extra): {_fmt_gib(m['total'])} = {parts}")
+        row = [f"{k}: {_fmt_gib(mem(k, mesh['expert'])['total'])}" for k in (1, 2, 4, 8, 16, 32, 64)]
         add(f"  per device by fsdp x tensor = {'; '.join(row)}")
+        if pol.expert_params:
+            row = [f"{e}: {_fmt_gib(mem(shards, e)['total'])}" for e in (1, 2, 4, 8, 16, 32, 64)]
+            add(f"  per device by expert (fsdp x tensor = {shards}) = {'; '.join(row)}")
     return "\n".join(lines)
 
 
@@ -374,7 +393,7 @@ def compiled_update_memory_lines(config: ConfigDict, budget_gib: float | None = 
         return [f"Compiled update memory: model shape unknown ({source})"]
     cfg = ModelConfig.from_hf_dict(d, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
     m, r, x = config.mesh, config.rwml, config.execution
-    mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.get("expert", 1))
     execution = platform.resolve(cfg, mesh.devices.flat, layer_loop=x.layer_loop, weight_format=x.weight_format,
                                  attention=x.attention)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=r.learning_rate, weight_decay=r.weight_decay,

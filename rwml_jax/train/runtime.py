@@ -57,7 +57,7 @@ class Runtime:
         self.work_dir = Path(config.work_dir)
         sh.maybe_initialize_distributed()
         m = config.mesh
-        self.mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+        self.mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.get("expert", 1))
         log.info("mesh %s on %d %s device(s)", dict(self.mesh.shape), jax.device_count(), jax.default_backend())
 
     # -- models -------------------------------------------------------------------------------------

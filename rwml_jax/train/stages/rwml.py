@@ -106,7 +106,8 @@ def update_config(r: Any, mesh: Any) -> GRPOConfig:
     if r.share_prompts:
         share, micro = micro_batching(r.batch_prompts, G, r.micro_batch_size, batch_size_multiple(mesh))
     return GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
-                      kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro, prompt_group_size=share)
+                      kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro, prompt_group_size=share,
+                      router_aux_loss_coef=r.router_aux_loss_coef)
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
