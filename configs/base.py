@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the sampler's decode weight layout: out_in ([out, in]) | in_out ([in, out]) | out_in_reduce ([out, in],
     # skinny products as multiply-and-sum) | auto (chosen for the machine by rwml_jax.platform)
     c.execution.weight_format = "auto"
+    # JAX's persistent compilation cache: "auto" = <work_dir>/.jax_cache, "" = off, or a folder / gs:// URL
+    # (a sweep's points can share one)
+    c.execution.compilation_cache = "auto"
 
     # ---- the frozen reward embedder E(.) -----------------------------------------------------------
     c.embedder = ml_collections.ConfigDict()

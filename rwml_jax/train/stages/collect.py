@@ -41,7 +41,7 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
         data_dir = e.data_dir
         if data_dir == "generated":
 
-            data_dir = os.fspath(stage.file("games"))
+            data_dir = os.fspath(stage.local_folder("games"))
             if not os.path.exists(os.path.join(data_dir, "generation.json")):
                 generate_games(data_dir, e.num_generated_games, seed=c.seed,
                                task_types=list(e.task_types) or None)

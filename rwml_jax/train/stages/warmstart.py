@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -151,7 +152,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
 
-    games_dir = stage.file("games")
+    games_dir = stage.local_folder("games")
     games = generate_games(games_dir, w.num_games, seed=c.seed + WARMSTART_SEED_OFFSET)
     episodes = replay_walkthroughs(os.fspath(games_dir), [g.folder for g in games], c.env.num_workers or os.cpu_count() or 1,
                                    probe_prob=w.probe_prob, seed=c.seed + WARMSTART_SEED_OFFSET)
@@ -166,7 +167,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     tok_dir = stage.file("model")
     texts = [m["content"] for msgs, _ in policy_turns + wm_turns for m in msgs] + [t for _, t in policy_turns + wm_turns]
     preset = dict(PRESETS[c.model.preset])
-    tokenizer = train_tokenizer(texts, tok_dir, vocab_size=min(w.tokenizer_vocab_size, preset["vocab_size"]))
+    # trained into a folder of this process (save_pretrained below writes it into the shared model folder)
+    tokenizer = train_tokenizer(texts, tempfile.mkdtemp(prefix="rwml-tok-"), vocab_size=min(w.tokenizer_vocab_size, preset["vocab_size"]))
     examples = []
     for msgs, target in policy_turns + wm_turns:
         p = encode_prompt(tokenizer, msgs, w.seq_len)
