@@ -31,6 +31,7 @@ import struct
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,14 +166,26 @@ def _truncate_jsonl_after(path: Path, step: int) -> int:
     return dropped
 
 
+_OPEN_APPENDERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def flush_pending() -> None:
+    """Write out every bucket-backed log's buffered records (called before each checkpoint save, so the
+    logs hold every record up to the step a resumed run restarts from)."""
+    for f in list(_OPEN_APPENDERS):
+        f.flush(force=True)
+
+
 class _ObjectAppender:
     """An append-mode text file over an object in a bucket (which has no append): lines are buffered and
-    the object rewritten whole at most every `every_s` seconds and on close."""
+    the object rewritten whole at most every `every_s` seconds (GCS allows about one write per second to
+    an object), before each checkpoint (`flush_pending`) and on close."""
 
-    def __init__(self, path: Any, every_s: float = 30.0) -> None:
+    def __init__(self, path: Any, every_s: float = 10.0) -> None:
         self.path, self.every_s, self.closed = path, every_s, False
         self._buf: list[str] = []
         self._last = time.time()
+        _OPEN_APPENDERS.add(self)
 
     def write(self, text: str) -> None:
         self._buf.append(text)
