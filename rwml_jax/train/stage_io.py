@@ -299,6 +299,7 @@ def provenance(config: ConfigDict, stage: str | None = None) -> dict[str, Any]:
         "versions": versions,
         "python": platform.python_version(),
         "host": platform.node(),
+        "process": storage.process_index(),
         "argv": list(sys.argv),
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
@@ -378,11 +379,12 @@ class Stage:
 
     def local_folder(self, relpath: str) -> Path:
         """A folder for files that local programs must read (generated ALFWorld games): inside the stage
-        folder when the work_dir is local, else in this host's cache (`storage.cache_dir`), one per process.
-        Only for data every process can rebuild identically (it is not shared between hosts)."""
-        if not storage.is_remote(self.work_dir):
+        folder for the writer process of a local work_dir; in this host's cache (`storage.cache_dir`), one
+        per process, for a bucket and for the other processes (which write no shared files). Only for data
+        every process rebuilds identically."""
+        if not storage.is_remote(self.work_dir) and storage.is_writer():
             return self.file(relpath)
-        rel = os.fspath(self.path).split("://", 1)[1].strip("/")
+        rel = os.fspath(self.path).split("://", 1)[-1].strip("/")
         out = storage.cache_dir() / "work" / f"p{storage.process_index()}" / rel / relpath
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
