@@ -28,7 +28,7 @@ from rwml_jax.envs.alfworld_data import load_game_json, resolve_game
 from rwml_jax.envs.alfworld_env import task_sentence
 from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.envs.base import TaskSpec, Transition
-from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.host_pool import host_pool
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.decoder import init_params_sharded
 from rwml_jax.models.hf_io import save_pretrained
@@ -87,7 +87,7 @@ def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, m
     walks = [load_game_json(resolve_game(games_dir, "train", t).gamefile)["walkthrough"] for t in task_ids]
     episodes: list[list[Transition]] = []
     width = min(len(task_ids), 16)
-    with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=width, num_workers=min(num_workers, width),
+    with host_pool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=width, num_workers=min(num_workers, width),
                  factory_kwargs={"data_dir": games_dir, "max_steps": max_steps}, run_tag=f"warmstart-s{seed}") as pool:
         for lo in range(0, len(task_ids), width):
             chunk = list(range(lo, min(lo + width, len(task_ids))))
