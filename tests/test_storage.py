@@ -92,3 +92,4 @@ def test_stage_in_a_bucket_killed_and_resumed_exactly(tmp_path):
     assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
     assert list((b / "tb").iterdir())  # tensorboard events uploaded to the bucket
     assert (root / "bkt" / "killed" / "config.json").exists()
+    assert any((root / "bkt" / "killed" / ".jax_cache").iterdir())  # the compilation cache, in the bucket too
