@@ -74,11 +74,16 @@ def check(tmp_path: Path, multi, single, stages: list[str]) -> None:
             prov = json.loads((work / s / marker).read_text())["provenance"]
             assert prov["process"] == 0, (s, marker)
 
-    # the same parameters on both processes, and the 1-process run's up to float rounding
+    # the same parameters on both processes, and the 1-process run's up to float rounding: gloo's
+    # all-reduce sums in another order than one process's; Adam divides each gradient component by its own
+    # magnitude, so where a component is ~0 a rounding-sized difference can move that one parameter by up
+    # to ~lr per step (seen: 1 of 32768 elements of the filter model, 4e-3 relative, 1e-3 of its tensor's scale)
     assert p0.keys() == p1.keys() == ps.keys() and len(p0) > 5
     for k in p0:
         np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
-        np.testing.assert_allclose(p0[k], ps[k], rtol=2e-4, atol=2e-5, err_msg=k)
+        diff = np.abs(p0[k] - ps[k])
+        assert diff.max() <= 3e-3 * np.abs(ps[k]).max(), (k, diff.max())
+        assert (diff > 1e-5 + 1e-4 * np.abs(ps[k])).mean() <= 1e-3, (k, (diff > 1e-5).mean())
 
     # only process 0 wrote the run's files (process 1 opened none of them for writing). In a multi-host
     # checkpoint each process writes its own array shards and their metadata (orbax: ocdbt.process_<i>,
@@ -86,12 +91,12 @@ def check(tmp_path: Path, multi, single, stages: list[str]) -> None:
     assert r0["writes"], "the audit hook saw no writes at all"
     own = [w for w in r1["writes"] if "/checkpoints/" in w[1] and w[1].endswith("process_1")]
     assert [w for w in r1["writes"] if w not in own] == [], r1["writes"][:20]
-    # each metric record once: process 1 did not log
+    # each metric record once (process 1 did not log): no two records with the same step and names
     for s in stages:
         f = work / s / "metrics.jsonl"
         if f.exists():
-            steps = [json.loads(x)["step"] for x in f.read_text().splitlines()]
-            assert len(steps) == len(set(steps)), (s, steps)
+            keys = [(r["step"], tuple(sorted(r))) for r in map(json.loads, f.read_text().splitlines())]
+            assert len(keys) == len(set(keys)), (s, keys)
 
 
 @pytest.mark.multiprocess
@@ -112,8 +117,19 @@ def test_smoke_demo_on_two_processes(tmp_path):
     stages = list(load_config("demo_cpu:smoke").stages)
     multi, single = run_both(tmp_path, SMOKE, None, timeout=5000)
     check(tmp_path, multi, single, stages)
-    # the same trajectories, triplets and kept set as the 1-process run
-    for rel in ("collect/trajectories.jsonl", "triplets/train.jsonl", "filter/kept.jsonl"):
-        a, b = (tmp_path / f"work-{t}" / rel for t in ("multi", "single"))
-        if a.exists() or b.exists():
-            assert a.read_text() == b.read_text(), rel
+    # the same episodes, triplets, rewards, kept set, RWML batches and evaluations as the 1-process run
+    # (up to the paths inside the records: each run's own work dir, and a host's own copy of the games)
+    for rel in ("collect/trajectories.jsonl", "triplets/train.jsonl", "triplets/val.jsonl", "filter/rewards.jsonl",
+                "filter/kept.jsonl", "rwml/batches.jsonl", "rwml/eval.jsonl"):
+        a, b = ([_without_paths(json.loads(x)) for x in (tmp_path / f"work-{t}" / rel).read_text().splitlines()]
+                for t in ("multi", "single"))
+        assert a == b and a, rel
+
+
+def _without_paths(record):
+    """A JSON record without the fields that hold file paths (provenance, game files)."""
+    if isinstance(record, dict):
+        return {k: _without_paths(v) for k, v in record.items() if k not in ("provenance", "gamefile")}
+    if isinstance(record, list):
+        return [_without_paths(v) for v in record]
+    return record
