@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # training / full-forward attention kernel: xla | cudnn (GPU flash attention, bfloat16 / float16) |
     # splash (TPU Pallas kernel) | auto (splash on TPU, cudnn on GPU in bfloat16, xla otherwise)
     c.execution.attention = "auto"
+    # JAX's persistent compilation cache: "auto" = <work_dir>/.jax_cache, "" = off, or a folder / gs:// URL
+    # (a sweep's points can share one)
+    c.execution.compilation_cache = "auto"
 
     # ---- the frozen reward embedder E(.) -----------------------------------------------------------
     c.embedder = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from rwml_jax import storage
 from rwml_jax.config import ConfigError, load_config
 from rwml_jax.train.export import EXPORT_DTYPES, ExportError, export_model, push_to_hub
 
@@ -35,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def work_dir_of(run_arg: str, overrides: list[str]) -> str:
     """The run folder RUN names: the folder itself, or the work_dir of the recipe RUN (with overrides)."""
-    if os.path.isdir(run_arg):
+    if os.path.isdir(run_arg) or storage.is_remote(run_arg):  # a bucket URL names a run folder
         if overrides:
             raise ExportError(f"--config overrides ({' '.join(overrides)}) apply to a recipe name, but {run_arg!r} "
                               "is a run folder")
@@ -45,7 +46,7 @@ def work_dir_of(run_arg: str, overrides: list[str]) -> str:
         config = load_config(run_arg, overrides)
     except ConfigError as e:
         raise ExportError(f"RUN {run_arg!r} is neither a run folder nor a recipe: {e}") from e
-    if not os.path.isdir(config.work_dir):
+    if not storage.as_path(config.work_dir, "work_dir").is_dir():
         raise ExportError(f"recipe {run_arg!r} runs in {config.work_dir}, which does not exist (run it first, or "
                           "pass the run folder)")
     return config.work_dir

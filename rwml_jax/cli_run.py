@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from rwml_jax import storage
 from rwml_jax.config import STAGE_ORDER, ConfigError, load_config
 from rwml_jax.evaluation.metrics import pct
 from rwml_jax.train.plan import compiled_update_memory_lines, describe_plan
@@ -119,9 +120,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
-    from pathlib import Path
-
-    work = Path(config.work_dir)
+    if not storage.is_writer():  # one process prints the summary
+        return
+    work = storage.as_path(config.work_dir)
     print("\n" + "=" * 78)
     print(f"{config.name}: stages {', '.join(summaries)} done; outputs in {work}/")
     if "warmstart" in summaries:

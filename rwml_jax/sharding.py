@@ -238,3 +238,20 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(get, tree)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable `obj`, in process order ([obj] with one process). A collective: every
+    process must call it, in the same order."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [pickle.loads(every[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]

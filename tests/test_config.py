@@ -115,7 +115,7 @@ def test_allowed_values_are_those_of_the_code_that_acts_on_them():
 
 def test_execution_options_are_not_model_fields():
     c = load_config("rwml_alfworld")
-    assert set(c.execution) == {"remat", "layer_loop", "weight_format", "attention"}
+    assert set(c.execution) == {"remat", "layer_loop", "weight_format", "attention", "compilation_cache"}
     assert not {"remat", "layer_loop", "weight_format"} & set(c.model)
     assert load_config("demo_cpu").execution.remat == "none"
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.remat'; did you mean 'execution\.remat'\?"):

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rwml_jax"
 
 # (layer, prefixes): a module may import modules of its own layer or lower ones
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("rwml_jax.platform", "rwml_jax.sharding")),
+    (0, ("rwml_jax.platform", "rwml_jax.sharding", "rwml_jax.storage")),
     (1, ("rwml_jax.models",)),
     (2, ("rwml_jax.sampling",)),
     (3, ("rwml_jax.rl",)),

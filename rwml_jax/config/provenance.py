@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rwml_jax import storage
 from rwml_jax.config.keys import ConfigDict, flatten, unknown_key_error
 
 
@@ -35,9 +36,11 @@ def save_config(config: ConfigDict, path: str | os.PathLike) -> Path:
 
     Returns the JSON path. The repr keeps types JSON loses (tuples vs lists) for provenance.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     if path.suffix != ".json":
         path = path / "config.json"
+    if not storage.is_writer():  # one process writes shared files
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
     _atomic_write(path.with_suffix(".py.txt"), repr(config) + "\n")
@@ -45,6 +48,9 @@ def save_config(config: ConfigDict, path: str | os.PathLike) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    if storage.is_remote(path):  # a bucket: one object write is atomic
+        path.write_text(text)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)

@@ -24,6 +24,7 @@ from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
 from rwml_jax.platform import ATTENTION_KERNELS, DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 from rwml_jax.rwml.rewards import REWARD_KINDS
+from rwml_jax.storage import StorageError, check_location
 
 
 class Section:
@@ -113,6 +114,7 @@ def _run(s: Section) -> None:
     """Top level: name, work_dir, seed and the stages to run."""
     s.nonempty_str("name")
     s.nonempty_str("work_dir")
+    _location(s, "work_dir")
     s.number("seed", lo=0, integer=True)
     s.subset("stages", STAGE_ORDER)
     st = list(s.typed("stages", (tuple, list)) or ())
@@ -149,6 +151,17 @@ def _execution(s: Section) -> None:
     s.one_of("layer_loop", LAYER_LOOPS)
     s.one_of("weight_format", WEIGHT_FORMATS)
     s.one_of("attention", ATTENTION_KERNELS)
+    if s.typed("compilation_cache", str) not in (None, "", "auto"):
+        _location(s, "compilation_cache")
+
+
+def _location(s: Section, field: str) -> None:
+    """A local path, or a URL whose scheme a backend installed here serves (`rwml_jax.storage`)."""
+    if s.typed(field, str):
+        try:
+            check_location(s.get(field), s.key(field))
+        except StorageError as e:
+            s.errors.append(str(e))
 
 
 def _embedder(s: Section) -> None:

@@ -28,10 +28,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rwml_jax import storage
 from rwml_jax.agent.rollout import Trajectory, rollout
 from rwml_jax.envs import TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import TASK_TYPES
-from rwml_jax.envs.pool import EnvPool, resolve_factory
+from rwml_jax.envs.host_pool import host_pool
+from rwml_jax.envs.pool import resolve_factory
 from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS, pct, summarize
 from rwml_jax.evaluation.tasks import GUARDED_FACTORY, LOAD_ERROR, EvalTask, classify_tool_calls
 from rwml_jax.train.stage_io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -114,7 +116,7 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
     if not tasks:
         raise ValueError("nothing to evaluate: the task list is empty")
     resolve_factory(factory)  # a wrong import path fails here, not in every worker
-    paths = EvalPaths(Path(out))
+    paths = EvalPaths(storage.as_path(out))
     paths.stem.parent.mkdir(parents=True, exist_ok=True)
     settings = {**settings, "env": env, "runs": runs, "seed": seed, "max_steps": max_steps,
                 "history_length": history_length, "tasks": [episode_key(0, t) for t in tasks]}
@@ -127,9 +129,10 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
                              f"write to another --json path or delete {paths.stem}.* to start over")
     else:
         for p in (paths.episodes, paths.trajectories):
-            if p.exists():
+            if p.exists() and storage.is_writer():
                 p.unlink()  # leftovers of an evaluation whose settings file never got written
         atomic_write_json(paths.settings, settings)
+    storage.sync("eval-settings")  # every process has read the folder before any episode is added
 
     done: dict[str, dict[str, Any]] = {}
     if paths.episodes.exists():
@@ -165,7 +168,7 @@ def evaluate(tasks: Sequence[EvalTask], generate_fn: Callable[..., Sequence[Any]
 
         width = max(1, min(num_envs, len(todo)))
         workers = max(1, min(width, num_workers or os.cpu_count() or 1))
-        with EnvPool(GUARDED_FACTORY, num_envs=width, num_workers=workers,
+        with host_pool(GUARDED_FACTORY, num_envs=width, num_workers=workers,
                      factory_kwargs={"factory": factory, **factory_kwargs},
                      step_timeout=step_timeout, run_tag=f"eval-s{seed}") as pool:
             rollout(pool, specs, generate_fn, history_length=history_length, max_turns=max_steps,

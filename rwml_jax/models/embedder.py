@@ -318,7 +318,7 @@ class Embedder:
             pending.append((idx, self._jitted(self.params, self._put(tok), self._put(mask), self._put(pool_mask))))
         out = np.empty((len(ids), self.dim), np.float32)
         for idx, dev in pending:
-            out[idx] = np.asarray(dev)[: len(idx)]
+            out[idx] = sh.to_host(dev)[: len(idx)]  # rows span every host in a multi-process run
         return out
 
     def __call__(self, texts: Sequence[str], **kw: Any) -> np.ndarray:

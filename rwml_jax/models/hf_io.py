@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwml_jax import sharding as sh
+from rwml_jax import storage
 from rwml_jax.models import decoder
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.safetensors_io import SafetensorsFile, save_file
@@ -189,7 +190,7 @@ def load_pretrained(
     (rules default to `rwml_jax.sharding.DEFAULT_RULES`); without a mesh, parameters go to the default
     device. Extra keyword arguments override config fields (e.g. compute_dtype="bfloat16").
     """
-    path = os.fspath(path)
+    path = storage.local_copy(path)  # a bucket folder: downloaded once into this host's cache
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model path {path!r} is not a folder; expected a Hugging Face model folder with config.json and "
@@ -248,19 +249,40 @@ def save_pretrained(
     *,
     max_shard_bytes: int = 4 << 30,
     tokenizer: Any = None,
+    dtype: str | None = None,
 ) -> None:
     """Write `params` as an HF folder (config.json + safetensors, sharded above `max_shard_bytes`).
 
-    Parameters are fetched to the host one at a time (multi-host arrays must be fully addressable or
-    gathered first). The files are written under temporary names and renamed into place, so a crash
-    never leaves a half-written checkpoint that looks complete.
+    Every process calls it. Parameters are gathered to the host one at a time (`sharding.to_host`: a
+    multi-host sharded array is all-gathered, so only one parameter is ever whole in host memory at
+    once) and cast to `dtype` ("bfloat16" halves an export; default: as stored, `config.param_dtype` in
+    config.json follows it); only the writer process (`storage.is_writer`) writes. `path` may be a bucket
+    URL: the folder is written locally, then uploaded. The files are written under temporary names and
+    renamed into place, so a crash never leaves a half-written checkpoint that looks complete.
     """
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype)
+    if storage.is_remote(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="rwml-export-") as tmp:
+            save_pretrained(config, params, tmp, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer, dtype=dtype)
+            if storage.is_writer():
+                storage.upload_dir(tmp, path)
+        storage.sync("save_pretrained-upload")
+        return
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    writer = storage.is_writer()
+    if writer:
+        os.makedirs(path, exist_ok=True)
     flat = dict(_leaf_paths(params))
     out: dict[str, np.ndarray] = {}
     for p, name, (_, to_hf), _spec in _entries(config):
-        host = np.asarray(jax.device_get(flat[p]))
+        host = sh.to_host(flat[p])
+        if dtype is not None:
+            host = host.astype(jnp.dtype(dtype))
+        if not writer:
+            continue
         if p[0] == "layers":
             for a, i in enumerate(_layer_indices(config, p)):
                 if "{j}" in name:
@@ -270,6 +292,9 @@ def save_pretrained(
                     out[name.format(i=i)] = np.ascontiguousarray(to_hf(host[a], config))
         else:
             out[name] = np.ascontiguousarray(to_hf(host, config))
+    if not writer:
+        storage.sync("save_pretrained")
+        return
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -292,6 +317,7 @@ def save_pretrained(
     _write_json(os.path.join(path, "config.json"), config.to_hf_dict())
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    storage.sync("save_pretrained")
 
 
 def _write_json(path: str, obj: Any) -> None:

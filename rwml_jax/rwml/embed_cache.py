@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from rwml_jax import storage
+
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
@@ -63,6 +65,8 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self.path: str | None = None
+        # only the writer process adds files (the others read what is there and keep the rest in memory)
+        self._writes = storage.is_writer()
         if directory is not None:
             self.path = os.path.join(os.fspath(directory), ident)
             os.makedirs(self.path, exist_ok=True)
@@ -71,8 +75,11 @@ class EmbeddingCache:
 
     @classmethod
     def beside(cls, dataset_path: str | os.PathLike, embedder: Any, **kw: Any) -> "EmbeddingCache":
-        """A cache stored next to the dataset file: ``<dataset_path>.embcache/<identity>/``."""
+        """A cache stored next to the dataset file: ``<dataset_path>.embcache/<identity>/`` (for a dataset in
+        a bucket, under the same path in this host's cache, `storage.cache_dir`)."""
         dataset_path = os.fspath(dataset_path)
+        if storage.is_remote(dataset_path):
+            dataset_path = os.fspath(storage.cache_dir() / "embcache" / dataset_path.split("://", 1)[1].strip("/"))
         return cls(embedder, dataset_path.rstrip(os.sep) + ".embcache", **kw)
 
     # -- disk ---------------------------------------------------------------------------------------
@@ -87,6 +94,8 @@ class EmbeddingCache:
             if old.get("identity") != self.identity or old.get("dim") != self.dim:
                 raise ValueError(f"{meta_path} belongs to embedder {old.get('identity')} (dim {old.get('dim')}); "
                                  f"this one is {self.identity} (dim {self.dim})")
+            return
+        if not self._writes:
             return
         tmp = f"{meta_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -117,6 +126,8 @@ class EmbeddingCache:
 
     def _write_shard(self, keys: list[bytes], vecs: np.ndarray, name: str | None = None) -> str:
         assert self.path is not None
+        if not self._writes:
+            return ""
         self._seq += 1
         name = name or f"shard-{time.time_ns():020d}-{os.getpid()}-{self._seq}.npz"
         final = os.path.join(self.path, name)
@@ -129,7 +140,7 @@ class EmbeddingCache:
 
     def compact(self) -> None:
         """Merge all shards into one (written before the old shards are removed)."""
-        if self.path is None:
+        if self.path is None or not self._writes:
             return
         old = self._shards()
         if len(old) <= 1:

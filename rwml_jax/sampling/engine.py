@@ -396,7 +396,8 @@ class Sampler:
         state = prefill(lparams, cache, dev_ids, dev_mask, dev_valid, *scalars)
         state = decode(lparams, state, *scalars)
         self._caches[cache_key] = state.cache
-        host = jax.device_get(dict(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
+        # rows sharded over data x fsdp span every host in a multi-process run: gathered, the same on each
+        host = sh.to_host(dict(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                                    reason=state.reason, step=state.step))
         return _finish(host, n_rows, [len(t) for t in token_lists for _ in range(G)], criteria, tokenizer)
 

@@ -34,12 +34,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Self
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rwml_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True) -> None:
         if keep < 1:
             raise ValueError(f"keep={keep}: must keep at least one checkpoint")
-        self.directory = Path(directory).absolute()
+        directory = storage.as_path(directory, "checkpoint directory")
+        # orbax takes local folders and gs:// URLs (etils.epath + tensorstore) alike
+        self.directory = directory if storage.is_remote(directory) else directory.absolute()
         self.keep = keep
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from rwml_jax import storage
 from rwml_jax.config.recipes import import_configs_module
 from rwml_jax.config.stages import MODEL_STAGES
 from rwml_jax.models import hf_io
@@ -71,7 +70,7 @@ def parse_stage(work_dir: str | os.PathLike, spec: str) -> ExportSource:
                           f"with @STEP (a checkpoint step), e.g. rwml@40")
     if step and not step.isdigit():
         raise ExportError(f"bad checkpoint step {step!r} in {spec!r}: expected <stage>@<integer step>")
-    return ExportSource(Path(work_dir), name, int(step) if step else None)
+    return ExportSource(storage.as_path(work_dir, "run folder"), name, int(step) if step else None)
 
 
 def _run_config(src: ExportSource) -> dict[str, Any]:
@@ -97,7 +96,7 @@ def _model_config(src: ExportSource, tokenizer: Any) -> ModelConfig:
     killed before its first model was written) the recipe's preset sized to the stage's tokenizer."""
     for d in (src.model_dir, _start_model_dir(src)):
         if d is not None and (d / "config.json").is_file():
-            return ModelConfig.from_pretrained(d)
+            return ModelConfig.from_pretrained(storage.local_copy(d))
     cfg = _run_config(src).get("model", {})
     if src.stage == "warmstart" and cfg.get("preset"):
         preset = dict(import_configs_module("models").PRESETS[cfg["preset"]])
@@ -123,12 +122,12 @@ def load_source(src: ExportSource) -> tuple[ModelConfig, Any, Any, Path]:
                               f"A checkpoint step of it exports with {src.stage}@STEP")
         config, params = hf_io.load_pretrained(src.model_dir, dtype="float32")
         tok_dir = _tokenizer_dir(src)
-        return config, params, load_tokenizer(os.fspath(tok_dir)), tok_dir
+        return config, params, load_tokenizer(storage.local_copy(tok_dir)), tok_dir
     ckpt_dir = src.stage_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ExportError(f"stage {src.stage!r} has no checkpoints in {ckpt_dir}")
     tok_dir = _tokenizer_dir(src)
-    tokenizer = load_tokenizer(os.fspath(tok_dir))
+    tokenizer = load_tokenizer(storage.local_copy(tok_dir))
     config = _model_config(src, tokenizer).replace(param_dtype="float32", compute_dtype="float32")
     with Checkpointer(ckpt_dir, async_save=False) as ck:
         if src.step not in ck.all_steps():
@@ -184,15 +183,15 @@ def export_model(work_dir: str | os.PathLike, stage: str, out: str | os.PathLike
     if not src.work_dir.is_dir():
         raise ExportError(f"run folder {src.work_dir} does not exist")
     config, params, tokenizer, tok_dir = load_source(src)
-    config = config.replace(param_dtype=dtype, compute_dtype=dtype)
-    params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)).astype(jnp.dtype(dtype)), params)
-    out = Path(out)
+    config = config.replace(compute_dtype=dtype)
+    out = storage.as_path(out, "export folder")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new folder")
-    hf_io.save_pretrained(config, params, out, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+    # gathered to the host and cast one parameter at a time
+    hf_io.save_pretrained(config, params, out, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer, dtype=dtype)
     for extra in ("chat_template.jinja",):  # older transformers keep the template in tokenizer_config.json only
         if (tok_dir / extra).is_file() and not (out / extra).exists():
-            shutil.copy(tok_dir / extra, out / extra)
+            (out / extra).write_bytes((tok_dir / extra).read_bytes())
     atomic_write_json(out / "generation_config.json", _generation_config(config, tokenizer, tok_dir))
     atomic_write_text(out / "README.md", _model_card(src, dtype, config))
     return out

@@ -30,6 +30,7 @@ from rwml_jax.rl.train_state import (
 )
 from rwml_jax.train.checkpoint import Checkpointer, DataCursor
 from rwml_jax.train.stage_io import append_jsonl, read_jsonl, write_jsonl
+from rwml_jax.train.writers import flush_pending
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class TrainLoop:
         if force or (self.every_steps > 0 and step_done % self.every_steps == 0):
             if self.ckpt.latest_step() == step_done:
                 return
+            flush_pending()  # logs in a bucket: every record up to this step is written before the checkpoint
             self.ckpt.save(step_done, {"train": state}, extra=dict(extra or {}), cursor=cursor)
 
     def close(self) -> None:

@@ -26,8 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-import jax
-
+from rwml_jax import storage
 from rwml_jax.config import config_to_dict
 from rwml_jax.train.writers import JsonlWriter, TensorboardWriter, WandbOptions, WandbWriter, Writer
 
@@ -57,12 +56,12 @@ class MetricsLogger:
 
     def __init__(self, log_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None,
                  wandb: WandbOptions | None = None) -> None:
-        self.log_dir = Path(log_dir)
+        self.log_dir = storage.as_path(log_dir)
         self.metrics_path = self.log_dir / "metrics.jsonl"
         self.samples_path = self.log_dir / "samples.jsonl"
         self.writers: list[Writer] = []
         self._tensorboard = tensorboard
-        if jax.process_index() != 0:
+        if not storage.is_writer():
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.writers.append(JsonlWriter(self.log_dir, resume_step=resume_step))
@@ -74,7 +73,7 @@ class MetricsLogger:
     @classmethod
     def for_stage(cls, stage_dir: str | os.PathLike, config: Any, *, resume_step: int | None = None) -> MetricsLogger:
         """The logger of a pipeline stage folder with the writers `config.logging` asks for."""
-        stage_dir = Path(stage_dir)
+        stage_dir = storage.as_path(stage_dir)
         return cls(stage_dir, tensorboard=config.logging.tensorboard, resume_step=resume_step,
                    wandb=wandb_options(config, stage_dir.name))
 
@@ -117,7 +116,7 @@ class MetricsLogger:
     def image(self, step: int, tag: str, path: str | os.PathLike) -> None:
         """Log a PNG (e.g. a plot the stage wrote) at `step`."""
         for w in self.writers:
-            w.image(step, tag, Path(path))
+            w.image(step, tag, storage.as_path(path))
 
     def flush(self) -> None:
         for w in self.writers:
@@ -137,11 +136,11 @@ class MetricsLogger:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl (a folder holding one is accepted); a line cut by a kill is skipped."""
-    p = Path(path)
+    p = storage.as_path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     out = []
-    with open(p, encoding="utf-8") as f:
+    with p.open(encoding="utf-8") as f:
         for line in f:
             if line.endswith("\n") and line.strip():
                 out.append(json.loads(line))
@@ -163,14 +162,15 @@ def progress(total: int | None, desc: str, *, initial: int = 0, unit: str = "ste
     """A tqdm progress bar with rate and ETA on stderr: ``bar.update(n)``, ``bar.set_postfix(reward=...)``.
 
     `initial` makes a resumed stage show its true position. When stderr is not a terminal (logs, CI) the bar
-    redraws at most every 30 s, so log files stay short. Set RWML_NO_PROGRESS=1 to hide it.
+    redraws at most every 30 s, so log files stay short. Set RWML_NO_PROGRESS=1 to hide it. Only the
+    writer process (process 0) shows it.
     """
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, initial=initial, unit=unit, leave=leave, dynamic_ncols=True,
                 mininterval=0.5 if tty else 30.0, smoothing=0.1, file=sys.stderr,
-                disable=os.environ.get("RWML_NO_PROGRESS") == "1")
+                disable=os.environ.get("RWML_NO_PROGRESS") == "1" or not storage.is_writer())
 
 
 def format_summary(title: str, values: Mapping[str, Any]) -> str:

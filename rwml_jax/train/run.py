@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from rwml_jax import storage
 from rwml_jax.config import STAGE_ORDER, save_config
 from rwml_jax.train.runtime import Runtime
 from rwml_jax.train.stage_io import Stage
@@ -42,6 +43,7 @@ def run_stages(config: Any, stages: tuple[str, ...] | None = None, *, force: tup
         forced = s in force or (recomputed and Stage(rt.work_dir, s).is_done())
         recomputed = recomputed or forced or not Stage(rt.work_dir, s).is_done()
         summaries[s] = stage_module(s).run(rt, force=forced)
+        storage.sync(f"stage-{s}")  # every process has finished the stage before any reads its output
         log.info("stage %s finished in %.0f s: %s", s, time.time() - t0,
                  {k: v for k, v in summaries[s].items() if not isinstance(v, (list, dict))})
     return summaries

@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from rwml_jax import platform
 from rwml_jax import sharding as sh
+from rwml_jax import storage
 from rwml_jax.models import hf_io
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.embedder import load_embedder
@@ -31,7 +31,7 @@ def resolve_model_path(name: str, *, what: str = "model") -> str:
     """A local folder for `name`: the folder itself, or a hub snapshot (needs internet once)."""
     if not name:
         raise ValueError(f"no {what} given: set config.{'model.path' if what == 'model' else what + '.path'}")
-    if os.path.isdir(name):
+    if os.path.isdir(name) or storage.is_remote(name):  # a bucket folder: copied to this host when loaded
         return name
     if os.path.exists(name):
         raise FileNotFoundError(f"{what} path {name!r} is a file; expected a Hugging Face model folder")
@@ -54,8 +54,10 @@ class Runtime:
 
     def __init__(self, config: Any):
         self.config = config
-        self.work_dir = Path(config.work_dir)
+        self.work_dir = storage.as_path(config.work_dir, "work_dir")
         sh.maybe_initialize_distributed()
+        cache = config.execution.get("compilation_cache", "auto")
+        storage.enable_compilation_cache(self.work_dir / ".jax_cache" if cache == "auto" else cache)
         m = config.mesh
         self.mesh = sh.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.get("expert", 1))
         log.info("mesh %s on %d %s device(s)", dict(self.mesh.shape), jax.device_count(), jax.default_backend())
@@ -85,7 +87,7 @@ class Runtime:
 
     def tokenizer(self, path: str | None = None):
         path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
-        return load_tokenizer(path)
+        return load_tokenizer(storage.local_copy(path))
 
     @functools.cached_property
     def embedder(self):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rwml_jax.rl.batch import pack
+from rwml_jax.sharding import batch_size_multiple
 from rwml_jax.rl.sft import SFTConfig, make_sft_step
 from rwml_jax.rl.train_state import OptimizerConfig
 from rwml_jax.train.encode import round_up
@@ -88,6 +89,16 @@ def train_sft(
         bar.close()
         loop.close()
     return state.params, metrics
+
+
+def fit_batch(requested: int, num_examples: int, mesh: Any) -> int:
+    """The SFT batch for a data set: `requested`, or all `num_examples` when fewer, rounded down to a
+    multiple of the data x fsdp device count (unchanged on one device)."""
+    multiple = batch_size_multiple(mesh)
+    batch = min(requested, num_examples)
+    if batch < multiple:
+        raise ValueError(f"{num_examples} SFT examples cannot fill one batch of data x fsdp = {multiple} devices")
+    return batch - batch % multiple
 
 
 def truncate_example(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> Example:

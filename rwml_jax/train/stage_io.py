@@ -31,6 +31,7 @@ import dataclasses
 import datetime as _dt
 import fnmatch
 import importlib
+import io
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from rwml_jax import storage
 from rwml_jax.config import (
     STAGE_ORDER,
     ConfigDict,
@@ -77,11 +79,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterator
     """Open a temporary file next to `path`; on a clean exit fsync it and rename it onto `path`.
 
     On an exception (or a kill) `path` keeps its previous content and the temporary file is removed (or
-    left as ``.<name>.tmp-*``, which nothing reads).
+    left as ``.<name>.tmp-*``, which nothing reads). In a bucket (``gs://``) the content is buffered and
+    written as one object on a clean exit (an object store's single write is atomic). On every process
+    but the writer (`storage.is_writer`) the content goes nowhere: only process 0 writes shared files.
     """
     if "w" not in mode:
         raise ValueError("atomic_open writes whole files: use mode 'w' or 'wb'")
-    path = Path(path)
+    path = storage.as_path(path)
+    if not storage.is_writer() or storage.is_remote(path):
+        buf = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buf
+        if storage.is_writer():
+            data = buf.getvalue()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data if isinstance(data, bytes) else data.encode(kw.get("encoding") or "utf-8"))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     f = open(tmp, mode, **kw)  # noqa: SIM115  (closed below on every path)
@@ -101,13 +113,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterator
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)
-    return Path(path)
+    return storage.as_path(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_open(path, "wb") as f:
         f.write(data)
-    return Path(path)
+    return storage.as_path(path)
 
 
 def _default(o: Any) -> Any:
@@ -138,7 +150,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
+    with storage.as_path(path).open() as f:
         return json.load(f)
 
 
@@ -160,13 +172,18 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[Any], *, fsync: bool
     """Append records to a JSONL file (for outputs that grow while a stage runs, e.g. finished episodes).
 
     A kill mid-append leaves at most one truncated last line, which `read_jsonl` drops (and reports) by
-    default; records before it are intact. Returns the number appended.
+    default; records before it are intact. In a bucket the object is rewritten whole (no append there).
+    Only the writer process writes (`storage.is_writer`). Returns the number appended.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.as_path(path)
     lines = [to_json(r) + "\n" for r in records]
-    if not lines:
-        return 0
+    if not lines or not storage.is_writer():
+        return len(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(path):
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        path.write_text(old + "".join(lines), encoding="utf-8")
+        return len(lines)
     _repair_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(lines))
@@ -218,11 +235,11 @@ def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None, *, allow_par
     allow_partial_tail: drop a truncated last line (a killed `append_jsonl`) instead of raising. A malformed
     line anywhere else raises StageError naming the file and line.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.exists():
         raise StageError(f"missing stage output {path}")
     out: list[Any] = []
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         lines = f.readlines()
     for i, line in enumerate(lines):
         if not line.strip():
@@ -239,7 +256,7 @@ def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None, *, allow_par
 
 def iter_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[T]:
     """Stream a JSONL file record by record (complete lines only)."""
-    with open(path, encoding="utf-8") as f:
+    with storage.as_path(path).open(encoding="utf-8") as f:
         for line in f:
             if line.endswith("\n") and line.strip():
                 yield _from_record(cls, json.loads(line))
@@ -282,6 +299,7 @@ def provenance(config: ConfigDict, stage: str | None = None) -> dict[str, Any]:
         "versions": versions,
         "python": platform.python_version(),
         "host": platform.node(),
+        "process": storage.process_index(),
         "argv": list(sys.argv),
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
@@ -345,7 +363,7 @@ class Stage:
     name: str
 
     def __post_init__(self) -> None:
-        self.work_dir = Path(self.work_dir)
+        self.work_dir = storage.as_path(self.work_dir, "work_dir")
         if self.name not in STAGE_ORDER:
             raise ValueError(f"unknown stage {self.name!r}; stages: {STAGE_ORDER}")
         self._t0: float | None = None
@@ -358,6 +376,18 @@ class Stage:
         """A path inside the stage folder (the folder is created)."""
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path / relpath
+
+    def local_folder(self, relpath: str) -> Path:
+        """A folder for files that local programs must read (generated ALFWorld games): inside the stage
+        folder for the writer process of a local work_dir; in this host's cache (`storage.cache_dir`), one
+        per process, for a bucket and for the other processes (which write no shared files). Only for data
+        every process rebuilds identically."""
+        if not storage.is_remote(self.work_dir) and storage.is_writer():
+            return self.file(relpath)
+        rel = os.fspath(self.path).split("://", 1)[-1].strip("/")
+        out = storage.cache_dir() / "work" / f"p{storage.process_index()}" / rel / relpath
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
 
     @property
     def done_file(self) -> Path:
@@ -409,7 +439,10 @@ class Stage:
         renamed to ``<stage>.replaced-<UTC time>`` and the stage starts fresh.
         """
         if force and self.path.exists() and any(self.path.iterdir()):
-            self.move_aside()
+            storage.sync(f"{self.name}-force")  # every process has looked before the writer moves it
+            if storage.is_writer():
+                self.move_aside()
+            storage.sync(f"{self.name}-moved")
         for marker_file, state in ((self.done_file, "done"), (self.started_file, "resume")):
             if not marker_file.exists():
                 continue
@@ -425,6 +458,7 @@ class Stage:
                 )
             self._t0 = time.time()
             return state
+        storage.sync(f"{self.name}-begin")  # every process has read the markers before the writer adds one
         self.path.mkdir(parents=True, exist_ok=True)
         deps = stage_deps(config, self.name)
         atomic_write_json(self.started_file, {
@@ -437,7 +471,9 @@ class Stage:
     def finish(self, config: ConfigDict, *, summary: Mapping[str, Any] | None = None,
                timings: Mapping[str, float] | None = None, outputs: Sequence[str] = ()) -> dict[str, Any]:
         """Mark the stage finished: DONE.json (atomic, written last). `outputs` are file names inside the
-        folder that must exist (checked, and listed with their sizes)."""
+        folder that must exist (checked, and listed with their sizes). Every process calls it: it waits
+        until all have finished writing, and returns once DONE.json is visible to all of them."""
+        storage.sync(f"{self.name}-outputs")
         missing = [o for o in outputs if not (self.path / o).exists()]
         if missing:
             raise StageError(f"stage {self.name!r} cannot finish: outputs {missing} are missing in {self.path}")
@@ -454,11 +490,12 @@ class Stage:
             "upstream": started.get("upstream", self._upstream_ids(config)),
             "summary": dict(summary or {}),
             "timings": t,
-            "outputs": {o: (self.path / o).stat().st_size for o in outputs},
+            "outputs": {o: storage.file_size(self.path / o) for o in outputs},
             "provenance": provenance(config, self.name),
             "started": started.get("provenance", {}).get("time"),
         }
         atomic_write_json(self.done_file, done)
+        storage.sync(f"{self.name}-done")
         return done
 
     def move_aside(self) -> Path:
@@ -469,5 +506,8 @@ class Stage:
         while dest.exists():
             dest = self.work_dir / f"{self.name}.replaced-{stamp}-{i}"
             i += 1
-        shutil.move(str(self.path), str(dest))
+        if storage.is_remote(self.path):
+            self.path.rename(dest)
+        else:
+            shutil.move(str(self.path), str(dest))
         return dest

@@ -28,13 +28,16 @@ import math
 import os
 import socket
 import struct
+import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from rwml_jax import storage
 from rwml_jax.train.stage_io import atomic_write_json, atomic_write_text, read_json, to_json
 
 WANDB_RUN_FILE = "wandb_run.json"
@@ -82,7 +85,13 @@ class TensorboardWriter:
 
         self._pb = (event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2)
         self._text_md = text_metadata.create_summary_metadata(display_name=None, description=None)
+        # tensorboard writes local files (and s3) only: for a bucket, events go to a local folder that
+        # close() uploads
+        self._remote = logdir if storage.is_remote(logdir) else None
+        if self._remote is not None:
+            logdir = Path(tempfile.mkdtemp(prefix="rwml-tb-"))
         logdir.mkdir(parents=True, exist_ok=True)
+        self._logdir = logdir
         self._w = EventFileWriter(str(logdir), max_queue_size=100, flush_secs=30,
                                   filename_suffix=f".{socket.gethostname()}.{os.getpid()}")
         if resume_step is not None:
@@ -109,7 +118,7 @@ class TensorboardWriter:
 
     def image(self, step: int, tag: str, path: Path) -> None:
         summary_pb2 = self._pb[1]
-        data = Path(path).read_bytes()
+        data = storage.as_path(path).read_bytes()
         width, height = _png_size(data)
         img = summary_pb2.Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=data)
         self._event(step, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=img)]))
@@ -125,6 +134,8 @@ class TensorboardWriter:
 
     def close(self) -> None:
         self._w.close()
+        if self._remote is not None:
+            storage.upload_dir(self._logdir, self._remote)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,10 +143,11 @@ class TensorboardWriter:
 # ------------------------------------------------------------------------------------------------
 def _truncate_jsonl_after(path: Path, step: int) -> int:
     """Drop records with "step" > step (atomic rewrite); returns how many were dropped."""
+    path = storage.as_path(path)
     if not path.exists():
         return 0
     keep, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for line in f:
             if not line.endswith("\n"):
                 dropped += 1  # a line cut by a kill
@@ -154,6 +166,47 @@ def _truncate_jsonl_after(path: Path, step: int) -> int:
     return dropped
 
 
+_OPEN_APPENDERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def flush_pending() -> None:
+    """Write out every bucket-backed log's buffered records (called before each checkpoint save, so the
+    logs hold every record up to the step a resumed run restarts from)."""
+    for f in list(_OPEN_APPENDERS):
+        f.flush(force=True)
+
+
+class _ObjectAppender:
+    """An append-mode text file over an object in a bucket (which has no append): lines are buffered and
+    the object rewritten whole at most every `every_s` seconds (GCS allows about one write per second to
+    an object), before each checkpoint (`flush_pending`) and on close."""
+
+    def __init__(self, path: Any, every_s: float = 10.0) -> None:
+        self.path, self.every_s, self.closed = path, every_s, False
+        self._buf: list[str] = []
+        self._last = time.time()
+        _OPEN_APPENDERS.add(self)
+
+    def write(self, text: str) -> None:
+        self._buf.append(text)
+
+    def flush(self, force: bool = False) -> None:
+        if self._buf and (force or time.time() - self._last >= self.every_s):
+            old = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self.path.write_text(old + "".join(self._buf), encoding="utf-8")
+            self._buf, self._last = [], time.time()
+
+    def close(self) -> None:
+        self.flush(force=True)
+        self.closed = True
+
+
+def _append_file(path: Any) -> Any:
+    if storage.is_remote(path):
+        return _ObjectAppender(path)
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed by the writer's close())
+
+
 class JsonlWriter:
     """metrics.jsonl + samples.jsonl in `log_dir`; on resume the records after `resume_step` are dropped."""
 
@@ -163,8 +216,8 @@ class JsonlWriter:
         if resume_step is not None:
             _truncate_jsonl_after(self.metrics_path, resume_step)
             _truncate_jsonl_after(self.samples_path, resume_step)
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
-        self._samples = open(self.samples_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics = _append_file(self.metrics_path)
+        self._samples = _append_file(self.samples_path)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         rec: dict[str, Any] = {"step": int(step), "wall_time": round(time.time(), 3)}

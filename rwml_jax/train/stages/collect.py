@@ -18,7 +18,7 @@ from rwml_jax.config import config_hash, config_to_dict
 from rwml_jax.envs.alfworld_data import list_games
 from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.envs.base import TaskSpec
-from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.host_pool import host_pool
 from rwml_jax.train.metrics_log import progress
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
@@ -41,7 +41,7 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
         data_dir = e.data_dir
         if data_dir == "generated":
 
-            data_dir = os.fspath(stage.file("games"))
+            data_dir = os.fspath(stage.local_folder("games"))
             if not os.path.exists(os.path.join(data_dir, "generation.json")):
                 generate_games(data_dir, e.num_generated_games, seed=c.seed,
                                task_types=list(e.task_types) or None)
@@ -95,7 +95,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     workers = min(width, c.env.num_workers or os.cpu_count() or 1)
     bar = progress(None, "collect", unit="turn")
     # a fixed run tag: the episode ids (and so the triplet ids the train/val split sorts) repeat run to run
-    with EnvPool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
+    with host_pool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
                  step_timeout=c.env.step_timeout_s, run_tag=f"collect-s{c.seed}") as pool:
         result = rollout(
             pool, tasks, policy.generate_fn(params, temperature=c.collect.temperature, top_p=c.collect.top_p, seed=c.seed),

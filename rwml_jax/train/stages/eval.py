@@ -69,7 +69,7 @@ def _alfworld_data(rt: Runtime, stage: Stage, split: str) -> str | None:
     data = c.eval.data_dir or c.env.data_dir
     if data != "generated":
         return data or None
-    root = stage.file("games")
+    root = stage.local_folder("games")
     out = root / split
     if not (out / "generation.json").exists():
         k = list(c.eval.splits).index(split)

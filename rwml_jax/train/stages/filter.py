@@ -19,7 +19,7 @@ from rwml_jax.rwml.wm_prompts import wm_messages
 from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime, resolve_model_path
-from rwml_jax.train.sft_loop import train_sft
+from rwml_jax.train.sft_loop import fit_batch, train_sft
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 from rwml_jax.train.stages.triplets import load_split
 from rwml_jax.train.wm_eval import reward_config, score, sft_examples
@@ -63,7 +63,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         model_config, params = rt.load_model(str(model_dir))
     else:
         examples = sft_examples(policy, val, f.max_new_tokens)
-        batch = min(f.sft.batch_size, len(examples))
+        batch = fit_batch(f.sft.batch_size, len(examples), rt.mesh)
         logger = MetricsLogger.for_stage(stage.path, c)
         params, _ = train_sft(
             stage_dir=stage.path, mesh=rt.mesh, model_config=model_config, init_params=lambda: start,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -27,7 +28,7 @@ from rwml_jax.envs.alfworld_data import load_game_json, resolve_game
 from rwml_jax.envs.alfworld_env import task_sentence
 from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.envs.base import TaskSpec, Transition
-from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.host_pool import host_pool
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.models.decoder import init_params_sharded
 from rwml_jax.models.hf_io import save_pretrained
@@ -86,7 +87,7 @@ def replay_walkthroughs(games_dir: str, task_ids: list[str], num_workers: int, m
     walks = [load_game_json(resolve_game(games_dir, "train", t).gamefile)["walkthrough"] for t in task_ids]
     episodes: list[list[Transition]] = []
     width = min(len(task_ids), 16)
-    with EnvPool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=width, num_workers=min(num_workers, width),
+    with host_pool("rwml_jax.envs.alfworld_env:AlfworldEnv", num_envs=width, num_workers=min(num_workers, width),
                  factory_kwargs={"data_dir": games_dir, "max_steps": max_steps}, run_tag=f"warmstart-s{seed}") as pool:
         for lo in range(0, len(task_ids), width):
             chunk = list(range(lo, min(lo + width, len(task_ids))))
@@ -151,7 +152,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
 
-    games_dir = stage.file("games")
+    games_dir = stage.local_folder("games")
     games = generate_games(games_dir, w.num_games, seed=c.seed + WARMSTART_SEED_OFFSET)
     episodes = replay_walkthroughs(os.fspath(games_dir), [g.folder for g in games], c.env.num_workers or os.cpu_count() or 1,
                                    probe_prob=w.probe_prob, seed=c.seed + WARMSTART_SEED_OFFSET)
@@ -166,7 +167,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     tok_dir = stage.file("model")
     texts = [m["content"] for msgs, _ in policy_turns + wm_turns for m in msgs] + [t for _, t in policy_turns + wm_turns]
     preset = dict(PRESETS[c.model.preset])
-    tokenizer = train_tokenizer(texts, tok_dir, vocab_size=min(w.tokenizer_vocab_size, preset["vocab_size"]))
+    # trained into a folder of this process (save_pretrained below writes it into the shared model folder)
+    tokenizer = train_tokenizer(texts, tempfile.mkdtemp(prefix="rwml-tok-"), vocab_size=min(w.tokenizer_vocab_size, preset["vocab_size"]))
     examples = []
     for msgs, target in policy_turns + wm_turns:
         p = encode_prompt(tokenizer, msgs, w.seq_len)

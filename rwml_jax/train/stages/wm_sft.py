@@ -13,7 +13,7 @@ from rwml_jax.models.hf_io import save_pretrained
 from rwml_jax.train.metrics_log import MetricsLogger
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
-from rwml_jax.train.sft_loop import train_sft
+from rwml_jax.train.sft_loop import fit_batch, train_sft
 from rwml_jax.train.stage_io import Stage
 from rwml_jax.train.stages.filter import final_train_set
 from rwml_jax.train.stages.rwml import Evaluator
@@ -42,7 +42,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     if not evaluator.records():
         evaluator(0, start)
     examples = sft_examples(policy, train, c.rwml.max_new_tokens)
-    batch = min(s.batch_size, len(examples))
+    batch = fit_batch(s.batch_size, len(examples), rt.mesh)
     params, metrics = train_sft(
         stage_dir=stage.path, mesh=rt.mesh, model_config=model_config, init_params=lambda: start,
         examples=examples, learning_rate=s.learning_rate, epochs=s.epochs, batch_size=batch,
