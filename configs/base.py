@@ -68,11 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.env.step_timeout_s = 120.0  # seconds one environment step may take before its worker is restarted
     c.env.num_generated_games = 0  # number of offline games to generate when data_dir == "generated"
     c.env.domains = ("airline", "retail", "telecom")  # τ² domains whose training tasks are used
-    # τ² user simulator: "litellm:<model>" (network), "local" (the project's sampler with user_model),
-    # or "scripted" (tests).
-    c.env.user = "local"
-    c.env.user_alt = ""  # second simulator for half the trajectories (paper: two simulators); "" = none
-    c.env.user_model = ""  # model folder for the "local" user ("" = the policy model itself)
+    # τ² user simulator (rwml_jax.envs.tau2_users.make_user): "litellm:<model>" (τ²'s own simulator, any
+    # litellm provider, key from the environment), "local:<hf folder or preset>" (a second model served by this
+    # project's sampler on the run's mesh, batched over all live conversations), "scripted:<file>" (JSON turns)
+    # or "scripted" (the task's gold user turns, offline).
+    c.env.user = "scripted"
+    c.env.user_alt = ""  # second simulator (paper: two, half the trajectories each); "" = none
+    c.env.user_mix = 0.5  # fraction of each task's N trajectories played against user_alt (paper: half)
+    c.env.user_temperature = 0.0  # user sampling temperature (the authors' scripts: 0)
+    c.env.user_max_new_tokens = 512  # tokens per user turn of a local user (the authors' scripts: 512)
+    c.env.user_max_prompt_tokens = 8192  # prompt budget of a local user (τ²'s guidelines + scenario + talk)
 
     # ---- stage: collect (policy rollouts) ------------------------------------------------------------
     c.collect = ml_collections.ConfigDict()

@@ -34,8 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.env.domains = ("airline", "retail", "telecom")
     c.env.split = "train"  # τ²'s training task split (178 tasks over the three domains)
     c.env.max_steps = 30  # paper: at most 30 steps with a local user simulator
-    c.env.user = "local"
-    c.env.user_alt = ""  # set to a second simulator for the paper's 50/50 mix
+    # User simulators (rwml_jax.envs.tau2_users.make_user). Default: self-contained, the base model served as
+    # the user by this project's sampler on the run's own mesh. Paper: two simulators, half the trajectories
+    # each (the authors' scripts: Qwen3-235B-A22B-Instruct-2507 and GPT-4.1), e.g.
+    #   --config.env.user=litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507 --config.env.user_alt=litellm:gpt-4.1
+    c.env.user = "local:Qwen/Qwen3-8B"
+    c.env.user_alt = ""  # a second simulator for the paper's mix (env.user_mix = 0.5 of each task's trajectories)
 
     c.collect.num_tasks = -1  # all 178 training tasks
     c.collect.trajectories_per_task = 6  # paper: N = 6

@@ -182,8 +182,11 @@ def test_tau2_specific_validation():
         load_config("rwml_tau2", ["--config.env.domains=banking"])
     with pytest.raises(ConfigError, match=r"env\.user='gpt4'"):
         load_config("rwml_tau2", ["--config.env.user=gpt4"])
-    c = load_config("rwml_tau2", ["--config.env.user=litellm:gpt-4.1", "--config.env.user_alt=local"])
-    assert (c.env.user, c.env.user_alt) == ("litellm:gpt-4.1", "local")
+    c = load_config("rwml_tau2", ["--config.env.user=litellm:gpt-4.1", "--config.env.user_alt=local:qwen3-0.6b"])
+    assert (c.env.user, c.env.user_alt) == ("litellm:gpt-4.1", "local:qwen3-0.6b")
+    for bad in ("local", "litellm:", "scripted:"):
+        with pytest.raises(ConfigError, match=r"env\.user_alt="):
+            load_config("rwml_tau2", [f"--config.env.user_alt={bad}"])
 
 
 def test_all_errors_are_reported_together():

@@ -21,6 +21,7 @@ from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
 from rwml_jax.envs import ENV_NAMES, TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
+from rwml_jax.envs.user_spec import parse_user_spec
 from rwml_jax.platform import DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 from rwml_jax.rwml.rewards import REWARD_KINDS
@@ -184,10 +185,21 @@ def _env(s: Section) -> None:
         for field in ("user", "user_alt"):
             if not s.has(field) or (field == "user_alt" and s.get(field) == ""):
                 continue
-            u = s.typed(field, str) or ""
-            if not (u in ("local", "scripted") or (u.startswith("litellm:") and len(u) > len("litellm:"))):
-                s.fail(field, "expected 'local', 'scripted' or 'litellm:<model>'"
-                       + (" (or '' for none)" if field == "user_alt" else ""))
+            _user_spec(s, field)
+        s.prob("user_mix")
+        s.number("user_temperature", lo=0.0)
+        s.positive_int("user_max_new_tokens")
+        s.positive_int("user_max_prompt_tokens")
+        if s.typed("user_alt", str) and s.typed("user_alt", str) == s.typed("user", str):
+            s.fail("user_alt", "is the same simulator as env.user (the mix needs two)")
+
+
+def _user_spec(s: Section, field: str) -> None:
+    """A τ² user-simulator spec (rwml_jax.envs.user_spec)."""
+    try:
+        parse_user_spec(s.get(field))
+    except ValueError as e:
+        s.fail(field, str(e))
 
 
 def _sampling(s: Section, *, greedy_ok: bool = True) -> None:
@@ -331,9 +343,8 @@ def _eval(s: Section) -> None:
     models = s.typed("models", (tuple, list)) or ()
     if len(set(models)) != len(models):
         s.fail("models", "lists a model twice")
-    user = s.get("user") if s.has("user") else "scripted"
-    if not isinstance(user, str) or not (user == "scripted" or (user.startswith("litellm:") and len(user) > 8)):
-        s.fail("user", "must be 'scripted' or 'litellm:<model>'")
+    if s.has("user"):
+        _user_spec(s, "user")
     root = Section(s.root, "", s.errors)
     data_dir = s.get("data_dir") if s.has("data_dir") else ""
     generated = data_dir == "generated" or (data_dir == "" and root.has("env.data_dir")
