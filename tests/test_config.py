@@ -155,7 +155,10 @@ def test_wrong_types_are_rejected_with_the_field_name():
     ("rwml.loss_agg=sum", r"rwml\.loss_agg='sum': expected one of 'token-mean'"),
     ("env.name=webshop", r"env\.name='webshop': expected one of 'alfworld', 'tau2'"),
     ("rewards.kind=vibes", r"rewards\.kind='vibes'"),
-    ("rewards.kind=judge", r"rewards\.kind='judge': expected one of 'embedding'"),  # no stage runs the judge
+    ("rewards.kind=judge", r"rewards\.judge='': rewards\.kind='judge' needs a judge"),
+    ("rewards.kind=bleu", r"rewards\.kind='bleu': expected one of 'embedding', 'judge'"),
+    ("rewards.judge=litellm:gpt-4.1", r"rewards\.judge='litellm:gpt-4\.1': is set but rewards\.kind is not"),
+    ("rewards.status_penalty=0.5", r"rewards\.status_penalty=0\.5: scores a task-status line"),
     ("execution.remat=some", r"execution\.remat='some'"),
     ("execution.layer_loop=loop", r"execution\.layer_loop='loop': expected one of 'auto', 'scan', 'unroll'"),
     ("execution.weight_format=fast", r"execution\.weight_format='fast': expected one of 'auto', 'out_in'"),

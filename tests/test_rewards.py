@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rwml_jax.models import load_embedder
+from rwml_jax.rwml import judge as J
 from rwml_jax.rwml import rewards as R
 
 REAL = "You arrive at countertop 1. On the countertop 1, you see a apple 1, a bread 1, and a knife 2."
@@ -145,11 +146,11 @@ def test_dispatcher_by_kind(minilm):
 
 
 def test_judge_score_parsing():
-    assert R.parse_judge_score("<score>7</score>") == 0.7
-    assert R.parse_judge_score("thinking... <score> 12 </score>") == 1.0
-    assert R.parse_judge_score("<score>3</score> actually <score>9.5</score>") == 0.95
-    assert R.parse_judge_score("I would give it a 7") is None
-    msgs = R.judge_messages("pred text", "real text")
+    assert J.parse_judge_score("<score>7</score>") == 0.7
+    assert J.parse_judge_score("thinking... <score> 12 </score>") == 1.0
+    assert J.parse_judge_score("<score>3</score> actually <score>9.5</score>") == 0.95
+    assert J.parse_judge_score("I would give it a 7") is None
+    msgs = J.judge_messages("pred text", "real text")
     assert msgs[0]["role"] == "system" and "pred text" in msgs[1]["content"] and "real text" in msgs[1]["content"]
 
 
@@ -161,7 +162,7 @@ def test_judge_reward_with_the_project_sampler():
 
     tok = tiny_tokenizer()
     config, params = tiny_model(tok)
-    judge = R.JudgeReward.from_model(config, params, tok, max_new_tokens=8)
+    judge = J.JudgeReward.from_model(config, params, tok, max_new_tokens=8)
     calls = []
     inner = judge.generate_fn
     judge.generate_fn = lambda msgs: calls.append(len(msgs)) or inner(msgs)

@@ -223,6 +223,9 @@ def _triplets(s: Section) -> None:
     s.number("val_fraction", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     s.number("seed", lo=0, integer=True)
     s.one_of("split_by", ("triplet", "task"))
+    env = Section(s.root, "env", [])
+    if s.has("ask_task_status") and s.get("ask_task_status") is True and env.has("name") and env.get("name") != "tau2":
+        s.fail("ask_task_status", "only τ² world-model prompts ask for a task status (env.name='tau2')")
 
 
 def _filter(s: Section) -> None:
@@ -240,6 +243,24 @@ def _rewards(s: Section) -> None:
     s.distance("threshold_observation")
     s.distance("threshold_user_reply")
     s.number("rouge_grid", lo=0.0, hi=1.0, lo_open=True)
+    s.nonneg_int("prediction_max_tokens")
+    s.number("think_penalty", lo=0.0)
+    s.nonneg_int("think_min_tokens")
+    s.number("status_penalty", lo=0.0)
+    s.prob("judge_threshold")
+    s.number("judge_temperature", lo=0.0)
+    s.positive_int("judge_max_new_tokens")
+    root = Section(s.root, "", [])
+    if s.typed("status_penalty", (int, float)) and not (root.has("triplets.ask_task_status")
+                                                         and root.get("triplets.ask_task_status")):
+        s.fail("status_penalty", "scores a task-status line the world model is only asked for with "
+                                 "triplets.ask_task_status=True")
+    judge = s.typed("judge", str) or ""
+    if s.typed("kind", str) == "judge":
+        if not judge.startswith(("local:", "litellm:")) or not judge.split(":", 1)[1].strip():
+            s.fail("judge", "rewards.kind='judge' needs a judge: 'local:<hf folder or preset>' or 'litellm:<model>'")
+    elif judge:
+        s.fail("judge", "is set but rewards.kind is not 'judge': set rewards.kind=judge or leave it empty")
 
 
 def _rwml(s: Section) -> None:

@@ -59,7 +59,8 @@ from tau2.utils.utils import get_now  # noqa: E402
 
 from rwml_jax.envs.base import StepResult, TaskSpec  # noqa: E402
 from rwml_jax.envs.tau2_parse import ParsedTurn, parse_turn  # noqa: E402
-from rwml_jax.envs.tau2_users import UserFactory  # noqa: E402
+from rwml_jax.envs.tau2_users import UserFactory, make_user  # noqa: E402
+from rwml_jax.envs.user_spec import parse_user_spec  # noqa: E402
 
 AGENT_STOP = "###STOP###"
 TAU2_DEFAULT_MAX_MESSAGES = 200  # tau2.config.DEFAULT_MAX_STEPS (the `tau2 run` default)
@@ -431,9 +432,6 @@ def make_env(user: str, user_alt: str = "", *, endpoints: dict[str, Any] | None 
     """The env factory of every stage's pool workers: users from their specs (`tau2_users.make_user`; a
     ``local:`` spec needs its server's endpoint in `endpoints`), `user_alt` ("" = none) for the mix; kwargs go to
     `Tau2Env` (max_steps, max_messages, max_errors)."""
-    from rwml_jax.envs.tau2_users import make_user
-    from rwml_jax.envs.user_spec import parse_user_spec
-
     endpoints = endpoints or {}
 
     def one(spec: str) -> UserFactory:

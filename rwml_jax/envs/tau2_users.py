@@ -46,6 +46,7 @@ from tau2.user.user_simulator import UserSimulator  # noqa: E402
 from tau2.utils.llm_utils import to_litellm_messages  # noqa: E402
 
 from rwml_jax.envs.tau2_parse import format_tools_prompt, parse_turn  # noqa: E402
+from rwml_jax.envs.user_server import RemoteGenerate  # noqa: E402
 from rwml_jax.envs.user_spec import parse_user_spec  # noqa: E402
 
 GenerateFn = Callable[..., str]
@@ -230,8 +231,6 @@ def make_user(spec: str, endpoint: Any = None, *, temperature: float = 0.0) -> U
         if endpoint is None:
             raise ValueError(f"user simulator {spec!r} is served by the main process, but no server endpoint was "
                              "given (start it with rwml_jax.train.user_sim.serve_users)")
-        from rwml_jax.envs.user_server import RemoteGenerate
-
         return LocalModelUser(RemoteGenerate(tuple(endpoint)))
     if not arg:
         return GoldScriptUser()

@@ -77,6 +77,10 @@ TAU2_KIND_INSTRUCTION = {
 }
 TAU2_ANSWER_FORMAT = ("First reason inside <think></think>, then give the predicted response inside "
                       "<next_state></next_state>.")
+# the authors' scripts' variant (triplets.ask_task_status): a last line with the task's status after the turn
+TASK_STATUSES = ("successfully completed", "not yet completed", "failed")
+TAU2_STATUS_LINE = ("After </next_state>, end with one line: 'Task status: ' followed by 'successfully completed', "
+                    "'not yet completed' or 'failed'.")
 
 _SPEAKER = {"user_reply": "user", "tool_response": "tool", "observation": "environment"}
 
@@ -119,7 +123,8 @@ def wm_messages(t: Triplet, *, include_tools: bool = True) -> list[Message]:
         instruction = TAU2_KIND_INSTRUCTION.get(t.kind, TAU2_KIND_INSTRUCTION["observation"])
         user = TAU2_WM_USER.format(profile=_profile(t), tools=tools_text, history=_tau2_history(t),
                                    action=t.action if t.action.strip() else "(empty turn)",
-                                   instruction=f"{instruction} {TAU2_ANSWER_FORMAT}")
+                                   instruction=f"{instruction} {TAU2_ANSWER_FORMAT}"
+                                   + (f" {TAU2_STATUS_LINE}" if t.context.get("task_status") else ""))
         system = TAU2_WM_SYSTEM.format(domain=t.context.get("domain") or "customer-service")
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
     raise ValueError(f"no world-model prompt for env {t.env!r}; known: 'alfworld', 'tau2'")

@@ -1,4 +1,4 @@
-"""Second models a stage serves with the project's own sampler: local τ² user simulators and the local judge.
+"""Second models a stage uses beside the policy: τ² user simulators and the LLM judge.
 
 A served model is named ``local:<name>``: a Hugging Face folder or hub name (with its own tokenizer), or a
 shape preset of configs/models.py (random init, sized to the policy's tokenizer: for tests and smoke runs).
@@ -6,6 +6,8 @@ It is loaded onto the run's mesh beside the policy and sampled with its own `Pol
 samplers and KV caches), one batched call for all chats at hand.
 
 * `chat_generator(...)`: ``generate(list of chats) -> list of texts`` for one served model.
+* `judge_generator(spec, ...)`: the same for the rwml stage's LLM judge (``rewards.judge``): ``local:<name>``
+  as above, or ``litellm:<model>`` (any litellm provider, key from the environment; chats sent concurrently).
 * `serve_users(...)`: a context manager that serves every ``local:`` user spec of a run to the env workers
   (`rwml_jax.envs.user_server.GenerationServer`) and yields the endpoints for the env factory
   (`rwml_jax.envs.tau2_env.make_env(..., endpoints=...)`); litellm and scripted users need no server.
@@ -21,6 +23,7 @@ from typing import Any
 
 import jax
 
+from rwml_jax.config.recipes import import_configs_module
 from rwml_jax.envs.user_spec import parse_user_spec
 from rwml_jax.envs.user_server import GenerationServer
 from rwml_jax.models import hf_io
@@ -35,8 +38,6 @@ Chat = list[dict[str, Any]]
 
 
 def _preset(name: str) -> dict[str, Any] | None:
-    from rwml_jax.config.recipes import import_configs_module
-
     presets = import_configs_module("models").PRESETS
     return dict(presets[name]) if name in presets else None
 
@@ -82,7 +83,7 @@ def chat_generator(name: str, *, mesh: Any, fallback_tokenizer: str, max_prompt_
 
 @contextlib.contextmanager
 def serve_users(specs: Sequence[str], *, mesh: Any, fallback_tokenizer: str, max_prompt_tokens: int,
-                max_new_tokens: int, temperature: float, seed: int, dtype: str = "float32",
+                max_new_tokens: int, temperature: float, seed: int, dtype: str = "bfloat16",
                 compute_dtype: str = "bfloat16", weight_format: str = "auto") -> Iterator[dict[str, Any]]:
     """Serve every ``local:`` spec among `specs` ("" ignored) for the env workers; yields {spec: endpoint}."""
     endpoints: dict[str, Any] = {}
@@ -103,9 +104,42 @@ def serve_users(specs: Sequence[str], *, mesh: Any, fallback_tokenizer: str, max
 
 def serve_run_users(rt: Any, specs: Sequence[str]) -> contextlib.AbstractContextManager[dict[str, Any]]:
     """`serve_users` with a run's settings: its mesh, the policy's tokenizer for presets, env.user_* lengths
-    and temperature, model dtypes and the execution's weight format."""
+    and temperature, the execution's weight format; parameters in model.compute_dtype (inference only)."""
     c = rt.config
     return serve_users(specs, mesh=rt.mesh, fallback_tokenizer=rt.tokenizer_path(),
                        max_prompt_tokens=c.env.user_max_prompt_tokens, max_new_tokens=c.env.user_max_new_tokens,
-                       temperature=c.env.user_temperature, seed=c.seed, dtype=c.model.dtype,
+                       temperature=c.env.user_temperature, seed=c.seed, dtype=c.model.compute_dtype,
                        compute_dtype=c.model.compute_dtype, weight_format=c.execution.weight_format)
+
+
+def litellm_generator(model: str, *, temperature: float, max_new_tokens: int,
+                      workers: int = 16) -> Callable[[Sequence[Chat]], list[str]]:
+    """``generate(chats) -> texts`` through litellm (network; the provider's key from the environment)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import litellm
+
+    def one(chat: Chat) -> str:
+        r = litellm.completion(model=model, messages=list(chat), temperature=temperature, max_tokens=max_new_tokens)
+        return r.choices[0].message.content or ""
+
+    def generate(chats: Sequence[Chat]) -> list[str]:
+        with ThreadPoolExecutor(max(1, min(workers, len(chats)))) as ex:
+            return list(ex.map(one, chats))
+
+    return generate
+
+
+def judge_generator(rt: Any) -> Callable[[Sequence[Chat]], list[str]]:
+    """The LLM judge of a run (rewards.judge: ``local:<folder or preset>`` | ``litellm:<model>``), sampled at
+    rewards.judge_temperature with rewards.judge_max_new_tokens."""
+    c, r = rt.config, rt.config.rewards
+    kind, name = parse_user_spec(r.judge)
+    if kind == "litellm":
+        return litellm_generator(name, temperature=r.judge_temperature, max_new_tokens=r.judge_max_new_tokens)
+    if kind != "local":
+        raise ValueError(f"rewards.judge={r.judge!r}: expected 'local:<hf folder or preset>' or 'litellm:<model>'")
+    return chat_generator(name, mesh=rt.mesh, fallback_tokenizer=rt.tokenizer_path(),
+                          max_prompt_tokens=c.rwml.max_prompt_tokens, max_new_tokens=r.judge_max_new_tokens,
+                          temperature=r.judge_temperature, seed=c.seed + 101, dtype=c.model.compute_dtype,
+                          compute_dtype=c.model.compute_dtype, weight_format=c.execution.weight_format, what="judge")
