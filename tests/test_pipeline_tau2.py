@@ -39,12 +39,12 @@ def tiny_models(tmp_path_factory):
     return tiny_folder(tmp_path_factory.mktemp("policy"), 0), tiny_folder(tmp_path_factory.mktemp("user"), 1)
 
 
-def tiny_tau2_overrides(work, policy: str) -> list[str]:
+def tiny_tau2_overrides(work, policy: str, stages: str = "collect,triplets,filter,rwml") -> list[str]:
     """rwml_tau2 at the smallest size that runs every stage (shared with the config-key test)."""
     return [
         f"--config.work_dir={work}", f"--config.model.path={policy}", "--config.model.dtype=float32",
         "--config.model.compute_dtype=float32", "--config.execution.remat=none", "--config.embedder.path=minilm",
-        "--config.embedder.dtype=float32", "--config.stages=collect,triplets,filter,rwml",
+        "--config.embedder.dtype=float32", f"--config.stages={stages}",
         "--config.env.domains=retail", "--config.env.max_steps=3", "--config.env.num_workers=1",
         "--config.env.user_max_new_tokens=12", "--config.env.user_max_prompt_tokens=256",
         "--config.env.user_temperature=1.0",

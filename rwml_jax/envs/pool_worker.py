@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
@@ -178,6 +179,7 @@ def worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory
 
     # envs that wait on a server in the main process step in threads (see `_threaded`)
     concurrent = any(getattr(e, "concurrent_steps", False) for e in envs.values())
+    threads = ThreadPoolExecutor(64, thread_name_prefix="env") if concurrent else None  # kept: one connection each
     while True:
         try:
             cmd, payload = conn.recv()
@@ -187,13 +189,15 @@ def worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory
             break
         cpu0 = time.process_time()
         if concurrent and sum(op in ("reset", "step") for _, op, _ in payload) > 1:
-            out = _threaded(payload, do)
+            out = _threaded(payload, do, threads)
         else:
             out = [do(item) for item in payload]
         try:
             conn.send(("ok", out, time.process_time() - cpu0))
         except (BrokenPipeError, OSError):
             break
+    if threads is not None:
+        threads.shutdown(wait=False)
     for slot in list(envs):
         drop(slot)
     for _task, env in spares:
@@ -201,19 +205,17 @@ def worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory
     conn.close()
 
 
-def _threaded(payload: list[tuple[int, str, Any]], do: Callable[[tuple[int, str, Any]], Any]) -> list[Any]:
+def _threaded(payload: list[tuple[int, str, Any]], do: Callable[[tuple[int, str, Any]], Any],
+              threads: ThreadPoolExecutor) -> list[Any]:
     """Run a batch's resets and steps in one thread each (other operations first, in order); results in
     request order. For envs that wait on a server in the main process (`Tau2Env.concurrent_steps`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     out: list[Any] = [None] * len(payload)
     parallel = [k for k, (_, op, _) in enumerate(payload) if op in ("reset", "step")]
     for k, item in enumerate(payload):
         if k not in parallel:
             out[k] = do(item)
-    with ThreadPoolExecutor(len(parallel)) as ex:
-        for k, res in zip(parallel, ex.map(do, [payload[k] for k in parallel])):
-            out[k] = res
+    for k, res in zip(parallel, threads.map(do, [payload[k] for k in parallel])):
+        out[k] = res
     return out
 
 

@@ -41,7 +41,7 @@ GenerateBatch = Callable[[list[list[dict[str, Any]]]], list[str]]
 class GenerationServer:
     """Serves ``generate_batch`` on a unix socket (see module docstring); a context manager."""
 
-    def __init__(self, generate_batch: GenerateBatch, *, window_s: float = 0.02, max_wait_s: float = 0.5,
+    def __init__(self, generate_batch: GenerateBatch, *, window_s: float = 0.05, max_wait_s: float = 1.0,
                  name: str = "user"):
         self.generate_batch = generate_batch
         self.window_s, self.max_wait_s, self.name = window_s, max_wait_s, name
