@@ -145,6 +145,20 @@ def test_dispatcher_by_kind(minilm):
     assert cfg.threshold_observation == 0.3
 
 
+def test_status_penalty_and_think_penalty(minilm):
+    """The authors' scripts' τ² terms: -status_penalty unless the last line names the true status (and only it),
+    -think_penalty without a <think> block of more than think_min_tokens words."""
+    assert R.states_status("...</next_state>\nTask status: failed", "failed")
+    assert not R.states_status("...</next_state>\nTask status: failed or not yet completed", "failed")
+    assert not R.states_status("Task status: failed\nmore text", "failed")
+    long_think = f"<think>{'word ' * 20}</think><next_state>{REAL}</next_state>"
+    outs = [long_think + "\nTask status: not yet completed", long_think + "\nTask status: failed", tagged(REAL)]
+    cfg = R.RewardConfig(status_penalty=0.5, think_penalty=0.1)
+    rb = R.compute_rewards(outs, [REAL] * 3, "observation", minilm, cfg, task_statuses=["not yet completed"] * 3)
+    np.testing.assert_allclose(rb.rewards, [1.0, 0.5, 1.0 - 0.5 - 0.1])
+    assert rb.stats["wrong_status"] == 2 and rb.stats["short_think"] == 1
+
+
 def test_judge_score_parsing():
     assert J.parse_judge_score("<score>7</score>") == 0.7
     assert J.parse_judge_score("thinking... <score> 12 </score>") == 1.0

@@ -235,6 +235,21 @@ def test_tau2_rollout_records_tool_and_user_turns(tau2_trajectory):
     assert len(tool_msgs) == 5 and tool_msgs[0]["content"] == "yusuf_rossi_9620"
 
 
+def test_task_status_variant_asks_for_and_targets_the_true_status(tau2_trajectory):
+    """triplets.ask_task_status (the authors' scripts' variant): the last turn of this done, failed episode is
+    "failed", the others "not yet completed"; the prompt asks for the line and the SFT target holds it."""
+    from rwml_jax.rwml.wm_prompts import TAU2_STATUS_LINE
+
+    plain = build_triplets([tau2_trajectory])
+    asked = build_triplets([tau2_trajectory], ask_task_status=True)
+    assert all("task_status" not in t.context for t in plain)
+    assert not tau2_trajectory.success
+    assert [t.context["task_status"] for t in asked] == ["not yet completed"] * 4 + ["failed"]
+    assert TAU2_STATUS_LINE in wm_messages(asked[0])[1]["content"]
+    assert TAU2_STATUS_LINE not in wm_messages(plain[0])[1]["content"]
+    assert wm_example(asked[-1])["target"].endswith("</next_state>\nTask status: failed")
+
+
 def test_tau2_tool_responses_masked_to_schema(tau2_trajectory):
     trips = build_triplets([tau2_trajectory], history_length=2, mask_tool_schema=True)
     assert [t.kind for t in trips] == ["tool_response"] * 4 + ["user_reply"]

@@ -256,7 +256,7 @@ class RewardConfig:
     think_penalty: subtracted when the output has no ``<think>`` block of more than `think_min_tokens`
       whitespace-separated words (scripts, τ²: 0.1 and 16). rouge_stemmer: Porter stemming in ROUGE (scripts).
     status_penalty: subtracted when the output's last line does not state the sample's true task status
-      (`compute_rewards(statuses=...)`; scripts' τ² variant: 0.5).
+      (`compute_rewards(task_statuses=...)`; scripts' τ² variant: 0.5).
     """
 
     threshold_observation: float = 0.2
@@ -322,7 +322,7 @@ class RewardBatch:
 def compute_rewards(outputs: Sequence[str], realized: Sequence[str], kinds: Sequence[str] | str, embedder: Any,
                     config: RewardConfig | None = None, *,
                     realized_embeddings: np.ndarray | None = None,
-                    statuses: Sequence[str] | None = None) -> RewardBatch:
+                    task_statuses: Sequence[str] | None = None) -> RewardBatch:
     """Per-sample world-model rewards, dispatched on each sample's next-state kind.
 
     outputs / realized / kinds: parallel sequences (kinds may be one string for all). All embedding
@@ -374,8 +374,8 @@ def compute_rewards(outputs: Sequence[str], realized: Sequence[str], kinds: Sequ
         short = np.array([not has_long_think(o, config.think_min_tokens) for o in outputs], bool)
         rewards = rewards - config.think_penalty * short
         stats_extra["short_think"] = int(short.sum())
-    if config.status_penalty and statuses is not None:
-        wrong = np.array([not states_status(o, st) for o, st in zip(outputs, statuses)], bool)
+    if config.status_penalty and task_statuses is not None:
+        wrong = np.array([not states_status(o, st) for o, st in zip(outputs, task_statuses)], bool)
         rewards = rewards - config.status_penalty * wrong
         stats_extra["wrong_status"] = int(wrong.sum())
 

@@ -135,13 +135,15 @@ def wm_prompt_text(t: Triplet, *, include_tools: bool = True) -> str:
     return render_plain(wm_messages(t, include_tools=include_tools))
 
 
-def wm_sft_target(next_state: str) -> str:
-    """The next-state SFT target: ``<think> </think><next_state>{s}</next_state>`` (paper's WM-SFT baseline)."""
-    return f"<think> </think>{NEXT_STATE_OPEN}{next_state}{NEXT_STATE_CLOSE}"
+def wm_sft_target(next_state: str, task_status: str = "") -> str:
+    """The next-state SFT target: ``<think> </think><next_state>{s}</next_state>`` (paper's WM-SFT baseline),
+    then ``Task status: …`` when the triplet's prompt asks for it (`triplets.ask_task_status`)."""
+    status = f"\nTask status: {task_status}" if task_status else ""
+    return f"<think> </think>{NEXT_STATE_OPEN}{next_state}{NEXT_STATE_CLOSE}{status}"
 
 
 def wm_example(t: Triplet, *, chat: bool = True, include_tools: bool = True) -> dict[str, Any]:
     """Prompt + SFT target + reward metadata of one triplet, the record the filter / RWML / WM-SFT stages use."""
     prompt: Any = wm_messages(t, include_tools=include_tools) if chat else wm_prompt_text(t, include_tools=include_tools)
-    return {"id": t.id, "env": t.env, "kind": t.kind, "prompt": prompt, "target": wm_sft_target(t.next_state),
+    return {"id": t.id, "env": t.env, "kind": t.kind, "prompt": prompt, "target": wm_sft_target(t.next_state, t.context.get("task_status", "")),
             "next_state": t.next_state}

@@ -49,7 +49,8 @@ def sft_examples(policy: Any, triplets: Sequence[Triplet], max_new_tokens: int) 
     out = []
     for t in triplets:
         prompt = policy.encode(wm_messages(t))
-        target = encode_completion(policy.tokenizer, wm_sft_target(t.next_state), max_new_tokens)
+        target = encode_completion(policy.tokenizer, wm_sft_target(t.next_state, t.context.get("task_status", "")),
+                                    max_new_tokens)
         out.append(truncate_example(prompt, target, policy.max_prompt_tokens + max_new_tokens))
     return out
 
@@ -66,7 +67,7 @@ def score(outputs: Sequence[str], triplets: Sequence[Triplet], embedder: Any, cf
     vecs = realized_cache.embed(realized) if realized_cache is not None else None
     statuses = [t.context.get("task_status", "") for t in triplets for _ in range(repeat)]
     return compute_rewards(list(outputs), realized, kinds, embedder, cfg, realized_embeddings=vecs,
-                           statuses=statuses if any(statuses) else None)
+                           task_statuses=statuses if any(statuses) else None)
 
 
 def evaluate(policy: Any, params: Any, triplets: Sequence[Triplet], embedder: Any, cfg: RewardConfig, *,
