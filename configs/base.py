@@ -227,7 +227,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
-    c.optimizer.state_dtype = "float32"  # dtype of Adam's first/second moments
+    c.optimizer.state_dtype = "float32"  # dtype of Adam's first moment (the second keeps the parameters' dtype)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

@@ -15,8 +15,7 @@ import ml_collections
 
 from rwml_jax.config.keys import flatten
 
-EXCLUDED = ("rwml_jax.config", "rwml_jax.train.stage_io", "rwml_jax.train.metrics_log", "rwml_jax.train.writers",
-            "rwml_jax.train.plan", "rwml_jax.train.sweep")
+EXCLUDED = ("rwml_jax.config", "rwml_jax.train.stage_io", "rwml_jax.train.plan", "rwml_jax.train.sweep")
 
 
 def _prefixes(config: ml_collections.ConfigDict, prefix: str = "") -> dict[int, str]:

@@ -305,7 +305,7 @@ def _warmstart(s: Section) -> None:
     _sft(s)
     s.positive_int("steps", allow=(-1,))
     s.nonneg_int("num_games")
-    s.nonempty_str("corpus")
+    s.one_of("corpus", ("walkthrough",))
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
     preset = Section(s.root, "model", []).typed("preset", str)

@@ -194,7 +194,7 @@ def memory_per_device(n_params: int, config: ConfigDict, shards: int, *, train: 
     out = {"params": n_params * p / shards}
     if train:
         out["grads"] = n_params * p / shards
-        out["adam"] = 2 * n_params * _BYTES[config.optimizer.state_dtype] / shards
+        out["adam"] = n_params * (_BYTES[config.optimizer.state_dtype] + p) / shards  # first moment, second (param dtype)
     if ref:
         out["reference"] = n_params * _BYTES[config.model.compute_dtype] / shards
     if embedder_params:

@@ -141,7 +141,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
     total = num_steps(len(train), r.batch_prompts, r.epochs, r.max_steps)
     opt = OptimizerConfig(learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-                          max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps)
+                          max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps,
+                          state_dtype=c.optimizer.state_dtype)
     loop = TrainLoop(stage.path, rt.mesh, model_config, opt, len(train), r.batch_prompts, total, c.seed,
                      every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
     share, micro = 0, (r.micro_batch_size if r.micro_batch_size < r.batch_prompts * G else None)
