@@ -50,7 +50,7 @@ def tiny_tau2_overrides(work, policy: str, stages: str = "collect,triplets,filte
         "--config.env.user_temperature=1.0",
         "--config.collect.num_tasks=2", "--config.collect.trajectories_per_task=2",
         "--config.collect.max_new_tokens=12", "--config.collect.max_prompt_tokens=256",
-        "--config.triplets.val_fraction=0.5", "--config.triplets.drop_invalid=False",
+        "--config.triplets.val_fraction=0.25", "--config.triplets.drop_invalid=False",
         "--config.filter.num_samples=2", "--config.filter.max_new_tokens=8", "--config.filter.sft.epochs=1",
         "--config.filter.sft.batch_size=4", "--config.filter.sft.micro_batch_size=4",
         "--config.rwml.batch_prompts=2", "--config.rwml.group_size=2", "--config.rwml.micro_batch_size=4",
@@ -79,8 +79,9 @@ def test_rwml_tau2_runs_with_two_local_user_simulators(tmp_path, tiny_models):
                if turn["transition"]["next_kind"] == "user_reply"]
     assert replies, "the local user simulators must have answered the policy"
 
-    triplets = read_jsonl(work / "triplets" / "train.jsonl") + read_jsonl(work / "triplets" / "val.jsonl")
-    assert triplets and summaries["filter"]
+    train, val = read_jsonl(work / "triplets" / "train.jsonl"), read_jsonl(work / "triplets" / "val.jsonl")
+    assert train and val and summaries["filter"]
+    assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}  # split by task (the default)
     assert summaries["rwml"]["steps"] == 2
     evals = read_jsonl(work / "rwml" / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 1, 2]

@@ -37,7 +37,8 @@ class PolicySampler:
     the sampler's decode weight format (`rwml_jax.platform.ExecutionConfig.weight_format`)."""
 
     def __init__(self, model_config: Any, tokenizer: Any, mesh: Any, *, max_prompt_tokens: int,
-                 max_new_tokens: int, cache_dtype: str | None = None, weight_format: str = "auto"):
+                 max_new_tokens: int, cache_dtype: str | None = None, weight_format: str = "auto",
+                 template_kwargs: dict[str, Any] | None = None):
         self.pool = SamplerPool(weight_format=weight_format)
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -46,9 +47,10 @@ class PolicySampler:
         self.max_new_tokens = max_new_tokens
         self.cache_dtype = cache_dtype
         self.stop_token_ids = stop_ids(tokenizer, model_config)
+        self.template_kwargs = template_kwargs  # extra chat-template variables (Qwen3: enable_thinking)
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
-        return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
+        return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens, self.template_kwargs)
 
     def sample_ids(self, params: Any, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float = 1.0,
                    seed: int = 0, max_new_tokens: int | None = None, n: int = 1) -> list[Completion]:

@@ -34,6 +34,10 @@ from rwml_jax.train.runtime import load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
+# A user simulator answers as a person, without reasoning (τ²'s own simulator is an instruct model; Qwen3's
+# template would otherwise start every turn with a long <think>): templates without the variable ignore it.
+USER_TEMPLATE_KWARGS = {"enable_thinking": False}
+
 Chat = list[dict[str, Any]]
 
 
@@ -60,13 +64,15 @@ def load_served_model(name: str, *, mesh: Any, fallback_tokenizer: str, dtype: s
 
 def chat_generator(name: str, *, mesh: Any, fallback_tokenizer: str, max_prompt_tokens: int, max_new_tokens: int,
                    temperature: float, seed: int, dtype: str = "float32", compute_dtype: str = "bfloat16",
-                   weight_format: str = "auto", what: str = "served model") -> Callable[[Sequence[Chat]], list[str]]:
+                   weight_format: str = "auto", what: str = "served model",
+                   template_kwargs: dict[str, Any] | None = None) -> Callable[[Sequence[Chat]], list[str]]:
     """``generate(chats) -> texts`` sampling the served model `name` (one batched call per invocation,
-    a fresh seed each call). Replies cut at `max_new_tokens` are counted and logged."""
+    a fresh seed each call). Replies cut at `max_new_tokens` are counted and logged. template_kwargs:
+    extra chat-template variables."""
     cfg, params, tok = load_served_model(name, mesh=mesh, fallback_tokenizer=fallback_tokenizer, dtype=dtype,
                                          compute_dtype=compute_dtype, seed=seed)
     sampler = PolicySampler(cfg, tok, mesh, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                            weight_format=weight_format)
+                            weight_format=weight_format, template_kwargs=template_kwargs)
     calls = [0]
 
     def generate(chats: Sequence[Chat]) -> list[str]:
@@ -95,7 +101,8 @@ def serve_users(specs: Sequence[str], *, mesh: Any, fallback_tokenizer: str, max
             gen = chat_generator(name, mesh=mesh, fallback_tokenizer=fallback_tokenizer,
                                  max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed + len(endpoints), dtype=dtype,
-                                 compute_dtype=compute_dtype, weight_format=weight_format, what="user simulator")
+                                 compute_dtype=compute_dtype, weight_format=weight_format, what="user simulator",
+                                 template_kwargs=USER_TEMPLATE_KWARGS)
             server = stack.enter_context(GenerationServer(gen, name=f"user {name}"))
             endpoints[spec] = server.endpoint
             stack.callback(lambda s=server, sp=spec: log.info("user simulator %s served %s", sp, s.stats()))
