@@ -313,10 +313,10 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
                 f"<= {seqs * (r.max_prompt_tokens + r.max_new_tokens):,} tokens/step; lr {r.learning_rate:g}, "
                 f"KL {r.kl_estimator} x {r.kl_coef}, clip [{1 - r.clip_eps_low:.2f}, {1 + r.clip_eps_high:.2f}], "
                 f"{r.loss_agg}")
-            add(f"        training reward: {_training_reward(config, thr)}")
-            add(f"        held-out reward (embedding, {thr}) every {r.eval_every} steps "
-                f"({evals} evals) on {('all' if r.eval_size < 0 else f'{r.eval_size:,}')} validation triplets"
-                + (f"; {', '.join(_reward_extras(config))}" if _reward_extras(config) else ""))
+            sim = ", ".join([f"embedding, {thr}", *_reward_extras(config)])
+            add(f"        training reward: {_training_reward(config) or sim}")
+            add(f"        held-out reward ({sim}) every {r.eval_every} steps ({evals} evals) on "
+                f"{('all' if r.eval_size < 0 else f'{r.eval_size:,}')} validation triplets")
         elif stage == "wm_sft":
             w = config.wm_sft
             steps = _steps(d["final"], w.batch_size, w.epochs)
@@ -399,10 +399,11 @@ def _reward_extras(config: Any) -> list[str]:
     return out
 
 
-def _training_reward(config: Any, thr: str) -> str:
+def _training_reward(config: Any) -> str:
+    """The LLM judge's reward when rewards.kind selects it, else "" (the embedding reward)."""
     r = config.rewards
-    if r.kind == "judge":
-        how = f"binarised at score >= {r.judge_threshold:g}" if r.judge_binary else "real-valued score / 10"
-        return (f"LLM judge {r.judge} (temperature {r.judge_temperature:g}, <= {r.judge_max_new_tokens} tokens), "
-                f"{how} [ablation]")
-    return f"embedding, {thr}"
+    if r.kind != "judge":
+        return ""
+    how = f"binarised at score / 10 >= {r.judge_threshold:g}" if r.judge_binary else "real-valued score / 10"
+    return (f"LLM judge {r.judge} (temperature {r.judge_temperature:g}, <= {r.judge_max_new_tokens} tokens), "
+            f"{how} [ablation]")

@@ -52,6 +52,9 @@ def load_served_model(name: str, *, mesh: Any, fallback_tokenizer: str, dtype: s
     `fallback_tokenizer`, the policy's) or a Hugging Face folder / hub name (its own tokenizer)."""
     preset = _preset(name) if not os.path.isdir(name) else None
     if preset is not None:
+        if not fallback_tokenizer:
+            raise ValueError(f"served model {name!r} is a shape preset (random init): it needs a tokenizer folder, "
+                             "e.g. a model policy's; give a Hugging Face folder or hub name instead")
         tok = load_tokenizer(fallback_tokenizer)
         preset.update(vocab_size=max(len(tok), 8), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       bos_token_id=None)
