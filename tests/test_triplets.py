@@ -129,7 +129,7 @@ def test_split_by_task_keeps_tasks_whole():
         split_triplets(trips, val_fraction=1.0)
 
 
-@pytest.mark.parametrize("recipe", ["rwml_alfworld", "rwml_tau2", "demo_cpu"])
+@pytest.mark.parametrize("recipe", ["rwml_alfworld", "rwml_tau2"])
 def test_triplets_stage_splits_by_task_by_default(tmp_path, recipe):
     """The recipes' default split holds no validation task that is also in train; by="triplet" is one override."""
     from rwml_jax.config import load_config
