@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.triplets.history_length = 2
     c.triplets.val_fraction = 0.2  # more held-out triplets than the paper's 10 % for a steadier eval
     c.triplets.mask_tool_schema = False
+    # the demo's measured numbers (README, docs/perf_log.md, docs/sweeps.md) come from the split by triplet;
+    # the paper recipes split by task (base default)
+    c.triplets.split_by = "triplet"
     c.triplets.drop_invalid = False  # keep failed actions: "Nothing happens." is dynamics the world model must learn
 
     c.filter.num_samples = 4

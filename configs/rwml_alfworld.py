@@ -2,6 +2,7 @@
 
     rwml-jax run rwml_alfworld --config.work_dir=gs://bucket/runs/alfworld
     rwml-jax run rwml_alfworld --dry-run          # print the plan only
+    rwml-jax run rwml_alfworld:judge              # an ablation (configs/ablations.py; README lists them)
 
 Stage 0: the model itself rolls out N = 3 trajectories on each of the 2048 training games (temperature 1.0,
 at most 30 steps); every turn is a triplet (paper: 21,011 train / 2,288 validation). Stage 1: a filter model
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base
+from configs import ablations, base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (the paper's recipe) or variants from configs/ablations.py, e.g. "judge", "scripts+history5"."""
     c = base.get_config()
     c.name = "rwml_alfworld"
     c.work_dir = "runs/rwml_alfworld"
@@ -51,10 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.rwml.group_size = 8  # paper: ALFWorld G = 8
     c.rewards.threshold_observation = 0.2  # paper: ALFWorld training threshold
+    # The authors' ALFWorld script, where the paper is silent (all: rwml_alfworld:scripts):
+    # rewards.realized_instruction=scripts (real state embedded as a query), rewards.prediction_max_tokens=128,
+    # rwml.kl_coef=0.001, rwml.max_prompt_tokens=1536. Lengths: Qwen2.5-7B-Instruct does not think at length;
+    # 512 new tokens (verl-agent, and the script) in collect, filter and rwml.
 
     # Evaluation (paper): ID = valid_seen (140 games), OOD = valid_unseen (134), at most 30 steps, 3 runs.
     # Append "eval" to `stages` (or run `rwml-jax eval RECIPE`) to score the last stage's model.
     c.eval.splits = ("valid_seen", "valid_unseen")
     c.eval.max_steps = 30
     c.eval.runs = 3
-    return c
+    return ablations.apply(c, arg)

@@ -1,6 +1,7 @@
 """RWML on τ²-Bench with Qwen3-8B: the paper's recipe (Yu et al. 2026, docs/method.md).
 
-    rwml-jax run rwml_tau2 --config.env.user=litellm:gpt-4.1 --config.env.user_alt=local
+    rwml-jax run rwml_tau2 --config.env.user_alt=litellm:gpt-4.1   # the paper's mix of two simulators
+    rwml-jax run rwml_tau2:scripts                                  # the authors' scripts' reward details
 
 Stage 0: N = 6 trajectories on each of the 178 training tasks (airline, retail, telecom), half with one user
 simulator and half with another. Triplets: tool responses masked to their JSON schema, the user's profile in
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base
+from configs import ablations, base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (the paper's recipe) or variants from configs/ablations.py, e.g. "judge", "scripts+history5"."""
     c = base.get_config()
     c.name = "rwml_tau2"
     c.work_dir = "runs/rwml_tau2"
@@ -34,27 +36,40 @@ def get_config() -> ml_collections.ConfigDict:
     c.env.domains = ("airline", "retail", "telecom")
     c.env.split = "train"  # τ²'s training task split (178 tasks over the three domains)
     c.env.max_steps = 30  # paper: at most 30 steps with a local user simulator
-    c.env.user = "local"
-    c.env.user_alt = ""  # set to a second simulator for the paper's 50/50 mix
+    # User simulators (rwml_jax.envs.tau2_users.make_user). Default: self-contained, the base model served as
+    # the user by this project's sampler on the run's own mesh. Paper: two simulators, half the trajectories
+    # each (the authors' scripts: Qwen3-235B-A22B-Instruct-2507 and GPT-4.1), e.g.
+    #   --config.env.user=litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507 --config.env.user_alt=litellm:gpt-4.1
+    c.env.user = "local:Qwen/Qwen3-8B"
+    c.env.user_alt = ""  # a second simulator for the paper's mix (env.user_mix = 0.5 of each task's trajectories)
 
     c.collect.num_tasks = -1  # all 178 training tasks
     c.collect.trajectories_per_task = 6  # paper: N = 6
-    c.collect.max_new_tokens = 1024  # Qwen3 thinks before each tool call
+    # Qwen3 thinks before it answers, in every stage: each gets 2048 new tokens (the paper gives none; the
+    # authors' scripts: 8192 for RWML, see :scripts); a cut-off answer scores 0 and is counted as truncated.
+    c.collect.max_new_tokens = 2048
     c.collect.max_prompt_tokens = 8192  # tool schemas + policy make long τ² prompts
 
-    c.triplets.history_length = 2
+    c.triplets.history_length = 2  # verl-agent's 2 (paper silent; the authors' τ² scripts: 5 -> :history5)
     c.triplets.drop_invalid = True
     c.triplets.mask_tool_schema = True  # paper: predict the schema of tool responses, not their values
 
     c.filter.num_samples = 10
     c.filter.threshold_user_reply = 0.15  # paper: τ² filter threshold
     c.filter.keep_easy_prob = 0.1
+    c.filter.max_new_tokens = 2048  # room to think, as in rwml
 
     c.rwml.group_size = 16  # paper: τ² G = 16
     c.rwml.micro_batch_size = 16
-    c.rwml.max_prompt_tokens = 4096
+    c.rwml.max_prompt_tokens = 8192  # history + tools (scripts: 10,240)
+    c.rwml.max_new_tokens = 2048  # think + <next_state> (scripts: 8,192)
     c.rewards.threshold_user_reply = 0.4  # paper
     c.rewards.rouge_grid = 0.2  # paper: tool responses scored by ROUGE on the 0.2 grid
+    # The authors' scripts differ where the paper is silent; each is one override away (all: rwml_tau2:scripts):
+    # rewards.realized_instruction=scripts (real state embedded as a query), rewards.prediction_max_tokens=512,
+    # rewards.think_penalty=0.1 (no <think> > 16 words), triplets.ask_task_status=True + rewards.status_penalty=0.5
+    # (their variant), rewards.rouge_stemmer=True, triplets.history_length=5, rwml.group_size=8 (paper: 16),
+    # rwml.kl_coef=0.001, env.max_steps=60 in collection.
 
     # Evaluation (paper): τ²'s test split of the three domains, pass^1 over 3 runs, at most 30 steps with a
     # local user simulator (the official τ² setting is a GPT-4.1 user and 100 steps). The env workers reach
@@ -65,4 +80,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.runs = 3
     c.eval.temperature = 0.1  # the authors' τ² scripts validate at 0.1
     c.eval.user = "litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507"
-    return c
+    return ablations.apply(c, arg)

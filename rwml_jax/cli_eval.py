@@ -42,7 +42,9 @@ from rwml_jax.evaluation.policies import (
 )
 from rwml_jax.evaluation.world_model import moved_fraction
 from rwml_jax.models import load_pretrained
+from rwml_jax.envs.user_spec import parse_user_spec
 from rwml_jax.train.policy import PolicySampler
+from rwml_jax.train.served_models import serve_users
 from rwml_jax.train.runtime import load_tokenizer, resolve_model_path
 from rwml_jax.train.stage_io import atomic_write_json, atomic_write_text
 
@@ -67,7 +69,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--task-types", nargs="+", choices=list(TASK_TYPES), default=None, metavar="TYPE")
     p.add_argument("--domain", choices=[*DOMAINS, "all"], default="all", help="τ² domain(s) (default all)")
     p.add_argument("--user", default="scripted",
-                   help="τ² user simulator: scripted (the task's gold user turns, offline) or litellm:<model>")
+                   help="τ² user simulator: scripted (the task's gold user turns, offline), scripted:<file>, "
+                        "litellm:<model> or local:<hf folder> (served here with the project's sampler; a preset "
+                        "name when --policy is a model folder, whose tokenizer it uses)")
     p.add_argument("--runs", type=int, default=3, help="runs with seeds seed..seed+runs-1 (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=30, help="agent steps per episode (default 30, the paper's)")
@@ -151,9 +155,17 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         gen = model_policy(load_model_generate_fn(model_dir, temperature=args.temperature, top_p=args.top_p,
                                                   seed=args.seed, max_new_tokens=args.max_new_tokens,
                                                   max_prompt_tokens=args.max_prompt_tokens))
-    result = evaluate(tasks, gen, out=args.json_out, env=args.env, runs=args.runs, seed=args.seed, factory=factory,
-                      factory_kwargs=kwargs, max_steps=max_steps, settings=settings, num_envs=args.num_envs,
-                      num_workers=args.workers, history_length=args.history_length)
+    users = [args.user] if args.env == "tau2" else []
+    policy_dir = None if args.policy in REFERENCE_POLICIES else model_folder(args.policy)
+    local = any(parse_user_spec(u)[0] == "local" for u in users)
+    with serve_users(users, mesh=sh.make_mesh(data=-1, fsdp=1, tensor=1) if local else None,
+                     fallback_tokenizer=policy_dir or "",
+                     max_prompt_tokens=8192, max_new_tokens=512, temperature=0.0, seed=args.seed) as endpoints:
+        if endpoints:
+            kwargs["endpoints"] = endpoints
+        result = evaluate(tasks, gen, out=args.json_out, env=args.env, runs=args.runs, seed=args.seed,
+                          factory=factory, factory_kwargs=kwargs, max_steps=max_steps, settings=settings,
+                          num_envs=args.num_envs, num_workers=args.workers, history_length=args.history_length)
     if args.start and args.policy not in REFERENCE_POLICIES:
 
         result["world_model"] = {"moved_fraction": moved_fraction(model_folder(args.start), model_folder(args.policy)),

@@ -156,7 +156,10 @@ def test_wrong_types_are_rejected_with_the_field_name():
     ("rwml.loss_agg=sum", r"rwml\.loss_agg='sum': expected one of 'token-mean'"),
     ("env.name=webshop", r"env\.name='webshop': expected one of 'alfworld', 'tau2'"),
     ("rewards.kind=vibes", r"rewards\.kind='vibes'"),
-    ("rewards.kind=judge", r"rewards\.kind='judge': expected one of 'embedding'"),  # no stage runs the judge
+    ("rewards.kind=judge", r"rewards\.judge='': rewards\.kind='judge' needs a judge"),
+    ("rewards.kind=bleu", r"rewards\.kind='bleu': expected one of 'embedding', 'judge'"),
+    ("rewards.judge=litellm:gpt-4.1", r"rewards\.judge='litellm:gpt-4\.1': is set but rewards\.kind is not"),
+    ("rewards.status_penalty=0.5", r"rewards\.status_penalty=0\.5: scores a task-status line"),
     ("execution.remat=some", r"execution\.remat='some'"),
     ("execution.layer_loop=loop", r"execution\.layer_loop='loop': expected one of 'auto', 'scan', 'unroll'"),
     ("execution.weight_format=fast", r"execution\.weight_format='fast': expected one of 'auto', 'out_in'"),
@@ -183,8 +186,11 @@ def test_tau2_specific_validation():
         load_config("rwml_tau2", ["--config.env.domains=banking"])
     with pytest.raises(ConfigError, match=r"env\.user='gpt4'"):
         load_config("rwml_tau2", ["--config.env.user=gpt4"])
-    c = load_config("rwml_tau2", ["--config.env.user=litellm:gpt-4.1", "--config.env.user_alt=local"])
-    assert (c.env.user, c.env.user_alt) == ("litellm:gpt-4.1", "local")
+    c = load_config("rwml_tau2", ["--config.env.user=litellm:gpt-4.1", "--config.env.user_alt=local:qwen3-0.6b"])
+    assert (c.env.user, c.env.user_alt) == ("litellm:gpt-4.1", "local:qwen3-0.6b")
+    for bad in ("local", "litellm:", "scripted:"):
+        with pytest.raises(ConfigError, match=r"env\.user_alt="):
+            load_config("rwml_tau2", [f"--config.env.user_alt={bad}"])
 
 
 def test_all_errors_are_reported_together():
@@ -370,3 +376,21 @@ def test_dry_run_plan_tau2_demo_and_bad_mesh():
     assert f"= {cap} steps (capped by max_steps={cap})" in demo
     bad = describe_plan(load_config("rwml_alfworld", ["--config.mesh.data=4", "--config.mesh.fsdp=-1"]), num_devices=6)
     assert "WARNING: 6 devices are not divisible" in bad
+
+
+def test_plan_states_training_reward_split_users_and_served_models():
+    from rwml_jax.train.plan import describe_plan
+
+    judge = describe_plan(load_config("rwml_alfworld:judge"))
+    assert "training reward: LLM judge local:Qwen/Qwen2.5-7B-Instruct" in judge and "[ablation]" in judge
+    assert "held-out reward (embedding, d < 0.2)" in judge and "wm_sft" not in judge.split("Stages")[1]
+    assert "judge local:Qwen/Qwen2.5-7B-Instruct (7.62B parameters" in judge
+    plain = describe_plan(load_config("rwml_alfworld"))
+    assert "training reward: embedding, d < 0.2" in plain and "LLM judge" not in plain
+    assert "10% of the tasks, whole tasks on one side" in plain
+    assert "of the triplets" in describe_plan(load_config("rwml_alfworld", ["--config.triplets.split_by=triplet"]))
+    tau2 = describe_plan(load_config("rwml_tau2", ["--config.env.user_alt=litellm:gpt-4.1"]))
+    assert "user simulators local:Qwen/Qwen3-8B (3 of each task's 6) and litellm:gpt-4.1 (3)" in tau2
+    assert "user simulator local:Qwen/Qwen3-8B (8.19B parameters" in tau2
+    scripts = describe_plan(load_config("rwml_tau2:scripts"))
+    assert "-0.1 without a <think> of > 16 words" in scripts and "history H=5" in scripts

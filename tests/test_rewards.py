@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rwml_jax.models import load_embedder
+from rwml_jax.rwml import judge as J
 from rwml_jax.rwml import rewards as R
 
 REAL = "You arrive at countertop 1. On the countertop 1, you see a apple 1, a bread 1, and a knife 2."
@@ -144,12 +145,26 @@ def test_dispatcher_by_kind(minilm):
     assert cfg.threshold_observation == 0.3
 
 
+def test_status_penalty_and_think_penalty(minilm):
+    """The authors' scripts' τ² terms: -status_penalty unless the last line names the true status (and only it),
+    -think_penalty without a <think> block of more than think_min_tokens words."""
+    assert R.states_status("...</next_state>\nTask status: failed", "failed")
+    assert not R.states_status("...</next_state>\nTask status: failed or not yet completed", "failed")
+    assert not R.states_status("Task status: failed\nmore text", "failed")
+    long_think = f"<think>{'word ' * 20}</think><next_state>{REAL}</next_state>"
+    outs = [long_think + "\nTask status: not yet completed", long_think + "\nTask status: failed", tagged(REAL)]
+    cfg = R.RewardConfig(status_penalty=0.5, think_penalty=0.1)
+    rb = R.compute_rewards(outs, [REAL] * 3, "observation", minilm, cfg, task_statuses=["not yet completed"] * 3)
+    np.testing.assert_allclose(rb.rewards, [1.0, 0.5, 1.0 - 0.5 - 0.1])
+    assert rb.stats["wrong_status"] == 2 and rb.stats["short_think"] == 1
+
+
 def test_judge_score_parsing():
-    assert R.parse_judge_score("<score>7</score>") == 0.7
-    assert R.parse_judge_score("thinking... <score> 12 </score>") == 1.0
-    assert R.parse_judge_score("<score>3</score> actually <score>9.5</score>") == 0.95
-    assert R.parse_judge_score("I would give it a 7") is None
-    msgs = R.judge_messages("pred text", "real text")
+    assert J.parse_judge_score("<score>7</score>") == 0.7
+    assert J.parse_judge_score("thinking... <score> 12 </score>") == 1.0
+    assert J.parse_judge_score("<score>3</score> actually <score>9.5</score>") == 0.95
+    assert J.parse_judge_score("I would give it a 7") is None
+    msgs = J.judge_messages("pred text", "real text")
     assert msgs[0]["role"] == "system" and "pred text" in msgs[1]["content"] and "real text" in msgs[1]["content"]
 
 
@@ -161,7 +176,7 @@ def test_judge_reward_with_the_project_sampler():
 
     tok = tiny_tokenizer()
     config, params = tiny_model(tok)
-    judge = R.JudgeReward.from_model(config, params, tok, max_new_tokens=8)
+    judge = J.JudgeReward.from_model(config, params, tok, max_new_tokens=8)
     calls = []
     inner = judge.generate_fn
     judge.generate_fn = lambda msgs: calls.append(len(msgs)) or inner(msgs)

@@ -406,6 +406,37 @@ def test_tau2_env_runs_in_the_worker_pool(retail_task):
         assert nxt[1].done and nxt[1].info["termination_reason"] == "user_stop" and nxt[1].reward == 0.0
 
 
+def test_served_users_answer_all_live_conversations_in_one_batch(retail_task, tmp_path):
+    """`make_env` (every stage's factory) with two users: a `local:` spec answered by a `GenerationServer` in
+    this process (episodes of one worker step in threads, so the server sees their user turns together) and a
+    `scripted:<file>` user for the tasks marked ("user", "alt"); each episode records its simulator."""
+    from rwml_jax.envs.pool import EnvPool
+    from rwml_jax.envs.user_server import GenerationServer
+
+    seen = []
+
+    def answer(chats):
+        seen.append(len(chats))
+        assert all(c[0]["role"] == "system" and "simulation" in c[0]["content"].lower() for c in chats)
+        return [f"I am user number {len(c)}." for c in chats]
+
+    script = tmp_path / "turns.json"
+    script.write_text(json.dumps(["scripted hello", "bye ###STOP###"]))
+    alt = spec("retail", retail_task.id)
+    alt = TaskSpec(alt.env, alt.split, alt.task_id, alt.seed, options=(*alt.options, ("user", "alt")))
+    with GenerationServer(answer, window_s=1.0, max_wait_s=5.0) as server, EnvPool(
+            "rwml_jax.envs.tau2_env:make_env", num_envs=4, num_workers=1, step_timeout=300.0,
+            factory_kwargs={"user": "local:any", "user_alt": f"scripted:{script}",
+                            "endpoints": {"local:any": server.endpoint}, "max_steps": 5}) as pool:
+        first = pool.reset([spec("retail", retail_task.id)] * 3 + [alt])
+        assert [r.observation for r in first] == ["I am user number 2."] * 3 + ["scripted hello"]
+        assert [r.info["user"] for r in first] == ["local:any"] * 3 + [f"scripted:{script}"]
+        nxt = pool.step(["Hello, how can I help?"] * 4)
+        assert [r.observation for r in nxt[:3]] == ["I am user number 4."] * 3 and nxt[3].done
+    # three live conversations, answered in batches (how many per batch depends on the threads' timing)
+    assert sum(seen) == 6 and max(seen) >= 2
+
+
 def test_import_and_episode_never_touch_the_network(tmp_path):
     """Import tau2 through the adapter and run a scored episode with every socket connection refused."""
     import subprocess

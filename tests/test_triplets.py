@@ -100,15 +100,15 @@ def test_episode_checks():
 def test_split_by_triplet_is_exact_deterministic_disjoint():
     trips = _many()
     assert len(trips) == 300
-    train, val = split_triplets(trips, val_fraction=0.1, seed=0)
+    train, val = split_triplets(trips, val_fraction=0.1, seed=0, by="triplet")
     assert len(val) == 30 and len(train) == 270
     assert not {t.id for t in train} & {t.id for t in val}
     assert {t.id for t in train} | {t.id for t in val} == {t.id for t in trips}
     # same ids + seed -> same split, whatever the input order
-    _, val2 = split_triplets(list(reversed(trips)), val_fraction=0.1, seed=0)
+    _, val2 = split_triplets(list(reversed(trips)), val_fraction=0.1, seed=0, by="triplet")
     assert {t.id for t in val2} == {t.id for t in val}
     assert [t.id for t in train] == [t.id for t in trips if t.id not in {v.id for v in val}]  # input order kept
-    _, val3 = split_triplets(trips, val_fraction=0.1, seed=1)
+    _, val3 = split_triplets(trips, val_fraction=0.1, seed=1, by="triplet")
     assert {t.id for t in val3} != {t.id for t in val}
     assert set(assign_split(trips, 0.0).values()) == {"train"}
 
@@ -127,6 +127,35 @@ def test_split_by_task_keeps_tasks_whole():
         split_triplets(trips, by="episode")
     with pytest.raises(ValueError, match="val_fraction"):
         split_triplets(trips, val_fraction=1.0)
+
+
+@pytest.mark.parametrize("recipe", ["rwml_alfworld", "rwml_tau2"])
+def test_triplets_stage_splits_by_task_by_default(tmp_path, recipe):
+    """The recipes' default split holds no validation task that is also in train; by="triplet" is one override."""
+    from rwml_jax.config import load_config
+    from rwml_jax.train.runtime import Runtime
+    from rwml_jax.train.stage_io import Stage, read_jsonl, write_jsonl
+    from rwml_jax.train.stages import triplets as triplets_stage
+
+    trajs = [_alfworld_trajectory(f"ep{t}-{k}", f"task{t}", 4) for t in range(10) for k in range(3)]
+    sides = {}
+    for by in ("task", "triplet"):
+        config = load_config(recipe, [f"--config.work_dir={tmp_path / by}", "--config.model.path=unused",
+                                      "--config.triplets.val_fraction=0.2"]
+                             + ([] if by == "task" else ["--config.triplets.split_by=triplet"]))
+        assert config.triplets.split_by == by
+        stage = Stage(tmp_path / by, "collect")
+        stage.begin(config)
+        write_jsonl(stage.file("trajectories.jsonl"), [t.to_dict() for t in trajs])
+        stage.finish(config, summary={}, outputs=["trajectories.jsonl"])
+        rt = Runtime.__new__(Runtime)  # the triplets stage needs no devices
+        rt.config, rt.work_dir = config, tmp_path / by
+        triplets_stage.run(rt)
+        sides[by] = [{(t["task_id"]) for t in read_jsonl(tmp_path / by / "triplets" / f"{s}.jsonl")}
+                     for s in ("train", "val")]
+    train, val = sides["task"]
+    assert val and train and not train & val
+    assert sides["triplet"][0] & sides["triplet"][1]  # by triplet, the tasks' N rollouts land on both sides
 
 
 def test_triplet_json_round_trip_and_alfworld_wm_prompt():
@@ -204,6 +233,21 @@ def test_tau2_rollout_records_tool_and_user_turns(tau2_trajectory):
     last_prompt = t.turns[-1].prompt
     tool_msgs = [m for m in last_prompt if m["role"] == "tool"]
     assert len(tool_msgs) == 5 and tool_msgs[0]["content"] == "yusuf_rossi_9620"
+
+
+def test_task_status_variant_asks_for_and_targets_the_true_status(tau2_trajectory):
+    """triplets.ask_task_status (the authors' scripts' variant): the last turn of this done, failed episode is
+    "failed", the others "not yet completed"; the prompt asks for the line and the SFT target holds it."""
+    from rwml_jax.rwml.wm_prompts import TAU2_STATUS_LINE
+
+    plain = build_triplets([tau2_trajectory])
+    asked = build_triplets([tau2_trajectory], ask_task_status=True)
+    assert all("task_status" not in t.context for t in plain)
+    assert not tau2_trajectory.success
+    assert [t.context["task_status"] for t in asked] == ["not yet completed"] * 4 + ["failed"]
+    assert TAU2_STATUS_LINE in wm_messages(asked[0])[1]["content"]
+    assert TAU2_STATUS_LINE not in wm_messages(plain[0])[1]["content"]
+    assert wm_example(asked[-1])["target"].endswith("</next_state>\nTask status: failed")
 
 
 def test_tau2_tool_responses_masked_to_schema(tau2_trajectory):

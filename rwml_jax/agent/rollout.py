@@ -56,6 +56,7 @@ class Generation:
 
     text: str
     num_tokens: int | None = None
+    truncated: bool = False  # cut at the token budget (no end-of-turn token)
 
 
 def as_generation(x: Any) -> Generation:
@@ -72,7 +73,7 @@ def as_generation(x: Any) -> Generation:
         toks = get("tokens")
         toks = get("token_ids") if toks is None else toks
         n = len(toks) if toks is not None else None
-    return Generation(text, None if n is None else int(n))
+    return Generation(text, None if n is None else int(n), bool(get("truncated") or False))
 
 
 class _Episode(Protocol):
@@ -132,7 +133,7 @@ class Tau2Episode:
         self.tools = list(info["tools"])
         self.conversation: list[Message] = [{"role": "assistant", "content": info["greeting"]},
                                             {"role": "user", "content": first.observation}]
-        self._info = {k: info[k] for k in ("domain", "task_id", "split", "greeting", "user_known_info")
+        self._info = {k: info[k] for k in ("domain", "task_id", "split", "greeting", "user_known_info", "user")
                       if k in info}
         self._info["tool_signatures"] = [tool_signature(t) for t in self.tools]
 
@@ -176,6 +177,7 @@ class RolloutStats:
     crashed: int = 0
     generate_calls: int = 0
     output_tokens: int = 0
+    truncated_outputs: int = 0  # policy outputs cut at the token budget (max_new_tokens)
     generate_seconds: float = 0.0
     env_seconds: float = 0.0
 
@@ -254,7 +256,8 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             provenance: Mapping[str, Any] | None = None,
             on_turn: Callable[[RolloutStats, int], None] | None = None,
             on_episode: Callable[[int, Trajectory], None] | None = None,
-            with_context: bool = False) -> RolloutResult:
+            with_context: bool = False,
+            sample_task: Callable[[TaskSpec, int], TaskSpec] | None = None) -> RolloutResult:
     """Play ``trajectories_per_task`` episodes of every task with the policy behind ``generate_fn``.
 
     Args:
@@ -273,6 +276,8 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
         (callers that persist episodes one by one, e.g. a resumable evaluation).
       with_context: call ``generate_fn(prompts, contexts)`` with one `TurnContext` per prompt (reference
         policies: an expert replaying a walkthrough, a random admissible action).
+      sample_task: ``(task, k) -> TaskSpec`` the k-th episode of a task is reset with (and recorded under);
+        e.g. τ²'s user-simulator mix sets an option on some of the N samples. None: the task itself.
 
     Returns the trajectories ordered by (task index, sample_index) — independent of scheduling — and stats.
     """
@@ -291,7 +296,7 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
     prov.update(history_length=history_length, trajectories_per_task=trajectories_per_task,
                 max_turns=max_turns, prompt_format=prompt_format)
 
-    pending = collections.deque((ti * trajectories_per_task + k, task, k)
+    pending = collections.deque((ti * trajectories_per_task + k, sample_task(task, k) if sample_task else task, k)
                                 for ti, task in enumerate(tasks) for k in range(trajectories_per_task))
     live: dict[int, _Live] = {}
     done: dict[int, Trajectory] = {}
@@ -381,11 +386,12 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             lv.turns.append(Turn(step=len(lv.turns), prompt=prompt_msgs if record_prompts else None,
                                  output=g.text, action=pa.action, format_ok=pa.format_ok,
                                  has_think=pa.has_think, format_error=pa.error, transition=tr,
-                                 output_tokens=g.num_tokens))
+                                 output_tokens=g.num_tokens, truncated=g.truncated))
             stats.steps += 1
             stats.invalid_steps += not tr.valid
             stats.format_errors += not pa.format_ok
             stats.output_tokens += g.num_tokens or 0
+            stats.truncated_outputs += g.truncated
             if res.done or res.truncated:
                 finish(s, res)
             elif max_turns is not None and len(lv.turns) >= max_turns:
@@ -402,7 +408,7 @@ class _EndedAtReset:
     """Episode stand-in for an episode that ended at reset (never prompted)."""
 
     def __init__(self, first: StepResult) -> None:
-        self._info = {k: v for k, v in first.info.items() if k in ("task", "task_type", "task_id", "error")}
+        self._info = {k: v for k, v in first.info.items() if k in ("task", "task_type", "task_id", "error", "user")}
 
     def prompt(self) -> list[Message]:  # pragma: no cover - never called
         raise RuntimeError("episode ended at reset")

@@ -45,7 +45,7 @@ class Turn:
     output: the generated text. action: what the environment was stepped with (see rwml_jax.agent.parse).
     format_ok / has_think / format_error: the parser's verdict on the output's format.
     transition: the realised ⟨s_t, a_t, s_{t+1}⟩ (its ``valid`` is the environment's verdict).
-    output_tokens: generated token count when the generator reports it.
+    output_tokens: generated token count when the generator reports it. truncated: cut at the token budget.
     """
 
     step: int
@@ -57,6 +57,7 @@ class Turn:
     format_error: str | None
     transition: Transition
     output_tokens: int | None = None
+    truncated: bool = False  # the output was cut at the token budget (no end-of-turn token)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "transition"}

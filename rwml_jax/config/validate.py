@@ -21,6 +21,7 @@ from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
 from rwml_jax.envs import ENV_NAMES, TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
+from rwml_jax.envs.user_spec import parse_user_spec
 from rwml_jax.platform import ATTENTION_KERNELS, DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
 from rwml_jax.rwml.rewards import REWARD_KINDS
@@ -198,10 +199,21 @@ def _env(s: Section) -> None:
         for field in ("user", "user_alt"):
             if not s.has(field) or (field == "user_alt" and s.get(field) == ""):
                 continue
-            u = s.typed(field, str) or ""
-            if not (u in ("local", "scripted") or (u.startswith("litellm:") and len(u) > len("litellm:"))):
-                s.fail(field, "expected 'local', 'scripted' or 'litellm:<model>'"
-                       + (" (or '' for none)" if field == "user_alt" else ""))
+            _user_spec(s, field)
+        s.prob("user_mix")
+        s.number("user_temperature", lo=0.0)
+        s.positive_int("user_max_new_tokens")
+        s.positive_int("user_max_prompt_tokens")
+        if s.typed("user_alt", str) and s.typed("user_alt", str) == s.typed("user", str):
+            s.fail("user_alt", "is the same simulator as env.user (the mix needs two)")
+
+
+def _user_spec(s: Section, field: str) -> None:
+    """A τ² user-simulator spec (rwml_jax.envs.user_spec)."""
+    try:
+        parse_user_spec(s.get(field))
+    except ValueError as e:
+        s.fail(field, str(e))
 
 
 def _sampling(s: Section, *, greedy_ok: bool = True) -> None:
@@ -225,6 +237,9 @@ def _triplets(s: Section) -> None:
     s.number("val_fraction", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     s.number("seed", lo=0, integer=True)
     s.one_of("split_by", ("triplet", "task"))
+    env = Section(s.root, "env", [])
+    if s.has("ask_task_status") and s.get("ask_task_status") is True and env.has("name") and env.get("name") != "tau2":
+        s.fail("ask_task_status", "only τ² world-model prompts ask for a task status (env.name='tau2')")
 
 
 def _filter(s: Section) -> None:
@@ -242,6 +257,24 @@ def _rewards(s: Section) -> None:
     s.distance("threshold_observation")
     s.distance("threshold_user_reply")
     s.number("rouge_grid", lo=0.0, hi=1.0, lo_open=True)
+    s.nonneg_int("prediction_max_tokens")
+    s.number("think_penalty", lo=0.0)
+    s.nonneg_int("think_min_tokens")
+    s.number("status_penalty", lo=0.0)
+    s.prob("judge_threshold")
+    s.number("judge_temperature", lo=0.0)
+    s.positive_int("judge_max_new_tokens")
+    root = Section(s.root, "", [])
+    if s.typed("status_penalty", (int, float)) and not (root.has("triplets.ask_task_status")
+                                                         and root.get("triplets.ask_task_status")):
+        s.fail("status_penalty", "scores a task-status line the world model is only asked for with "
+                                 "triplets.ask_task_status=True")
+    judge = s.typed("judge", str) or ""
+    if s.typed("kind", str) == "judge":
+        if not judge.startswith(("local:", "litellm:")) or not judge.split(":", 1)[1].strip():
+            s.fail("judge", "rewards.kind='judge' needs a judge: 'local:<hf folder or preset>' or 'litellm:<model>'")
+    elif judge:
+        s.fail("judge", "is set but rewards.kind is not 'judge': set rewards.kind=judge or leave it empty")
 
 
 def _rwml(s: Section) -> None:
@@ -287,7 +320,7 @@ def _warmstart(s: Section) -> None:
     _sft(s)
     s.positive_int("steps", allow=(-1,))
     s.nonneg_int("num_games")
-    s.nonempty_str("corpus")
+    s.one_of("corpus", ("walkthrough",))
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
     preset = Section(s.root, "model", []).typed("preset", str)
@@ -346,9 +379,8 @@ def _eval(s: Section) -> None:
     models = s.typed("models", (tuple, list)) or ()
     if len(set(models)) != len(models):
         s.fail("models", "lists a model twice")
-    user = s.get("user") if s.has("user") else "scripted"
-    if not isinstance(user, str) or not (user == "scripted" or (user.startswith("litellm:") and len(user) > 8)):
-        s.fail("user", "must be 'scripted' or 'litellm:<model>'")
+    if s.has("user"):
+        _user_spec(s, "user")
     root = Section(s.root, "", s.errors)
     data_dir = s.get("data_dir") if s.has("data_dir") else ""
     generated = data_dir == "generated" or (data_dir == "" and root.has("env.data_dir")

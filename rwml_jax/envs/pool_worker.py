@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rwml_jax.envs.base import StepResult, TaskSpec, TextEnv
@@ -153,6 +154,32 @@ def worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory
             except Exception:
                 pass
 
+    def do(item: tuple[int, str, Any]) -> tuple[int, Any, float]:
+        slot, op, arg = item
+        t0 = time.thread_time()
+        try:
+            if op == "reset":
+                res: Any = reset(slot, arg)
+            elif op == "step":
+                res = env_for(slot).step(arg)
+            elif op == "call":  # test / debugging hook: (method name, args)
+                res = getattr(env_for(slot), arg[0])(*arg[1])
+            elif op == "drop":
+                res = drop(arg)
+            elif op == "preload":
+                res = preload(arg)
+            elif op == "unload":
+                res = unload(arg)
+            else:
+                raise ValueError(f"unknown pool operation {op!r}")
+        except Exception as e:
+            res = RemoteError.capture(e)
+            drop(slot)
+        return (slot, res, time.thread_time() - t0)
+
+    # envs that wait on a server in the main process step in threads (see `_threaded`)
+    concurrent = any(getattr(e, "concurrent_steps", False) for e in envs.values())
+    threads = ThreadPoolExecutor(64, thread_name_prefix="env") if concurrent else None  # kept: one connection each
     while True:
         try:
             cmd, payload = conn.recv()
@@ -161,37 +188,37 @@ def worker_main(conn: multiprocessing.connection.Connection, factory: EnvFactory
         if cmd == "close":
             break
         cpu0 = time.process_time()
-        out: list[tuple[int, Any, float]] = []
-        for slot, op, arg in payload:  # cmd == "batch"
-            t0 = time.process_time()
-            try:
-                if op == "reset":
-                    res: Any = reset(slot, arg)
-                elif op == "step":
-                    res = env_for(slot).step(arg)
-                elif op == "call":  # test / debugging hook: (method name, args)
-                    res = getattr(env_for(slot), arg[0])(*arg[1])
-                elif op == "drop":
-                    res = drop(arg)
-                elif op == "preload":
-                    res = preload(arg)
-                elif op == "unload":
-                    res = unload(arg)
-                else:
-                    raise ValueError(f"unknown pool operation {op!r}")
-            except Exception as e:
-                res = RemoteError.capture(e)
-                drop(slot)
-            out.append((slot, res, time.process_time() - t0))
+        if concurrent and sum(op in ("reset", "step") for _, op, _ in payload) > 1:
+            out = _threaded(payload, do, threads)
+        else:
+            out = [do(item) for item in payload]
         try:
             conn.send(("ok", out, time.process_time() - cpu0))
         except (BrokenPipeError, OSError):
             break
+    if threads is not None:
+        threads.shutdown(wait=False)
     for slot in list(envs):
         drop(slot)
     for _task, env in spares:
         close_env(env)
     conn.close()
+
+
+def _threaded(payload: list[tuple[int, str, Any]], do: Callable[[tuple[int, str, Any]], Any],
+              threads: ThreadPoolExecutor) -> list[Any]:
+    """Run a batch's resets and steps in one thread each (other operations first, in order); results in
+    request order. For envs that wait on a server in the main process (`Tau2Env.concurrent_steps`)."""
+    out: list[Any] = [None] * len(payload)
+    parallel = [k for k, (_, op, _) in enumerate(payload) if op in ("reset", "step")]
+    for k, item in enumerate(payload):
+        if k not in parallel:
+            out[k] = do(item)
+    for k, res in zip(parallel, threads.map(do, [payload[k] for k in parallel])):
+        out[k] = res
+    return out
+
+
 
 
 @dataclasses.dataclass

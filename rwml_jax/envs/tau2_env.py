@@ -59,7 +59,8 @@ from tau2.utils.utils import get_now  # noqa: E402
 
 from rwml_jax.envs.base import StepResult, TaskSpec  # noqa: E402
 from rwml_jax.envs.tau2_parse import ParsedTurn, parse_turn  # noqa: E402
-from rwml_jax.envs.tau2_users import UserFactory  # noqa: E402
+from rwml_jax.envs.tau2_users import UserFactory, make_user  # noqa: E402
+from rwml_jax.envs.user_spec import parse_user_spec  # noqa: E402
 
 AGENT_STOP = "###STOP###"
 TAU2_DEFAULT_MAX_MESSAGES = 200  # tau2.config.DEFAULT_MAX_STEPS (the `tau2 run` default)
@@ -139,6 +140,10 @@ class Tau2Env:
     (every message hand-off counts, τ² default 200). max_errors: τ²'s tool-error limit (default 10).
     agent_can_stop: the agent's ``###STOP###`` ends the episode (τ²'s gym agent); off = τ²'s `LLMAgent`.
     allow_llm_judge: permit evaluation types that call an LLM (only needed for NL-assertion reward bases).
+    alt_user: a second user factory, used for tasks whose options hold ``("user", "alt")`` (the paper's mix of
+    two simulators). user_names: (name of `user`, name of `alt_user`), recorded as ``info["user"]`` at reset.
+    concurrent_steps: env workers may step this env in a thread beside their other envs (set when the user
+    is a model served by the main process, so one batch there holds every live conversation's user turn).
     """
 
     def __init__(
@@ -151,6 +156,9 @@ class Tau2Env:
         max_errors: int = TAU2_DEFAULT_MAX_ERRORS,
         agent_can_stop: bool = True,
         allow_llm_judge: bool = False,
+        alt_user: UserFactory | None = None,
+        user_names: tuple[str, str] = ("", ""),
+        concurrent_steps: bool = False,
     ):
         for name, v in (("max_steps", max_steps), ("max_messages", max_messages), ("max_errors", max_errors)):
             if v <= 0:
@@ -162,6 +170,9 @@ class Tau2Env:
         self.max_errors = max_errors
         self.agent_can_stop = agent_can_stop
         self.allow_llm_judge = allow_llm_judge
+        self.alt_user = alt_user
+        self.user_names = tuple(user_names)
+        self.concurrent_steps = concurrent_steps
         self._orch: Orchestrator | None = None
         self._finished = True
 
@@ -184,12 +195,16 @@ class Tau2Env:
                 "Tau2Env has no user simulator: pass user=LiteLLMUser(model) (network), "
                 "LocalModelUser(generate_fn) or ScriptedUser(turns) from rwml_jax.envs.tau2_users"
             )
+        which = options.get("user", "main")
+        if which not in ("main", "alt") or (which == "alt" and self.alt_user is None):
+            raise ValueError(f"TaskSpec option user={which!r}: this Tau2Env has "
+                             f"{'a main and an alt user' if self.alt_user else 'only a main user'}")
         self._task = tasks[task.task_id]
         self._spec = task
         self._domain = domain
         environment = registry.get_env_constructor(domain)()
         self._agent = _ExternalAgent(environment.get_tools(), environment.get_policy(), self.agent_can_stop)
-        user = self.user.make(self._task, environment)
+        user = (self.alt_user if which == "alt" else self.user).make(self._task, environment)
         self._orch = Orchestrator(
             domain=domain,
             agent=self._agent,
@@ -222,6 +237,7 @@ class Tau2Env:
             "tools": [t.openai_schema for t in environment.get_tools()],
             "user_known_info": getattr(instr, "known_info", None),
             "user_tool_messages": user_tool_messages,
+            "user": self.user_names[which == "alt"],
         }
         return self._finish_step(observation, "user_reply", True, info)
 
@@ -409,3 +425,18 @@ class Tau2Env:
             domain=self._domain,
         )
         return reward_info, messages
+
+
+def make_env(user: str, user_alt: str = "", *, endpoints: dict[str, Any] | None = None, user_temperature: float = 0.0,
+             **kwargs: Any) -> Tau2Env:
+    """The env factory of every stage's pool workers: users from their specs (`tau2_users.make_user`; a
+    ``local:`` spec needs its server's endpoint in `endpoints`), `user_alt` ("" = none) for the mix; kwargs go to
+    `Tau2Env` (max_steps, max_messages, max_errors)."""
+    endpoints = endpoints or {}
+
+    def one(spec: str) -> UserFactory:
+        return make_user(spec, endpoints.get(spec), temperature=user_temperature)
+
+    served = any(parse_user_spec(s)[0] == "local" for s in (user, user_alt) if s)
+    return Tau2Env(one(user), alt_user=one(user_alt) if user_alt else None, user_names=(user, user_alt),
+                   concurrent_steps=served, **kwargs)

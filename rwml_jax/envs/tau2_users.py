@@ -17,12 +17,19 @@ Factories are small picklable dataclasses, so a worker process can build its own
 
 There is no implicit default: an adapter without a user factory refuses to start, so nothing ever reaches
 for the network unless `LiteLLMUser` is asked for.
+
+`make_user(spec, endpoint)` is the one factory every stage uses (collect, eval, policy RL), from a config
+string: ``litellm:<model>`` (τ²'s own simulator, any litellm provider, key from the environment),
+``local:<hf folder or preset>`` (a model served by this project's sampler in the main process through
+`rwml_jax.envs.user_server`; `endpoint` is that server's), ``scripted:<file>`` (a JSON list of turns or a
+``{task id: [turns]}`` mapping) or ``scripted`` (the user side of the task's gold conversation, offline).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -39,6 +46,8 @@ from tau2.user.user_simulator import UserSimulator  # noqa: E402
 from tau2.utils.llm_utils import to_litellm_messages  # noqa: E402
 
 from rwml_jax.envs.tau2_parse import format_tools_prompt, parse_turn  # noqa: E402
+from rwml_jax.envs.user_server import RemoteGenerate  # noqa: E402
+from rwml_jax.envs.user_spec import parse_user_spec  # noqa: E402
 
 GenerateFn = Callable[..., str]
 
@@ -201,3 +210,32 @@ class ScriptedUser:
                 return remaining.pop(0) if remaining else STOP
 
         return CallableUserSimulator(respond, user_tools_of(environment), str(task.user_scenario), tools_in_prompt=True)
+
+
+class GoldScriptUser:
+    """τ² user factory: the user turns of the task's gold conversation (offline, deterministic)."""
+
+    def make(self, task: Task, environment: Environment) -> BaseUser:
+        from rwml_jax.envs.tau2_replay import gold_script
+
+        return ScriptedUser(gold_script(task)[1]).make(task, environment)
+
+
+def make_user(spec: str, endpoint: Any = None, *, temperature: float = 0.0) -> UserFactory:
+    """The user factory a spec names. endpoint: the `GenerationServer` endpoint serving a ``local:`` model
+    (`rwml_jax.train.user_sim.serve_users` starts it). temperature: the litellm user's sampling temperature."""
+    kind, arg = parse_user_spec(spec)
+    if kind == "litellm":
+        return LiteLLMUser(model=arg, llm_args={"temperature": temperature})
+    if kind == "local":
+        if endpoint is None:
+            raise ValueError(f"user simulator {spec!r} is served by the main process, but no server endpoint was "
+                             "given (start it with rwml_jax.train.user_sim.serve_users)")
+        return LocalModelUser(RemoteGenerate(tuple(endpoint)))
+    if not arg:
+        return GoldScriptUser()
+    with open(arg) as f:
+        turns = json.load(f)
+    if not isinstance(turns, (list, dict)):
+        raise ValueError(f"scripted user file {arg!r} must hold a JSON list of turns or {{task id: [turns]}}")
+    return ScriptedUser(turns)

@@ -5,9 +5,9 @@ ALFWorld: the games of `split` under a data folder (official or offline layout, 
 `rwml_jax.envs.alfworld_data`), each fully parsed first, so a game file that cannot be loaded is named and
 counted as a failed episode instead of being left out; the pool's envs are wrapped in `GuardedEnv`, so a
 task that fails only when the engine loads it is counted the same way instead of aborting the evaluation. τ²: the tasks of τ²'s own ``test`` split of each
-domain, the user simulator given by `user`: "scripted" (offline: the user side of the task's gold
-conversation, `rwml_jax.envs.tau2_replay.gold_script`; then "###STOP###") or "litellm:<model>" (the official
-simulator, network).
+domain, the user simulator given by a spec (`rwml_jax.envs.user_spec`): "scripted" (offline: the user side of the
+task's gold conversation; then "###STOP###"), "litellm:<model>" (the official simulator, network),
+"local:<model>" (served by the caller's process) or "scripted:<file>".
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from rwml_jax.evaluation.metrics import INVALID_CALL_KINDS
 
 GUARDED_FACTORY = "rwml_jax.evaluation.tasks:GuardedEnv"
 LOAD_ERROR = "cannot load task "  # prefix of the error of an episode whose task failed to load at reset
-TAU2_FACTORY = "rwml_jax.evaluation.tasks:make_tau2_env"
-TAU2_USERS = ("scripted", "litellm:<model>")
+# τ²'s env factory (every stage's): users from their specs, kwargs user=, max_steps=, max_messages=, max_errors=,
+# endpoints= (the servers of local users, rwml_jax.train.served_models.serve_users)
+TAU2_FACTORY = "rwml_jax.envs.tau2_env:make_env"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,32 +94,6 @@ class GuardedEnv:
 
     def __getattr__(self, name: str) -> Any:  # preload, admissible_commands, ...
         return getattr(self.__dict__["env"], name)
-
-
-class GoldScriptUser:
-    """τ² user factory: the user turns of the task's gold conversation (offline, deterministic)."""
-
-    def make(self, task: Any, environment: Any) -> Any:
-        from rwml_jax.envs.tau2_replay import gold_script
-        from rwml_jax.envs.tau2_users import ScriptedUser
-
-        return ScriptedUser(gold_script(task)[1]).make(task, environment)
-
-
-def make_tau2_env(user: str, max_steps: int, max_messages: int, max_errors: int):
-    """τ² env factory for the pool's worker processes (see the module docstring for `user`)."""
-    from rwml_jax.envs.tau2_env import Tau2Env
-
-    if user == "scripted":
-        factory: Any = GoldScriptUser()
-    elif user.startswith("litellm:"):
-        from rwml_jax.envs.tau2_users import LiteLLMUser
-
-        factory = LiteLLMUser(model=user.split(":", 1)[1])
-    else:
-        raise ValueError(f"τ² evaluation user {user!r}: expected one of {TAU2_USERS} (a local-model user runs "
-                         "in the policy's process and is not available in env workers)")
-    return Tau2Env(factory, max_steps=max_steps, max_messages=max_messages, max_errors=max_errors)
 
 
 @functools.lru_cache(maxsize=8)

@@ -36,7 +36,8 @@ class OptimizerConfig:
     (update k, counting from 0, uses peak * (k + 1) / warmup_steps). total_steps: length of the decay
     for "cosine" / "linear" (required for them), ending at peak * end_lr_ratio. weight_decay applies to
     matrices only (kernels, embeddings), not to norms and biases. max_grad_norm: clip the global
-    gradient norm (0 or None disables).
+    gradient norm (0 or None disables). state_dtype: dtype of Adam's first moment (optax's ``mu_dtype``);
+    the second moment keeps the parameters' dtype.
     """
 
     learning_rate: float = 1e-6
@@ -49,6 +50,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -88,7 +90,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     parts.append(
         optax.adamw(
             learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, mask=_matrix_mask,
+            weight_decay=cfg.weight_decay, mask=_matrix_mask, mu_dtype=jnp.dtype(cfg.state_dtype),
         )
     )
     return optax.chain(*parts)

@@ -1,8 +1,9 @@
 """RWML proper: world-model triplets and prompts, the easy-sample filter, sim-to-real rewards.
 
 The reward API is re-exported lazily (importing this package stays cheap):
-`sim_to_real_reward`, `rouge_reward`, `compute_rewards`, `RewardConfig`, `JudgeReward`,
-`extract_next_state` from `rwml_jax.rwml.rewards`, and `EmbeddingCache` from `rwml_jax.rwml.embed_cache`.
+`sim_to_real_reward`, `rouge_reward`, `compute_rewards`, `RewardConfig`,
+`extract_next_state` from `rwml_jax.rwml.rewards`, `JudgeReward` from `rwml_jax.rwml.judge`, and `EmbeddingCache`
+from `rwml_jax.rwml.embed_cache`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ _LAZY = {
     "compute_rewards": "rwml_jax.rwml.rewards",
     "RewardConfig": "rwml_jax.rwml.rewards",
     "RewardBatch": "rwml_jax.rwml.rewards",
-    "JudgeReward": "rwml_jax.rwml.rewards",
+    "JudgeReward": "rwml_jax.rwml.judge",
     "extract_next_state": "rwml_jax.rwml.rewards",
     "EmbeddingCache": "rwml_jax.rwml.embed_cache",
 }

@@ -24,7 +24,7 @@ action taken and s_{t+1} the state the environment really returned. H = ``histor
 
 Validation split (`split_triplets`): exactly round(val_fraction · n) triplets go to validation, chosen by a
 seeded permutation of the sorted triplet ids, so the split depends only on the set of ids and the seed
-(not on input order) and train / validation are disjoint. ``by="triplet"`` (the paper's wording: 10 % of
+(not on input order) and train / validation are disjoint. ``by="task"`` is the default; ``by="triplet"`` (the paper's wording: 10 % of
 triplets) may put near-identical triplets of the same task (N trajectories per task replay the same game)
 on both sides; ``by="task"`` assigns whole tasks to one side (tasks shuffled with the seed, added to
 validation until it holds round(val_fraction · n) triplets or more), so validation measures generalisation to
@@ -202,9 +202,21 @@ def _context_of(traj: Trajectory) -> tuple[str, dict[str, Any]]:
     return "", ctx
 
 
+def task_status(traj: Trajectory, step: int) -> str:
+    """The task's status after turn `step` (the authors' scripts' wording): "successfully completed" /
+    "failed" after the last turn of a won / lost episode that ended by the environment's rule, else
+    "not yet completed"."""
+    if step == len(traj.turns) - 1 and traj.done and not traj.error:
+        return "successfully completed" if traj.success else "failed"
+    return "not yet completed"
+
+
 def build_triplets(trajectories: Iterable[Trajectory], *, history_length: int = 2, drop_invalid: bool = False,
-                   mask_tool_schema: bool = True, mask_history: bool = False) -> list[Triplet]:
-    """Triplets of every turn of every trajectory, in trajectory order (see module docstring)."""
+                   mask_tool_schema: bool = True, mask_history: bool = False,
+                   ask_task_status: bool = False) -> list[Triplet]:
+    """Triplets of every turn of every trajectory, in trajectory order (see module docstring).
+    ask_task_status: τ² triplets carry ``context["task_status"]`` (`task_status`), and their world-model
+    prompt asks for a final status line (the authors' scripts' variant; `rewards.status_penalty` scores it)."""
     out: list[Triplet] = []
     seen: set[str] = set()
     for traj in trajectories:
@@ -212,9 +224,13 @@ def build_triplets(trajectories: Iterable[Trajectory], *, history_length: int = 
             raise ValueError(f"episode {traj.episode_id!r} appears twice among the trajectories")
         seen.add(traj.episode_id)
         task, ctx = _context_of(traj)
-        out += triplets_from_episode(traj.transitions, history_length=history_length, task=task, context=ctx,
-                                     mask_tool_schema=mask_tool_schema, mask_history=mask_history,
-                                     drop_invalid=drop_invalid)
+        trips = triplets_from_episode(traj.transitions, history_length=history_length, task=task, context=ctx,
+                                      mask_tool_schema=mask_tool_schema, mask_history=mask_history,
+                                      drop_invalid=drop_invalid)
+        if ask_task_status and traj.env == "tau2":
+            trips = [dataclasses.replace(t, context={**t.context, "task_status": task_status(traj, t.step)})
+                     for t in trips]
+        out += trips
     return out
 
 
@@ -224,7 +240,7 @@ def _rng(seed: int, salt: str) -> np.random.Generator:
 
 
 def assign_split(triplets: Sequence[Triplet], val_fraction: float = 0.1, seed: int = 0,
-                 by: SplitBy = "triplet") -> dict[str, str]:
+                 by: SplitBy = "task") -> dict[str, str]:
     """Triplet id -> "train" | "val" (rules in the module docstring). Deterministic in (ids, seed)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -254,7 +270,7 @@ def assign_split(triplets: Sequence[Triplet], val_fraction: float = 0.1, seed: i
 
 
 def split_triplets(triplets: Sequence[Triplet], val_fraction: float = 0.1, seed: int = 0,
-                   by: SplitBy = "triplet") -> tuple[list[Triplet], list[Triplet]]:
+                   by: SplitBy = "task") -> tuple[list[Triplet], list[Triplet]]:
     """(train, val) lists, each in input order."""
     side = assign_split(triplets, val_fraction, seed, by)
     return [t for t in triplets if side[t.id] == "train"], [t for t in triplets if side[t.id] == "val"]

@@ -77,6 +77,10 @@ TAU2_KIND_INSTRUCTION = {
 }
 TAU2_ANSWER_FORMAT = ("First reason inside <think></think>, then give the predicted response inside "
                       "<next_state></next_state>.")
+# the authors' scripts' variant (triplets.ask_task_status): a last line with the task's status after the turn
+TASK_STATUSES = ("successfully completed", "not yet completed", "failed")
+TAU2_STATUS_LINE = ("After </next_state>, end with one line: 'Task status: ' followed by 'successfully completed', "
+                    "'not yet completed' or 'failed'.")
 
 _SPEAKER = {"user_reply": "user", "tool_response": "tool", "observation": "environment"}
 
@@ -119,7 +123,8 @@ def wm_messages(t: Triplet, *, include_tools: bool = True) -> list[Message]:
         instruction = TAU2_KIND_INSTRUCTION.get(t.kind, TAU2_KIND_INSTRUCTION["observation"])
         user = TAU2_WM_USER.format(profile=_profile(t), tools=tools_text, history=_tau2_history(t),
                                    action=t.action if t.action.strip() else "(empty turn)",
-                                   instruction=f"{instruction} {TAU2_ANSWER_FORMAT}")
+                                   instruction=f"{instruction} {TAU2_ANSWER_FORMAT}"
+                                   + (f" {TAU2_STATUS_LINE}" if t.context.get("task_status") else ""))
         system = TAU2_WM_SYSTEM.format(domain=t.context.get("domain") or "customer-service")
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
     raise ValueError(f"no world-model prompt for env {t.env!r}; known: 'alfworld', 'tau2'")
@@ -130,13 +135,15 @@ def wm_prompt_text(t: Triplet, *, include_tools: bool = True) -> str:
     return render_plain(wm_messages(t, include_tools=include_tools))
 
 
-def wm_sft_target(next_state: str) -> str:
-    """The next-state SFT target: ``<think> </think><next_state>{s}</next_state>`` (paper's WM-SFT baseline)."""
-    return f"<think> </think>{NEXT_STATE_OPEN}{next_state}{NEXT_STATE_CLOSE}"
+def wm_sft_target(next_state: str, task_status: str = "") -> str:
+    """The next-state SFT target: ``<think> </think><next_state>{s}</next_state>`` (paper's WM-SFT baseline),
+    then ``Task status: …`` when the triplet's prompt asks for it (`triplets.ask_task_status`)."""
+    status = f"\nTask status: {task_status}" if task_status else ""
+    return f"<think> </think>{NEXT_STATE_OPEN}{next_state}{NEXT_STATE_CLOSE}{status}"
 
 
 def wm_example(t: Triplet, *, chat: bool = True, include_tools: bool = True) -> dict[str, Any]:
     """Prompt + SFT target + reward metadata of one triplet, the record the filter / RWML / WM-SFT stages use."""
     prompt: Any = wm_messages(t, include_tools=include_tools) if chat else wm_prompt_text(t, include_tools=include_tools)
-    return {"id": t.id, "env": t.env, "kind": t.kind, "prompt": prompt, "target": wm_sft_target(t.next_state),
+    return {"id": t.id, "env": t.env, "kind": t.kind, "prompt": prompt, "target": wm_sft_target(t.next_state, t.context.get("task_status", "")),
             "next_state": t.next_state}

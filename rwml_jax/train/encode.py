@@ -10,14 +10,17 @@ from rwml_jax.agent.prompts import render_plain
 Message = dict[str, Any]
 
 
-def encode_prompt(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> list[int]:
+def encode_prompt(tokenizer: Any, messages: Sequence[Message], max_tokens: int,
+                  template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Render `messages` with the tokenizer's chat template (plus the assistant header) -> ids.
+    template_kwargs: extra chat-template variables (e.g. ``{"enable_thinking": False}`` for Qwen3).
 
     Prompts longer than `max_tokens` keep their *last* `max_tokens` tokens (the current state and the
     question are at the end; the oldest history goes first).
     """
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                            **(template_kwargs or {}))
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
     else:

@@ -220,7 +220,7 @@ def memory_per_device(n_params: int, config: ConfigDict, shards: int, *, train: 
     out = {"params": per_device * p}
     if train:
         out["grads"] = per_device * p
-        out["adam"] = 2 * per_device * _BYTES[config.optimizer.state_dtype]
+        out["adam"] = per_device * (_BYTES[config.optimizer.state_dtype] + p)  # first moment, second (param dtype)
     if ref:
         out["reference"] = per_device * _BYTES[config.model.compute_dtype]
     if embedder_params:
@@ -273,11 +273,12 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     add("Data")
     env = config.env.name
     where = {"alfworld": f"ALFWorld {config.env.split} ({config.env.data_dir or '$ALFWORLD_DATA'})",
-             "tau2": f"τ² {'/'.join(config.env.domains)} training tasks, user {config.env.user}"}[env]
+             "tau2": f"τ² {'/'.join(config.env.domains)} training tasks, {_users(config)}"}[env]
     add(f"  tasks: {d['num_tasks']:,} from {where}; x {config.collect.trajectories_per_task} trajectories = "
         f"{d['trajectories']:,} episodes of <= {config.env.max_steps} steps (<= {d['max_turns']:,} policy turns)")
-    add(f"  triplets: ~{d['triplets']:,} -> validation ~{d['val']:,} ({config.triplets.val_fraction:.0%}), "
-        f"train ~{d['train']:,}; after filtering ~{d['final']:,}")
+    add(f"  triplets: ~{d['triplets']:,} -> validation ~{d['val']:,} ({config.triplets.val_fraction:.0%} "
+        + ("of the tasks, whole tasks on one side" if config.triplets.split_by == "task" else
+           "of the triplets, a task's rollouts on both sides") + f"), train ~{d['train']:,}; after filtering ~{d['final']:,}")
     for note in d["notes"]:
         add(f"    ({note})")
 
@@ -301,8 +302,9 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
         elif stage == "triplets":
             t = config.triplets
             add(f"  triplets: history H={t.history_length}, drop invalid actions: {t.drop_invalid}, "
-                f"val fraction {t.val_fraction}" + (", tool responses masked to schema" if env == "tau2" and
-                                                    t.mask_tool_schema else ""))
+                f"val fraction {t.val_fraction} split by {t.split_by}" + (", tool responses masked to schema" if env == "tau2" and
+                                                                         t.mask_tool_schema else "")
+                + (", prompts ask for a task-status line" if env == "tau2" and t.ask_task_status else ""))
         elif stage == "filter":
             f = config.filter
             if not f.enabled:
@@ -341,8 +343,10 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
                 f"<= {seqs * (r.max_prompt_tokens + r.max_new_tokens):,} tokens/step; lr {r.learning_rate:g}, "
                 f"KL {r.kl_estimator} x {r.kl_coef}, clip [{1 - r.clip_eps_low:.2f}, {1 + r.clip_eps_high:.2f}], "
                 f"{r.loss_agg}")
-            add(f"        reward: {config.rewards.kind}, {thr}; held-out eval every {r.eval_every} steps "
-                f"({evals} evals) on {('all' if r.eval_size < 0 else f'{r.eval_size:,}')} validation triplets")
+            sim = ", ".join([f"embedding, {thr}", *_reward_extras(config)])
+            add(f"        training reward: {_training_reward(config) or sim}")
+            add(f"        held-out reward ({sim}) every {r.eval_every} steps ({evals} evals) on "
+                f"{('all' if r.eval_size < 0 else f'{r.eval_size:,}')} validation triplets")
         elif stage == "wm_sft":
             w = config.wm_sft
             steps = _steps(d["final"], w.batch_size, w.epochs)
@@ -352,7 +356,7 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
         elif stage == "eval":
             e = config.eval
             what = (f"ALFWorld {', '.join(e.splits)}" if env == "alfworld"
-                    else f"τ² test split of {', '.join(config.env.domains)} (user {e.user})")
+                    else f"τ² test split of {', '.join(config.env.domains)} (user simulator {e.user})")
             cap = "" if e.num_tasks < 0 else f", first {e.num_tasks} tasks each"
             add(f"  eval: the {', '.join(model_stages(config))} model(s) on {what}{cap}: {e.runs} run(s), <= {e.max_steps} steps, "
                 f"temperature {e.temperature:g}")
@@ -381,6 +385,12 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
         if pol.expert_params:
             row = [f"{e}: {_fmt_gib(mem(shards, e)['total'])}" for e in (1, 2, 4, 8, 16, 32, 64)]
             add(f"  per device by expert (fsdp x tensor = {shards}) = {'; '.join(row)}")
+    for what, spec in _served(config, stages):
+        name = spec.split(":", 1)[1]
+        info = model_info(name, name if name in import_configs_module("models").PRESETS else "")
+        size = f"{_fmt_n(info.num_params)} parameters, ~{_fmt_gib(info.num_params * 2 / shards)} per device in bf16" \
+            if info.num_params else "size unknown"
+        add(f"  also served on the same mesh by the project's sampler: {what} {spec} ({size}; its KV cache extra)")
     return "\n".join(lines)
 
 
@@ -397,7 +407,7 @@ def compiled_update_memory_lines(config: ConfigDict, budget_gib: float | None = 
     execution = platform.resolve(cfg, mesh.devices.flat, layer_loop=x.layer_loop, weight_format=x.weight_format,
                                  attention=x.attention)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=r.learning_rate, weight_decay=r.weight_decay,
-                                               max_grad_norm=r.max_grad_norm))
+                                               max_grad_norm=r.max_grad_norm, state_dtype=config.optimizer.state_dtype))
     stats = mesh.devices.flat[0].memory_stats() or {}
     budget = budget_gib * 2**30 if budget_gib else stats.get("bytes_limit")
     rows, P, C = r.batch_prompts * r.group_size, r.max_prompt_tokens, r.max_new_tokens
@@ -413,3 +423,52 @@ def compiled_update_memory_lines(config: ConfigDict, budget_gib: float | None = 
         choice = f"remat {best!r}" if best else "none fits: more fsdp devices or a smaller micro-batch"
         out.append(f"  fits {_fmt_gib(budget)} per device: {choice} (configured: {x.remat})")
     return out
+
+
+def _served(config: Any, stages: Any) -> list[tuple[str, str]]:
+    """(role, spec) of every second model a stage serves beside the policy (local users, a local judge)."""
+    out = []
+    if config.env.name == "tau2":
+        users = [config.env.user, config.env.user_alt] if "collect" in stages else []
+        users += [config.eval.user] if "eval" in stages else []
+        out += [("user simulator", u) for u in dict.fromkeys(users) if u.startswith("local:")]
+    if "rwml" in stages and config.rewards.kind == "judge" and config.rewards.judge.startswith("local:"):
+        out.append(("judge", config.rewards.judge))
+    return out
+
+
+def _users(config: Any) -> str:
+    """The τ² user simulators of collection, and their mix."""
+    e = config.env
+    if not e.user_alt:
+        return f"user simulator {e.user}"
+    n = config.collect.trajectories_per_task
+    k = round(e.user_mix * n)
+    return f"user simulators {e.user} ({n - k} of each task's {n}) and {e.user_alt} ({k})"
+
+
+def _reward_extras(config: Any) -> list[str]:
+    """The authors' scripts' reward details a config turns on."""
+    r, out = config.rewards, []
+    if r.realized_instruction:
+        out.append("real states embedded with a query instruction"
+                   + (" (the scripts')" if r.realized_instruction == "scripts" else ""))
+    if r.prediction_max_tokens:
+        out.append(f"predictions cut to {r.prediction_max_tokens} embedder tokens")
+    if r.think_penalty:
+        out.append(f"-{r.think_penalty:g} without a <think> of > {r.think_min_tokens} words")
+    if r.status_penalty:
+        out.append(f"-{r.status_penalty:g} for a wrong task-status line")
+    if r.rouge_stemmer:
+        out.append("ROUGE with stemming")
+    return out
+
+
+def _training_reward(config: Any) -> str:
+    """The LLM judge's reward when rewards.kind selects it, else "" (the embedding reward)."""
+    r = config.rewards
+    if r.kind != "judge":
+        return ""
+    how = f"binarised at score / 10 >= {r.judge_threshold:g}" if r.judge_binary else "real-valued score / 10"
+    return (f"LLM judge {r.judge} (temperature {r.judge_temperature:g}, <= {r.judge_max_new_tokens} tokens), "
+            f"{how} [ablation]")

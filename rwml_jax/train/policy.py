@@ -22,11 +22,13 @@ Message = dict[str, Any]
 @dataclasses.dataclass
 class Completion:
     """One sampled reply: `ids` [n] (ending with the stop token when one was produced), `logprobs` [n]
-    float32 under the unmodified policy, `text` decoded without special tokens."""
+    float32 under the unmodified policy, `text` decoded without special tokens, `truncated`: cut at the
+    token budget before any stop (a thinking model that ran out of room)."""
 
     ids: list[int]
     logprobs: np.ndarray
     text: str
+    truncated: bool = False
 
 
 class PolicySampler:
@@ -35,7 +37,8 @@ class PolicySampler:
     the sampler's decode weight format (`rwml_jax.platform.ExecutionConfig.weight_format`)."""
 
     def __init__(self, model_config: Any, tokenizer: Any, mesh: Any, *, max_prompt_tokens: int,
-                 max_new_tokens: int, cache_dtype: str | None = None, weight_format: str = "auto"):
+                 max_new_tokens: int, cache_dtype: str | None = None, weight_format: str = "auto",
+                 template_kwargs: dict[str, Any] | None = None):
         self.pool = SamplerPool(weight_format=weight_format)
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -44,9 +47,10 @@ class PolicySampler:
         self.max_new_tokens = max_new_tokens
         self.cache_dtype = cache_dtype
         self.stop_token_ids = stop_ids(tokenizer, model_config)
+        self.template_kwargs = template_kwargs  # extra chat-template variables (Qwen3: enable_thinking)
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
-        return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
+        return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens, self.template_kwargs)
 
     def sample_ids(self, params: Any, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float = 1.0,
                    seed: int = 0, max_new_tokens: int | None = None, n: int = 1) -> list[Completion]:
@@ -58,7 +62,8 @@ class PolicySampler:
             seed=seed, stop_token_ids=self.stop_token_ids, mesh=self.mesh, cache_dtype=self.cache_dtype,
             num_samples=n, pool=self.pool,
         )
-        return [Completion(r.token_ids, np.asarray(r.logprobs, np.float32), self.decode(r.token_ids)) for r in out]
+        return [Completion(r.token_ids, np.asarray(r.logprobs, np.float32), self.decode(r.token_ids),
+                           r.finish_reason == "length") for r in out]
 
     def sample(self, params: Any, conversations: Sequence[Sequence[Message]], *, n: int = 1, temperature: float,
                top_p: float = 1.0, seed: int = 0, max_new_tokens: int | None = None) -> tuple[list[list[int]], list[list[Completion]]]:
@@ -81,6 +86,6 @@ class PolicySampler:
             calls[0] += 1
             _, comps = self.sample(params, prompts, temperature=temperature, top_p=top_p,
                                    seed=seed * 1_000_003 + calls[0])
-            return [{"text": c[0].text, "num_tokens": len(c[0].ids)} for c in comps]
+            return [{"text": c[0].text, "num_tokens": len(c[0].ids), "truncated": c[0].truncated} for c in comps]
 
         return fn

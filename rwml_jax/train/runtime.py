@@ -85,9 +85,12 @@ class Runtime:
         return platform.resolve(model_config, self.mesh.devices.flat, remat=x.remat, layer_loop=x.layer_loop,
                                 weight_format=x.weight_format, attention=x.attention)
 
+    def tokenizer_path(self) -> str:
+        """The policy's tokenizer folder: model.tokenizer, else the policy's own folder."""
+        return resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source()
+
     def tokenizer(self, path: str | None = None):
-        path = path or (resolve_model_path(self.config.model.tokenizer) if self.config.model.tokenizer else self.policy_source())
-        return load_tokenizer(storage.local_copy(path))
+        return load_tokenizer(storage.local_copy(path or self.tokenizer_path()))
 
     @functools.cached_property
     def embedder(self):

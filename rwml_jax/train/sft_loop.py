@@ -56,7 +56,8 @@ def train_sft(
     total = num_steps(len(examples), batch_size, epochs, max_steps)
     opt = OptimizerConfig(
         learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, max_grad_norm=1.0,
-        **({} if optimizer is None else dict(b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps)),
+        **({} if optimizer is None else dict(b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
+                                                   state_dtype=optimizer.state_dtype)),
     )
     loop = TrainLoop(stage_dir, mesh, model_config, opt, len(examples), batch_size, total, seed,
                      every_steps=checkpoint_every, keep=keep)

@@ -7,6 +7,8 @@ line, with provenance: model, config hash, seed) and the rollout statistics in D
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -22,6 +24,7 @@ from rwml_jax.envs.host_pool import host_pool
 from rwml_jax.train.metrics_log import progress
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.served_models import serve_run_users
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
@@ -55,8 +58,9 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
 
         tasks = [TaskSpec("tau2", e.split, t, seed=c.seed, options=(("domain", d),))
                  for d in e.domains for t in list_task_ids(d, e.split)]
-        factory = "rwml_jax.train.stages.collect:make_tau2_env"
-        kwargs = {"user": e.user, "max_steps": e.max_steps}
+        factory = "rwml_jax.envs.tau2_env:make_env"
+        kwargs = {"user": e.user, "user_alt": e.user_alt, "max_steps": e.max_steps,
+                  "user_temperature": e.user_temperature}
     else:
         raise ValueError(f"unknown env.name {e.name!r}; expected 'alfworld' or 'tau2'")
     if c.collect.num_tasks >= 0 and c.collect.num_tasks < len(tasks):
@@ -67,17 +71,17 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
     return tasks, factory, kwargs
 
 
-def make_tau2_env(user: str, max_steps: int):
-    """τ² env factory for worker processes. user: "litellm:<model>" (the official simulator)."""
-    from rwml_jax.envs.tau2_env import Tau2Env
-    from rwml_jax.envs.tau2_users import LiteLLMUser
+def user_mix(n: int, fraction: float, alt: str):
+    """The rollout's `sample_task` for τ²'s two-simulator mix: of the N samples of a task, the last
+    round(fraction * N) play against `alt` (TaskSpec option ("user", "alt")); None without an alt user."""
+    if not alt:
+        return None
+    n_alt = round(fraction * n)
 
-    if user.startswith("litellm:"):
-        return Tau2Env(LiteLLMUser(model=user.split(":", 1)[1]), max_steps=max_steps)
-    raise ValueError(
-        f"env.user={user!r}: the collect stage drives τ² users in worker processes and supports "
-        "'litellm:<model>' there; a local-model or scripted user is used through rwml_jax.agent.rollout directly"
-    )
+    def sample_task(task: TaskSpec, k: int) -> TaskSpec:
+        return dataclasses.replace(task, options=(*task.options, ("user", "alt"))) if k >= n - n_alt else task
+
+    return sample_task
 
 
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
@@ -94,15 +98,19 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     width = max(1, min(c.collect.max_live_episodes, n_eps))
     workers = min(width, c.env.num_workers or os.cpu_count() or 1)
     bar = progress(None, "collect", unit="turn")
+    tau2 = c.env.name == "tau2"
     # a fixed run tag: the episode ids (and so the triplet ids the train/val split sorts) repeat run to run
-    with host_pool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
-                 step_timeout=c.env.step_timeout_s, run_tag=f"collect-s{c.seed}") as pool:
+    with (serve_run_users(rt, (c.env.user, c.env.user_alt)) if tau2 else contextlib.nullcontext({})) as endpoints, \
+            host_pool(factory, num_envs=width, num_workers=workers,
+                      factory_kwargs={**kwargs, **({"endpoints": endpoints} if tau2 else {})},
+                      step_timeout=c.env.step_timeout_s, run_tag=f"collect-s{c.seed}") as pool:
         result = rollout(
             pool, tasks, policy.generate_fn(params, temperature=c.collect.temperature, top_p=c.collect.top_p, seed=c.seed),
             trajectories_per_task=c.collect.trajectories_per_task, history_length=c.collect.history_length,
             max_turns=c.env.max_steps, record_prompts=c.env.name == "alfworld",
             provenance={"model": source, "config_hash": config_hash(config_to_dict(c)), "seed": c.seed, "stage": "collect"},
             on_turn=lambda stats, live: (bar.update(1), bar.set_postfix(live=live, success=f"{stats.success_rate:.2f}")),
+            sample_task=user_mix(c.collect.trajectories_per_task, c.env.user_mix, c.env.user_alt) if tau2 else None,
         )
     bar.close()
     if result.stats.crashed == result.stats.episodes:
@@ -110,6 +118,12 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         raise RuntimeError(f"collect: every one of the {result.stats.episodes} episodes crashed; first errors: {errors[:3]}")
     write_jsonl(stage.file("trajectories.jsonl"), [t.to_dict() for t in result.trajectories])
     summary = {"tasks": len(tasks), **result.stats.as_dict()}
+    if tau2:
+        summary["by_user"] = {u: sum(t.reset_info.get("user") == u for t in result.trajectories)
+                              for u in dict.fromkeys((c.env.user, c.env.user_alt)) if u}
+    if result.stats.truncated_outputs:
+        log.warning("collect: %d of %d policy outputs were cut at collect.max_new_tokens=%d", result.stats.truncated_outputs,
+                    result.stats.steps, c.collect.max_new_tokens)
     stage.finish(c, summary=summary, outputs=["trajectories.jsonl"])
     log.info("collect: %s", summary)
     return summary

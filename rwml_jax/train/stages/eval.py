@@ -29,6 +29,7 @@ from rwml_jax.evaluation.policies import model_policy
 from rwml_jax.evaluation.world_model import moved_fraction
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.served_models import serve_run_users
 from rwml_jax.train.stage_io import Stage, atomic_write_text
 from rwml_jax.train.stages.rwml import eval_subset
 from rwml_jax.train.wm_eval import evaluate as wm_evaluate
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # Config keys this stage's output depends on, and those that change only its speed.
 CONFIG_KEYS: tuple[str, ...] = ("seed", "model", "env.name", "env.data_dir", "env.domains", "env.task_types",
+                                "env.user_temperature", "env.user_max_new_tokens", "env.user_max_prompt_tokens",
                                 "collect.max_prompt_tokens", "collect.max_new_tokens", "collect.history_length",
                                 "eval")
 IGNORED_KEYS: tuple[str, ...] = ("eval.max_live_episodes",)
@@ -119,10 +121,12 @@ def _evaluate_model(rt: Runtime, stage: Stage, which: str) -> tuple[dict[str, An
                                     settings={**settings, "split": split}, **common)
     else:
         tasks = T.tau2_tasks(list(c.env.domains), "test", limit=limit)
-        evals["tau2"] = evaluate(tasks, gen, out=stage.file(f"{which}/tau2.json"), env="tau2", factory=T.TAU2_FACTORY,
-                                 factory_kwargs={"user": e.user, "max_steps": e.max_steps,
-                                                 "max_messages": 10 * e.max_steps + 20, "max_errors": 10},
-                                 settings={**settings, "split": "test", "user": e.user}, **common)
+        with serve_run_users(rt, [e.user]) as endpoints:
+            evals["tau2"] = evaluate(tasks, gen, out=stage.file(f"{which}/tau2.json"), env="tau2", factory=T.TAU2_FACTORY,
+                                     factory_kwargs={"user": e.user, "max_steps": e.max_steps, "endpoints": endpoints,
+                                                     "user_temperature": c.env.user_temperature,
+                                                     "max_messages": 10 * e.max_steps + 20, "max_errors": 10},
+                                     settings={**settings, "split": "test", "user": e.user}, **common)
     summary: dict[str, Any] = {"policy": model_dir}
     for name, res in evals.items():
         o = res["scores"]["overall"]

@@ -25,7 +25,8 @@ from rwml_jax.train.stages.triplets import load_split
 from rwml_jax.train.wm_eval import reward_config, score, sft_examples
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
-CONFIG_KEYS = ("filter", "embedder", "rwml.max_prompt_tokens", "optimizer")
+CONFIG_KEYS = ("filter", "embedder", "rwml.max_prompt_tokens", "optimizer", "rewards.rouge_grid",
+               "rewards.realized_instruction", "rewards.prediction_max_tokens", "rewards.rouge_stemmer")
 # Of those, the ones that change speed or memory but not the output (fnmatch patterns).
 IGNORED_KEYS = ("filter.batch_prompts", "embedder.batch_size")
 
@@ -76,7 +77,9 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         save_pretrained(model_config, params, model_dir, tokenizer=tokenizer)
 
     strict = reward_config(c, strict=True)
-    done = {r["id"]: r["rewards"] for r in read_jsonl(stage.file("rewards.jsonl"))} if stage.file("rewards.jsonl").exists() else {}
+    records = read_jsonl(stage.file("rewards.jsonl")) if stage.file("rewards.jsonl").exists() else []
+    done = {r["id"]: r["rewards"] for r in records}
+    cut = {r["id"]: r.get("truncated", 0) for r in records}
     todo = [t for t in train if t.id not in done]
     bar = progress(len(train), "filter", initial=len(train) - len(todo), unit="triplet")
     for lo in range(0, len(todo), f.batch_prompts):
@@ -84,16 +87,21 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         _, comps = policy.sample(params, [wm_messages(t) for t in chunk], n=f.num_samples, temperature=f.temperature,
                                  top_p=f.top_p, seed=c.seed * 7919 + len(train) - len(todo) + lo)
         rb = score([x.text for cs in comps for x in cs], chunk, rt.embedder, strict, repeat=f.num_samples)
-        rows = [{"id": t.id, "rewards": rb.rewards[i * f.num_samples:(i + 1) * f.num_samples].tolist()}
-                for i, t in enumerate(chunk)]
+        rows = [{"id": t.id, "rewards": rb.rewards[i * f.num_samples:(i + 1) * f.num_samples].tolist(),
+                 "truncated": sum(x.truncated for x in comps[i])} for i, t in enumerate(chunk)]
         append_jsonl(stage.file("rewards.jsonl"), rows)
         done.update({r["id"]: r["rewards"] for r in rows})
+        cut.update({r["id"]: r["truncated"] for r in rows})
         bar.update(len(chunk))
     bar.close()
     result = filter_easy({t.id: done[t.id] for t in train}, tau_easy=f.tau_easy, keep_easy_prob=f.keep_easy_prob, seed=c.seed)
     keep = set(result.kept_ids)
     write_jsonl(stage.file("kept.jsonl"), [t.to_dict() for t in train if t.id in keep])
-    summary = {"enabled": True, **result.stats.as_dict()}
+    truncated = sum(cut.get(t.id, 0) for t in train)
+    summary = {"enabled": True, **result.stats.as_dict(), "truncated_predictions": truncated}
+    if truncated:
+        log.warning("filter: %d of %d predictions were cut at filter.max_new_tokens=%d (scored 0)", truncated,
+                    len(train) * f.num_samples, f.max_new_tokens)
     stage.finish(c, summary=summary, outputs=["kept.jsonl"])
     log.info("filter: %s", summary)
     return summary

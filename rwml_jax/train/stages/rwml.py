@@ -1,4 +1,6 @@
-"""Stage 4, `rwml`: world-model GRPO with the sim-to-real reward (the paper's method).
+"""Stage 4, `rwml`: world-model GRPO with the sim-to-real reward (the paper's method), or with an LLM judge's
+reward (`rewards.kind = "judge"`, the paper's ablation; the held-out reward stays the embedding reward, so runs
+with either training reward are measured alike).
 
 Each step takes `batch_prompts` filtered triplets in the cursor's order, samples G predictions of each
 with the current policy, scores them against the realised next states (embedded once per dataset and
@@ -23,6 +25,7 @@ from rwml_jax.rl.shared_prompt import micro_batching
 from rwml_jax.rl.train_state import OptimizerConfig
 from rwml_jax.rl.update import GRPOConfig, make_grpo_step
 from rwml_jax.rwml.embed_cache import EmbeddingCache
+from rwml_jax.rwml.judge import JudgeReward
 from rwml_jax.rwml.rewards import RewardConfig
 from rwml_jax.rwml.triplets import Triplet
 from rwml_jax.rwml.wm_prompts import wm_messages
@@ -32,10 +35,11 @@ from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.plots import plot_reward_curve
 from rwml_jax.train.policy import Completion, PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.served_models import judge_generator
 from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
 from rwml_jax.train.stages.filter import final_train_set
 from rwml_jax.train.stages.triplets import load_split
-from rwml_jax.train.wm_eval import evaluate, reward_config, score
+from rwml_jax.train.wm_eval import evaluate, realized_cache, reward_config, score
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
 CONFIG_KEYS = ("rwml", "rewards", "embedder", "optimizer")
@@ -81,19 +85,29 @@ class Evaluator:
         self.logger.scalars(step, {k: v for k, v in res.items() if isinstance(v, float)}, prefix="eval/")
         if examples:
             self.logger.samples_table(step, "eval/predictions", examples)
-        log.info("%s step %d: held-out world-model reward %.3f (unparsable %.2f)", self.stage.name, step,
-                 res["mean_reward"], res["unparsable"])
+        log.info("%s step %d: held-out world-model reward %.3f (unparsable %.2f, truncated %.2f)", self.stage.name,
+                 step, res["mean_reward"], res["unparsable"], res["truncated"])
         return res
 
 
-def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: RewardConfig, realized: EmbeddingCache):
-    """The `score` of `grpo_iteration` for `group_size` predictions of each triplet (prompt by prompt):
-    sim-to-real rewards against the realised next states, with the unparsable fraction."""
+def wm_scorer(rt: Runtime, triplets: list[Triplet], group_size: int, cfg: RewardConfig, realized: EmbeddingCache,
+              judge: JudgeReward | None = None):
+    """The `score` of `grpo_iteration` for `group_size` predictions of each triplet (prompt by prompt): the
+    training reward `rewards.kind` selects — sim-to-real rewards against the realised next states, or the
+    LLM judge's (`judge`; real-valued, or binarised when rewards.judge_binary) — with the unparsable and
+    truncated (cut at rwml.max_new_tokens) fractions."""
 
     def fn(completions: list[Completion]) -> tuple[np.ndarray, dict[str, float]]:
-        rb = score([x.text for x in completions], triplets, rt.embedder, cfg, repeat=group_size,
-                   realized_cache=realized)
-        return rb.rewards, {"unparsable": float(rb.stats["unparsable"] / rb.stats["n"])}
+        texts = [x.text for x in completions]
+        extra = {"truncated": float(np.mean([x.truncated for x in completions]))}
+        if judge is not None:
+            rewards, st = judge.scores(texts, [t.next_state for t in triplets for _ in range(group_size)])
+            if rt.config.rewards.judge_binary:
+                rewards = judge.binarize(rewards)
+            return rewards, {**extra, "unparsable": st["unparsable"] / st["n"],
+                             "judge_unparsable": st["judge_unparsable"] / st["n"]}
+        rb = score(texts, triplets, rt.embedder, cfg, repeat=group_size, realized_cache=realized)
+        return rb.rewards, {**extra, "unparsable": float(rb.stats["unparsable"] / rb.stats["n"])}
 
     return fn
 
@@ -110,6 +124,14 @@ def update_config(r: Any, mesh: Any) -> GRPOConfig:
                       router_aux_loss_coef=r.router_aux_loss_coef)
 
 
+def training_judge(rt: Runtime) -> JudgeReward | None:
+    """The LLM judge when rewards.kind == "judge" (the paper's ablation), else None (embedding reward)."""
+    r = rt.config.rewards
+    if r.kind != "judge":
+        return None
+    return JudgeReward(judge_generator(rt), binary_threshold=r.judge_threshold)
+
+
 def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     c = rt.config
     r = c.rwml
@@ -124,12 +146,15 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     policy = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=r.max_prompt_tokens,
                            max_new_tokens=r.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     cfg = reward_config(c)
-    realized = EmbeddingCache.beside(rt.work_dir / "triplets", rt.embedder)
-    realized.warm([t.next_state for t in train])
+    judge = training_judge(rt)
+    realized = realized_cache(rt.work_dir, rt.embedder, cfg)
+    if judge is None:
+        realized.warm([t.next_state for t in train])
 
     total = num_steps(len(train), r.batch_prompts, r.epochs, r.max_steps)
     opt = OptimizerConfig(learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-                          max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps)
+                          max_grad_norm=r.max_grad_norm, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps,
+                          state_dtype=c.optimizer.state_dtype)
     loop = TrainLoop(stage.path, rt.mesh, model_config, opt, len(train), r.batch_prompts, total, c.seed,
                      every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep)
     grpo_cfg = update_config(r, rt.mesh)
@@ -155,7 +180,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
             seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
             state, metrics, _ = grpo_iteration(
                 state, [policy.encode(wm_messages(t)) for t in batch_t], sample=sample,
-                score=wm_scorer(rt, batch_t, G, cfg, realized), group_size=G, step_fn=step_fn,
+                score=wm_scorer(rt, batch_t, G, cfg, realized, judge), group_size=G, step_fn=step_fn,
                 pad_id=tokenizer.pad_token_id, completion_len=r.max_new_tokens, seed=seed,
                 normalize_std=r.normalize_std, prompt_multiple=128, ref_params=ref_params)
             if (step + 1) % c.logging.log_every == 0:

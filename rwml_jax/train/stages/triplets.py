@@ -30,7 +30,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         return stage.read_done().get("summary", {})
     trajectories = [Trajectory.from_dict(d) for d in read_jsonl(rt.work_dir / "collect" / "trajectories.jsonl")]
     triplets = build_triplets(trajectories, history_length=t.history_length, drop_invalid=t.drop_invalid,
-                              mask_tool_schema=t.mask_tool_schema)
+                              mask_tool_schema=t.mask_tool_schema, ask_task_status=t.ask_task_status)
     if not triplets:
         raise ValueError("the collected trajectories hold no usable turn (every action invalid and dropped?)")
     train, val = split_triplets(triplets, t.val_fraction, seed=t.seed, by=t.split_by)

@@ -148,6 +148,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
     c = rt.config
     w = c.warmstart
+    if w.corpus != "walkthrough":  # the one corpus built (validation refuses others)
+        raise ValueError(f"warmstart.corpus={w.corpus!r}: only 'walkthrough' is built")
     stage = Stage(rt.work_dir, "warmstart")
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
