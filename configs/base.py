@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.work_dir = "runs/base"  # all outputs: <work_dir>/<stage>/, checkpoints, tensorboard, plots
     c.seed = 0  # master seed: task order, sampling, data order, filter coin flips
     # Stages `rwml-jax run` chains, in pipeline order: warmstart (demo only), collect, triplets, filter,
-    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml), eval (agent
-    # success of the stage before it; see the `eval` section).
+    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml), expert_sft (the
+    # imitation-learning arm), eval (agent success of the stage before it; see the `eval` section).
     c.stages = ("collect", "triplets", "filter", "rwml")
 
     # ---- the policy / world model ------------------------------------------------------------------
@@ -158,6 +158,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.wm_sft.batch_size = 32  # sequences per optimiser step
     c.wm_sft.micro_batch_size = 8  # sequences per forward/backward
     c.wm_sft.warmup_steps = 0
+
+    # ---- stage: expert_sft (imitation learning on expert trajectories: ALFWorld walkthroughs of the training
+    # games, τ² gold conversations of the training tasks; prompts as collect.* builds them). Paper silent on
+    # its settings: WM-SFT's lr / epochs / batch.
+    c.expert_sft = ml_collections.ConfigDict()
+    c.expert_sft.learning_rate = 2e-6
+    c.expert_sft.epochs = 2
+    c.expert_sft.steps = -1  # at most this many optimiser steps (-1 = epochs decide)
+    c.expert_sft.batch_size = 32  # sequences per optimiser step
+    c.expert_sft.micro_batch_size = 8  # sequences per forward/backward
+    c.expert_sft.warmup_steps = 0
 
     # ---- stage: eval (agent success; rwml-jax eval / compare) ----------------------------------------------
     c.eval = ml_collections.ConfigDict()

@@ -257,7 +257,7 @@ def _rwml(s: Section) -> None:
 
 
 def _sft(s: Section) -> None:
-    """An SFT run's optimiser settings (filter.sft, wm_sft, warmstart)."""
+    """An SFT run's optimiser settings (filter.sft, wm_sft, expert_sft, warmstart)."""
     s.number("learning_rate", lo=0.0, lo_open=True)
     s.positive_int("epochs")
     s.positive_int("batch_size")
@@ -266,6 +266,11 @@ def _sft(s: Section) -> None:
     batch = s.typed("batch_size", int)
     if batch and batch > 0:
         s.divides("micro_batch_size", batch, f"{s.name}.batch_size")
+
+
+def _expert_sft(s: Section) -> None:
+    _sft(s)
+    s.positive_int("steps", allow=(-1,))
 
 
 def _warmstart(s: Section) -> None:
@@ -348,7 +353,7 @@ def _eval(s: Section) -> None:
 VALIDATORS: dict[str, Callable[[Section], None]] = {
     "": _run, "model": _model, "execution": _execution, "embedder": _embedder, "mesh": _mesh, "env": _env,
     "collect": _collect, "triplets": _triplets, "filter": _filter, "filter.sft": _sft, "rewards": _rewards,
-    "rwml": _rwml, "wm_sft": _sft, "warmstart": _warmstart, "optimizer": _optimizer,
+    "rwml": _rwml, "wm_sft": _sft, "expert_sft": _expert_sft, "warmstart": _warmstart, "optimizer": _optimizer,
     "checkpoint": _checkpoint, "logging": _logging, "eval": _eval,
 }
 

@@ -51,6 +51,7 @@ from rwml_jax.config import (
     has_path,
     select,
 )
+from rwml_jax.config.stages import READS
 
 T = TypeVar("T")
 
@@ -292,11 +293,12 @@ def provenance(config: ConfigDict, stage: str | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def upstream_stages(stage: str, stages: Sequence[str]) -> list[str]:
     """The stages of this run whose outputs `stage` reads: all earlier ones, except that wm_sft does not
-    read rwml's."""
+    read rwml's, and a stage in `READS` reads only those it lists."""
     if stage not in STAGE_ORDER:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGE_ORDER}")
     before = STAGE_ORDER[: STAGE_ORDER.index(stage)]
-    return [s for s in before if s in stages and not (stage == "wm_sft" and s == "rwml")]
+    return [s for s in before if s in stages and not (stage == "wm_sft" and s == "rwml")
+            and (stage not in READS or s in READS[stage])]
 
 
 def stage_config_keys(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
