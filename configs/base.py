@@ -204,6 +204,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmstart.batch_size = 16
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 10
+    c.warmstart.schedule = "constant"  # learning rate after warm-up: constant | cosine | linear (decay to 0)
 
     # ---- optimiser (AdamW, shared by every training stage) ---------------------------------------------
     c.optimizer = ml_collections.ConfigDict()

@@ -34,7 +34,8 @@ def test_expert_sft_imitates_the_walkthroughs_of_the_training_games(tmp_path):
     config = load_config("demo_cpu:smoke", [
         f"--config.work_dir={work}", "--config.stages=('warmstart', 'expert_sft')",
         "--config.warmstart.num_games=4", "--config.warmstart.steps=2", "--config.env.num_generated_games=4",
-        "--config.expert_sft.epochs=30", "--config.expert_sft.steps=60", "--config.expert_sft.learning_rate=3e-3", "--config.expert_sft.batch_size=8",
+        "--config.expert_sft.epochs=30", "--config.expert_sft.steps=60", "--config.expert_sft.learning_rate=3e-3",
+        "--config.expert_sft.batch_size=8",
         "--config.expert_sft.micro_batch_size=8", "--config.expert_sft.warmup_steps=5",
         "--config.checkpoint.every_steps=30",
     ])

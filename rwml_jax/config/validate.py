@@ -23,6 +23,7 @@ from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
 from rwml_jax.platform import DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
+from rwml_jax.rl.train_state import SCHEDULES
 from rwml_jax.rwml.rewards import REWARD_KINDS
 
 
@@ -280,6 +281,7 @@ def _warmstart(s: Section) -> None:
     s.nonempty_str("corpus")
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
+    s.one_of("schedule", SCHEDULES)
     preset = Section(s.root, "model", []).typed("preset", str)
     presets = _presets() if preset else None
     vocab_size = s.typed("tokenizer_vocab_size", int)

@@ -85,7 +85,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
         examples=examples, learning_rate=w.learning_rate, epochs=w.epochs, batch_size=w.batch_size,
         micro_batch_size=w.micro_batch_size, warmup_steps=w.warmup_steps, seed=c.seed, pad_id=tokenizer.pad_token_id,
         max_steps=w.steps, optimizer=c.optimizer, checkpoint_every=c.checkpoint.every_steps, keep=c.checkpoint.keep,
-        logger=logger, desc="warmstart", execution=rt.execution(model_config),
+        logger=logger, desc="warmstart", execution=rt.execution(model_config), schedule=w.schedule,
     )
     logger.close()
     save_pretrained(model_config, params, tok_dir, tokenizer=tokenizer)
