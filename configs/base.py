@@ -163,12 +163,12 @@ def get_config() -> ml_collections.ConfigDict:
     # games, τ² gold conversations of the training tasks; prompts as collect.* builds them). Paper silent on
     # its settings: WM-SFT's lr / epochs / batch.
     c.expert_sft = ml_collections.ConfigDict()
-    c.expert_sft.learning_rate = 2e-6
-    c.expert_sft.epochs = 2
+    c.expert_sft.learning_rate = 2e-6  # AdamW peak rate (WM-SFT's 2e-6)
+    c.expert_sft.epochs = 2  # passes over the expert turns (WM-SFT's 2)
     c.expert_sft.steps = -1  # at most this many optimiser steps (-1 = epochs decide)
     c.expert_sft.batch_size = 32  # sequences per optimiser step
     c.expert_sft.micro_batch_size = 8  # sequences per forward/backward
-    c.expert_sft.warmup_steps = 0
+    c.expert_sft.warmup_steps = 0  # linear warm-up updates
 
     # ---- stage: policy_rl (the paper's Stage 3: multi-turn GRPO on task success) ----------------------
     # Several arms can share one work dir as stage instances `policy_rl@<init>` (folder per instance);
@@ -231,6 +231,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.corpus = "walkthrough"  # what it trains on (see demo_cpu.py)
     c.warmstart.probe_prob = 0.3  # chance of a plan-preserving side action before each expert step
+    c.warmstart.policy_repeat = 1  # copies of each policy turn in the corpus (its short target vs next states)
     c.warmstart.num_games = 0  # generated games (disjoint from the collect tasks) the corpus comes from
     c.warmstart.tokenizer_vocab_size = 2048  # BPE tokenizer trained on the corpus (<= model vocab)
     c.warmstart.seq_len = 256  # tokens per training sequence

@@ -326,6 +326,7 @@ def _warmstart(s: Section) -> None:
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
     s.one_of("schedule", SCHEDULES)
+    s.positive_int("policy_repeat")
     preset = Section(s.root, "model", []).typed("preset", str)
     presets = _presets() if preset else None
     vocab_size = s.typed("tokenizer_vocab_size", int)

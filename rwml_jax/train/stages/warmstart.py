@@ -8,8 +8,9 @@ paper takes from the hub:
    the plan intact with probability `warmstart.probe_prob` (failed, looking and detour actions);
 2. trains a byte-level BPE tokenizer with a ChatML template on the replayed text and the prompts;
 3. trains a `model.preset` Qwen3-architecture model from random init, by SFT on two kinds of turns from
-   those replays: ReAct policy turns of the expert steps (prompt -> `<think> </think><action>a</action>`)
-   and world-model turns of every step (prompt -> `<think> </think><next_state>s'</next_state>`);
+   those replays: ReAct policy turns of the expert steps (prompt -> `<think> </think><action>a</action>`,
+   each `warmstart.policy_repeat` times) and world-model turns of every step (prompt ->
+   `<think> </think><next_state>s'</next_state>`);
 4. saves it as a Hugging Face folder (`warmstart/model`) that every later stage loads like a hub model.
 """
 
@@ -36,8 +37,8 @@ from rwml_jax.train.sft_loop import examples_stats, train_sft
 from rwml_jax.train.stage_io import Stage, write_jsonl
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
-CONFIG_KEYS = ("seed", "model", "warmstart", "optimizer", "env.name", "env.data_dir", "env.num_generated_games",
-               "env.max_steps")
+CONFIG_KEYS = ("seed", "model", "warmstart", "optimizer", "collect.history_length", "env.name", "env.data_dir",
+               "env.num_generated_games", "env.max_steps")
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     texts = [m["content"] for msgs, _ in turns + wm_turns for m in msgs] + [t for _, t in turns + wm_turns]
     preset = dict(PRESETS[c.model.preset])
     tokenizer = train_tokenizer(texts, tok_dir, vocab_size=min(w.tokenizer_vocab_size, preset["vocab_size"]))
-    examples = encode_turns(tokenizer, turns + wm_turns, w.seq_len, max_len=w.seq_len)
+    # policy turns repeated `policy_repeat` times: their ~10-token targets would else be a small share of the loss
+    examples = encode_turns(tokenizer, turns * w.policy_repeat + wm_turns, w.seq_len, max_len=w.seq_len)
     write_jsonl(stage.file("corpus_stats.jsonl"), [examples_stats(examples)])
 
     preset.update(vocab_size=preset["vocab_size"], eos_token_id=tokenizer.eos_token_id,
