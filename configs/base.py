@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.work_dir = "runs/base"  # all outputs: <work_dir>/<stage>/, checkpoints, tensorboard, plots
     c.seed = 0  # master seed: task order, sampling, data order, filter coin flips
     # Stages `rwml-jax run` chains, in pipeline order: warmstart (demo only), collect, triplets, filter,
-    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml), eval (agent
-    # success of the stage before it; see the `eval` section).
+    # rwml, wm_sft (the next-state SFT baseline, trained on the same final set as rwml), expert_sft (the
+    # imitation-learning arm), eval (agent success of the stage before it; see the `eval` section).
     c.stages = ("collect", "triplets", "filter", "rwml")
 
     # ---- the policy / world model ------------------------------------------------------------------
@@ -195,6 +195,53 @@ def get_config() -> ml_collections.ConfigDict:
     c.wm_sft.micro_batch_size = 8  # sequences per forward/backward
     c.wm_sft.warmup_steps = 0
 
+    # ---- stage: expert_sft (imitation learning on expert trajectories: ALFWorld walkthroughs of the training
+    # games, τ² gold conversations of the training tasks; prompts as collect.* builds them). Paper silent on
+    # its settings: WM-SFT's lr / epochs / batch.
+    c.expert_sft = ml_collections.ConfigDict()
+    c.expert_sft.learning_rate = 2e-6  # AdamW peak rate (WM-SFT's 2e-6)
+    c.expert_sft.epochs = 2  # passes over the expert turns (WM-SFT's 2)
+    c.expert_sft.steps = -1  # at most this many optimiser steps (-1 = epochs decide)
+    c.expert_sft.batch_size = 32  # sequences per optimiser step
+    c.expert_sft.micro_batch_size = 8  # sequences per forward/backward
+    c.expert_sft.warmup_steps = 0  # linear warm-up updates
+
+    # ---- stage: policy_rl (the paper's Stage 3: multi-turn GRPO on task success) ----------------------
+    # Several arms can share one work dir as stage instances `policy_rl@<init>` (folder per instance);
+    # a plain `policy_rl` in `stages` starts from `init`.
+    c.policy_rl = ml_collections.ConfigDict()
+    # start model: base (model.path, or the warm start when the recipe has one) | wm_sft | rwml | expert_sft
+    # (paper: rwml for "RWML + Policy RL"; the other arms of Table 1 differ only here)
+    c.policy_rl.init = "rwml"
+    c.policy_rl.steps = 300  # optimiser steps (paper: ALFWorld 300, τ² 200)
+    c.policy_rl.batch_tasks = 16  # tasks per step (paper silent; verl-agent ALFWorld train_batch_size 16)
+    c.policy_rl.group_size = 8  # G episodes of each task, one GRPO group (paper: 8)
+    c.policy_rl.learning_rate = 1e-6  # AdamW (paper silent; verl-agent and the authors' τ² script: 1e-6)
+    c.policy_rl.max_episode_steps = 15  # agent turns per training episode (paper: ALFWorld 15, τ² 30)
+    c.policy_rl.num_tasks = -1  # training tasks drawn from env.split (-1 = all)
+    c.policy_rl.kl_coef = 0.01  # β of the KL loss to the start model (verl-agent: 0.01)
+    c.policy_rl.kl_estimator = "k3"  # k1 | k3 (verl-agent: low-variance k3)
+    c.policy_rl.clip_eps_low = 0.2  # ratio clip 1 - ε_low (verl-agent: 0.2)
+    c.policy_rl.clip_eps_high = 0.2  # ratio clip 1 + ε_high (verl-agent: 0.2)
+    c.policy_rl.loss_agg = "token-mean"  # over every agent token of the batch (verl-agent default)
+    c.policy_rl.normalize_std = True  # A = (r - mean) / std within a task's G episodes (GRPO)
+    c.policy_rl.temperature = 1.0  # rollout sampling temperature (verl-agent: 1.0)
+    c.policy_rl.top_p = 1.0  # nucleus sampling mass of the rollouts (verl-agent: 1.0)
+    c.policy_rl.max_new_tokens = 512  # tokens per agent turn (verl-agent: response length 512)
+    c.policy_rl.max_prompt_tokens = 2048  # prompt budget per turn (verl-agent: 2048)
+    c.policy_rl.micro_batch_size = 16  # agent turns per forward/backward (memory knob)
+    c.policy_rl.warmup_steps = 0
+    c.policy_rl.max_grad_norm = 1.0  # (verl-agent: 1.0)
+    c.policy_rl.weight_decay = 0.01  # (verl-agent actor: 0.01)
+    # held-out agent success (the evaluation harness, first split of eval.splits / τ² test) every
+    # eval_every steps (and at step 0 and the end) on the first eval_size tasks (-1 = all), eval_runs runs,
+    # at most eval.max_steps steps (authors' τ² script: validation every 10 steps at temperature 0.1)
+    c.policy_rl.eval_every = 10
+    c.policy_rl.eval_size = 64  # held-out tasks per evaluation (-1 = all of the split)
+    c.policy_rl.eval_runs = 1  # runs per evaluation (seeds seed..seed+runs-1)
+    c.policy_rl.eval_temperature = 0.1  # sampling temperature of the evaluation (authors' τ² script: 0.1)
+    c.policy_rl.max_live_episodes = 128  # episodes generated together per turn (memory knob; not a result)
+
     # ---- stage: eval (agent success; rwml-jax eval / compare) ----------------------------------------------
     c.eval = ml_collections.ConfigDict()
     # ALFWorld splits evaluated (paper: valid_seen = ID, 140 games; valid_unseen = OOD, 134 games); τ² always
@@ -220,6 +267,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.corpus = "walkthrough"  # what it trains on (see demo_cpu.py)
     c.warmstart.probe_prob = 0.3  # chance of a plan-preserving side action before each expert step
+    c.warmstart.policy_repeat = 1  # copies of each policy turn in the corpus (its short target vs next states)
     c.warmstart.num_games = 0  # generated games (disjoint from the collect tasks) the corpus comes from
     c.warmstart.tokenizer_vocab_size = 2048  # BPE tokenizer trained on the corpus (<= model vocab)
     c.warmstart.seq_len = 256  # tokens per training sequence
@@ -229,6 +277,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmstart.batch_size = 16
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 10
+    c.warmstart.schedule = "constant"  # learning rate after warm-up: constant | cosine | linear (decay to 0)
 
     # ---- optimiser (AdamW, shared by every training stage) ---------------------------------------------
     c.optimizer = ml_collections.ConfigDict()

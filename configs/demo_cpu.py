@@ -1,17 +1,22 @@
-"""The embedded CPU demo: the whole RWML pipeline, offline, on 2 CPU cores in about 5 minutes.
+"""The embedded CPU demo: the whole pipeline of the paper, offline, on 2 CPU cores.
 
     rwml-jax run demo_cpu              # the README's main command
-    rwml-jax run demo_cpu:smoke        # ~2.2 min: even smaller numbers (CI runs it in the Colab notebook)
+    rwml-jax run demo_cpu:smoke        # ~2-3 min: even smaller numbers (CI runs it in the Colab notebook)
 
 No pretrained weights can be downloaded here, so the demo builds its own small setting honestly:
 - ALFWorld games are generated offline (`env.data_dir = "generated"`), with the real ALFWorld/TextWorld
-  engine; collect tasks and warm-start games are disjoint.
+  engine; warm-start games, training games (collect, policy RL) and the held-out evaluation games come from
+  disjoint seeds.
 - warmstart: a BPE tokenizer is trained on the warm-start corpus, then a ~1.1M-parameter Qwen3-architecture
   model (preset "micro") is trained from scratch on it. The corpus is `warmstart.corpus = "walkthrough"`:
-  ReAct policy turns and world-model next-state turns from the expert walkthroughs of `warmstart.num_games`
-  separate generated games, so the model knows the text format and a little about the dynamics.
+  ReAct policy turns (each repeated `policy_repeat` times) and world-model next-state turns from the expert
+  walkthroughs of `warmstart.num_games` separate generated games, so the model knows the text format, plays
+  a little and knows a little about the dynamics.
 - collect -> triplets -> filter -> rwml run through exactly the code paths and config system of the paper
   recipes, with small numbers; the reward embedder is the bundled all-MiniLM-L6-v2.
+- policy_rl@base and policy_rl@rwml: task-success GRPO from the warm start ("Policy RL") and from the RWML
+  model ("RWML + Policy RL") on the same training games, same steps and seeds.
+- eval: the four models on two sets of held-out generated games, greedy, ending with the compare table.
 Every number below is a knob: override with --config.a.b=value.
 """
 
@@ -99,7 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.wm_sft.micro_batch_size = 16
 
     c.warmstart.corpus = "walkthrough"
-    c.warmstart.num_games = 96
+    c.warmstart.num_games = 128
+    c.warmstart.policy_repeat = 4  # the policy's ~10-token targets get a fair share of the loss
+    c.warmstart.epochs = 10  # steps decide
+    c.warmstart.steps = 450
+    c.warmstart.schedule = "cosine"
     c.warmstart.tokenizer_vocab_size = 2048  # = the "micro" preset's vocabulary
     c.warmstart.seq_len = 384
     c.warmstart.learning_rate = 3e-3
@@ -107,14 +116,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 20
 
-    # Agent success of the warm start and of the RWML model on held-out generated games (two fresh sets
-    # standing in for ID / OOD), side by side.
-    c.stages = (*c.stages, "eval")
-    c.eval.models = ("warmstart", "rwml")
+    # Task-success policy RL (the paper's Stage 3) from the warm start and from the RWML model, on the
+    # collect stage's 48 training games: 4 games x G = 4 episodes per step, at most 15 turns each.
+    c.policy_rl.steps = 8
+    c.policy_rl.batch_tasks = 4
+    c.policy_rl.group_size = 4
+    c.policy_rl.max_episode_steps = 15
+    c.policy_rl.learning_rate = 3e-4  # as rwml: a from-scratch 1M model needs a far larger step than a 7B one
+    c.policy_rl.weight_decay = 0.0
+    c.policy_rl.max_new_tokens = 24  # as collect
+    c.policy_rl.max_prompt_tokens = 384
+    c.policy_rl.micro_batch_size = 64
+    c.policy_rl.max_live_episodes = 16
+    c.policy_rl.eval_every = 8  # held-out success before and after only (the eval stage scores the arms)
+    c.policy_rl.eval_size = 8
+    c.policy_rl.eval_temperature = 0.0
+
+    # Agent success of the four models on held-out generated games (two fresh sets standing in for ID / OOD),
+    # side by side: warm start, RWML, Policy RL, RWML + Policy RL.
+    c.stages = (*c.stages, "policy_rl@base", "policy_rl@rwml", "eval")
+    c.eval.models = ("warmstart", "rwml", "policy_rl@base", "policy_rl@rwml")
     c.eval.splits = ("valid_seen", "valid_unseen")
     c.eval.num_generated_games = 24
     c.eval.max_steps = 15
-    c.eval.runs = 2
+    c.eval.temperature = 0.0  # greedy: one run says it all
+    c.eval.runs = 1
     c.eval.max_live_episodes = 48
 
     c.checkpoint.every_steps = 10
@@ -145,10 +171,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rwml.eval_every = 2
         c.rwml.eval_size = 8
         c.checkpoint.every_steps = 2
-        c.eval.models = ()  # the last model stage (rwml)
+        c.stages = tuple(x for x in c.stages if x != "policy_rl@base")  # one policy-RL arm runs the stage
+        c.policy_rl.steps = 2
+        c.policy_rl.batch_tasks = 2
+        c.policy_rl.group_size = 2
+        c.policy_rl.max_episode_steps = 4
+        c.policy_rl.eval_every = 2
+        c.policy_rl.eval_size = 2
+        c.eval.models = ("rwml", "policy_rl@rwml")
         c.eval.splits = ("valid_seen",)
         c.eval.num_generated_games = 6
         c.eval.max_steps = 4
-        c.eval.runs = 1
         return c
     raise ValueError(f"demo_cpu: unknown variant {arg!r}; expected 'default' or 'smoke'")

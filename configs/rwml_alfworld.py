@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     c.name = "rwml_alfworld"
     c.work_dir = "runs/rwml_alfworld"
-    c.stages = ("collect", "triplets", "filter", "rwml", "wm_sft")
+    c.stages = ("collect", "triplets", "filter", "rwml", "wm_sft", "expert_sft")
 
     c.model.path = "Qwen/Qwen2.5-7B-Instruct"
     c.embedder.path = "Qwen/Qwen3-Embedding-8B"
@@ -57,6 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rewards.realized_instruction=scripts (real state embedded as a query), rewards.prediction_max_tokens=128,
     # rwml.kl_coef=0.001, rwml.max_prompt_tokens=1536. Lengths: Qwen2.5-7B-Instruct does not think at length;
     # 512 new tokens (verl-agent, and the script) in collect, filter and rwml.
+
+    # The imitation-learning arm (Table 1): SFT of the base model on the expert walkthroughs of the same
+    # training games; paper silent on its settings: WM-SFT's (base.py).
+    c.expert_sft.learning_rate = 2e-6
+    c.expert_sft.epochs = 2
 
     # Evaluation (paper): ID = valid_seen (140 games), OOD = valid_unseen (134), at most 30 steps, 3 runs.
     # Append "eval" to `stages` (or run `rwml-jax eval RECIPE`) to score the last stage's model.

@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     c.name = "rwml_tau2"
     c.work_dir = "runs/rwml_tau2"
-    c.stages = ("collect", "triplets", "filter", "rwml", "wm_sft")
+    c.stages = ("collect", "triplets", "filter", "rwml", "wm_sft", "expert_sft")
 
     c.model.path = "Qwen/Qwen3-8B"
     c.embedder.path = "Qwen/Qwen3-Embedding-8B"
@@ -70,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rewards.think_penalty=0.1 (no <think> > 16 words), triplets.ask_task_status=True + rewards.status_penalty=0.5
     # (their variant), rewards.rouge_stemmer=True, triplets.history_length=5, rwml.group_size=8 (paper: 16),
     # rwml.kl_coef=0.001, env.max_steps=60 in collection.
+
+    # The imitation-learning arm (Table 1): SFT of the base model on the gold conversations of the same
+    # training tasks (gold actions, scripted gold user; offline); paper silent on its settings: WM-SFT's.
+    c.expert_sft.learning_rate = 2e-6
+    c.expert_sft.epochs = 2
 
     # Evaluation (paper): τ²'s test split of the three domains, pass^1 over 3 runs, at most 30 steps with a
     # local user simulator (the official τ² setting is a GPT-4.1 user and 100 steps). The env workers reach

@@ -150,6 +150,10 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
                 if v.get("n"):
                     print(f"  {'':10s}    on {v['n']} {kind.replace('_', ' ')}s: before {v['before']:.3f} -> "
                           f"after {v['after']:.3f}")
+    if "expert_sft" in summaries:
+        s = summaries["expert_sft"]
+        print(f"  expert_sft: {s.get('examples')} expert turns of {s.get('successes')} / {s.get('tasks')} training tasks; "
+              f"loss {s.get('first_loss') or float('nan'):.3f} -> {s.get('final_loss', float('nan')):.3f}")
     if "eval" in summaries:
 
         for model, s in summaries["eval"].get("models", {}).items():

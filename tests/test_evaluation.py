@@ -318,8 +318,8 @@ def test_eval_config_section_is_validated_and_registered():
         c = load_config(recipe)
         assert (c.eval.max_steps, c.eval.runs) == (30, 3)
     assert tuple(load_config("rwml_alfworld").eval.splits) == ("valid_seen", "valid_unseen")
-    assert eval_stage.model_stages(load_config("demo_cpu:smoke")) == ("rwml",)
-    assert eval_stage.model_stages(load_config("demo_cpu")) == ("warmstart", "rwml")
+    assert eval_stage.model_stages(load_config("demo_cpu:smoke")) == ("rwml", "policy_rl@rwml")
+    assert eval_stage.model_stages(load_config("demo_cpu")) == ("warmstart", "rwml", "policy_rl@base", "policy_rl@rwml")
     with pytest.raises(ConfigError) as e:
         load_config("demo_cpu", ["--config.eval.runs=0", "--config.eval.models=collect", "--config.eval.user=local"])
     msg = str(e.value)

@@ -34,6 +34,7 @@ def np_policy_loss(logp, old, ref, adv, mask, eps_lo, eps_hi, kl_coef, est, agg)
     B, C = logp.shape
     loss, grad = 0.0, np.zeros((B, C))
     n_tok = mask.sum()
+    n_seq = max(int((mask.sum(-1) > 0).sum()), 1)  # sequences = rows with a completion token (padding rows are not)
     clipped = ref_kl_sum = sampler_kl_sum = 0.0
     for b in range(B):
         n_b = mask[b].sum()
@@ -59,9 +60,9 @@ def np_policy_loss(logp, old, ref, adv, mask, eps_lo, eps_hi, kl_coef, est, agg)
             if agg == "token-mean":
                 w = 1.0 / n_tok
             elif agg == "seq-mean-token-mean":
-                w = 1.0 / (B * max(n_b, 1))
+                w = 1.0 / (n_seq * max(n_b, 1))
             else:
-                w = 1.0 / B
+                w = 1.0 / n_seq
             loss += w * (pg + kl_coef * kl)
             grad[b, t] = w * (dpg + kl_coef * dkl)
     metrics = dict(clip_frac=clipped / n_tok, ref_kl=ref_kl_sum / n_tok, sampler_kl=sampler_kl_sum / n_tok)

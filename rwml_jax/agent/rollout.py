@@ -16,7 +16,8 @@ its slot, which the next pending episode takes at the start of the following tur
 (``prompt_format="chat"``, the sampler applies the chat template) or strings rendered by
 `rwml_jax.agent.prompts.render_plain` (``prompt_format="text"``) — and returns one result per prompt: a
 `str`, or an object / dict with ``text`` (a `GenerationResult` of the sampler) and optionally ``tokens`` /
-``token_ids`` / ``num_tokens``. It owns its RNG stream (seed it from the config; the rollout calls it once per
+``token_ids`` / ``num_tokens``, and for training ``prompt_ids`` and ``logprobs`` (kept in the `Turn`
+with ``token_ids``, see `Generation`). It owns its RNG stream (seed it from the config; the rollout calls it once per
 turn in a deterministic order). Tests pass a deterministic policy function; the collect stage passes the
 jitted sampler.
 
@@ -52,11 +53,16 @@ TASK_PREFIX = "Your task is to: "
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One generated continuation, as the rollout needs it."""
+    """One generated continuation, as the rollout needs it. prompt_ids / token_ids / logprobs: the
+    prompt's token ids, the sampled ids and their log-probs under the sampling policy, when the
+    generator reports them (policy RL trains on them)."""
 
     text: str
     num_tokens: int | None = None
     truncated: bool = False  # cut at the token budget (no end-of-turn token)
+    prompt_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 def as_generation(x: Any) -> Generation:
@@ -69,11 +75,16 @@ def as_generation(x: Any) -> Generation:
         raise TypeError(f"generate_fn must return str or objects with a str `text`; got {type(x).__name__} "
                         f"with text={type(text).__name__}")
     n = get("num_tokens")
+    ids = get("token_ids")
     if n is None:
         toks = get("tokens")
-        toks = get("token_ids") if toks is None else toks
+        toks = ids if toks is None else toks
         n = len(toks) if toks is not None else None
-    return Generation(text, None if n is None else int(n), bool(get("truncated") or False))
+    prompt_ids, logprobs = get("prompt_ids"), get("logprobs")
+    return Generation(text, None if n is None else int(n), bool(get("truncated") or False),
+                      prompt_ids=None if prompt_ids is None else [int(i) for i in prompt_ids],
+                      token_ids=None if ids is None else [int(i) for i in ids],
+                      logprobs=None if logprobs is None else [float(x) for x in logprobs])
 
 
 class _Episode(Protocol):
@@ -386,7 +397,8 @@ def rollout(pool: _Pool, tasks: Sequence[TaskSpec], generate_fn: GenerateFn, *,
             lv.turns.append(Turn(step=len(lv.turns), prompt=prompt_msgs if record_prompts else None,
                                  output=g.text, action=pa.action, format_ok=pa.format_ok,
                                  has_think=pa.has_think, format_error=pa.error, transition=tr,
-                                 output_tokens=g.num_tokens, truncated=g.truncated))
+                                  output_tokens=g.num_tokens, truncated=g.truncated, prompt_ids=g.prompt_ids,
+                                  completion_ids=g.token_ids, logprobs=g.logprobs))
             stats.steps += 1
             stats.invalid_steps += not tr.valid
             stats.format_errors += not pa.format_ok

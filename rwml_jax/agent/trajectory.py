@@ -37,6 +37,9 @@ def transition_from_dict(d: Mapping[str, Any]) -> Transition:
     return Transition(**{**d, "task": task_from_dict(d["task"]), "info": dict(d.get("info", {}))})
 
 
+_TRAINING_FIELDS = ("prompt_ids", "completion_ids", "logprobs")  # written only when set
+
+
 @dataclasses.dataclass
 class Turn:
     """One policy turn of an episode.
@@ -46,6 +49,9 @@ class Turn:
     format_ok / has_think / format_error: the parser's verdict on the output's format.
     transition: the realised ⟨s_t, a_t, s_{t+1}⟩ (its ``valid`` is the environment's verdict).
     output_tokens: generated token count when the generator reports it. truncated: cut at the token budget.
+    prompt_ids / completion_ids / logprobs: what training on the turn needs, when the generator reports it
+    (policy RL): the prompt's token ids, the sampled token ids (stop token included) and the sampling
+    policy's log-prob of each sampled token ([len(completion_ids)] floats).
     """
 
     step: int
@@ -58,9 +64,13 @@ class Turn:
     transition: Transition
     output_tokens: int | None = None
     truncated: bool = False  # the output was cut at the token budget (no end-of-turn token)
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "transition"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "transition"
+             and not (f.name in _TRAINING_FIELDS and getattr(self, f.name) is None)}
         d["transition"] = transition_to_dict(self.transition)
         return d
 

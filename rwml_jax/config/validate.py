@@ -17,13 +17,14 @@ from typing import Any
 
 from rwml_jax.config.keys import ConfigDict, ConfigError, get_path, has_path
 from rwml_jax.config.recipes import import_configs_module
-from rwml_jax.config.stages import MODEL_STAGES, STAGE_ORDER
+from rwml_jax.config.stages import POLICY_RL_INITS, STAGE_ORDER, is_model_stage, is_stage, stage_kind
 from rwml_jax.envs import ENV_NAMES, TAU2_DOMAINS
 from rwml_jax.envs.alfworld_data import SPLITS as ALFWORLD_SPLITS
 from rwml_jax.envs.alfworld_data import TASK_TYPES as ALFWORLD_TASK_TYPES
 from rwml_jax.envs.user_spec import parse_user_spec
 from rwml_jax.platform import ATTENTION_KERNELS, DTYPES, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_FORMATS
 from rwml_jax.rl.grpo_options import KL_ESTIMATORS, LOSS_AGGS
+from rwml_jax.rl.train_state import SCHEDULES
 from rwml_jax.rwml.rewards import REWARD_KINDS
 from rwml_jax.storage import StorageError, check_location
 
@@ -117,13 +118,20 @@ def _run(s: Section) -> None:
     s.nonempty_str("work_dir")
     _location(s, "work_dir")
     s.number("seed", lo=0, integer=True)
-    s.subset("stages", STAGE_ORDER)
     st = list(s.typed("stages", (tuple, list)) or ())
-    if all(x in STAGE_ORDER for x in st):
+    bad = [x for x in st if not isinstance(x, str) or not is_stage(x)]
+    if bad:
+        s.fail("stages", f"unknown value(s) {bad}; allowed: {', '.join(STAGE_ORDER)} (policy_rl also as "
+                         f"policy_rl@<init>, init one of {', '.join(POLICY_RL_INITS)})")
+    else:
         if len(set(st)) != len(st):
             s.fail("stages", "lists a stage twice")
-        elif st != sorted(st, key=STAGE_ORDER.index):
+        elif st != sorted(st, key=lambda x: STAGE_ORDER.index(stage_kind(x))):
             s.fail("stages", f"stages must follow the pipeline order {STAGE_ORDER}")
+        for x in st:  # a policy_rl arm needs its start model's stage in the run (or a finished one on disk)
+            init = x.split("@", 1)[1] if "@" in x else None
+            if init not in (None, "base") and init not in STAGE_ORDER:
+                s.fail("stages", f"{x}: no stage {init!r} in this version (stages: {', '.join(STAGE_ORDER)})")
 
 
 def _model(s: Section) -> None:
@@ -304,8 +312,45 @@ def _rwml(s: Section) -> None:
         s.divides("micro_batch_size", bp * g, "rwml.batch_prompts x rwml.group_size sequences")
 
 
+def _policy_rl(s: Section) -> None:
+    """The `policy_rl` stage (rwml_jax/train/stages/policy_rl.py)."""
+    s.one_of("init", POLICY_RL_INITS)
+    init = s.typed("init", str)
+    if init and init != "base" and init not in STAGE_ORDER:
+        s.fail("init", f"no stage {init!r} in this version (stages: {', '.join(STAGE_ORDER)})")
+    s.positive_int("steps")
+    s.positive_int("batch_tasks")
+    s.number("group_size", lo=2, integer=True)
+    s.number("learning_rate", lo=0.0, lo_open=True)
+    s.positive_int("max_episode_steps")
+    s.positive_int("num_tasks", allow=(-1,))
+    s.number("kl_coef", lo=0.0)
+    s.one_of("kl_estimator", KL_ESTIMATORS)
+    s.number("clip_eps_low", lo=0.0, hi=1.0)
+    s.number("clip_eps_high", lo=0.0)
+    s.one_of("loss_agg", LOSS_AGGS)
+    _sampling(s, greedy_ok=False)
+    s.positive_int("max_prompt_tokens")
+    s.positive_int("micro_batch_size")
+    s.nonneg_int("warmup_steps")
+    s.number("max_grad_norm", lo=0.0, lo_open=True)
+    s.number("weight_decay", lo=0.0)
+    s.positive_int("eval_every")
+    s.positive_int("eval_size", allow=(-1,))
+    s.positive_int("eval_runs")
+    s.number("eval_temperature", lo=0.0)
+    s.positive_int("max_live_episodes")
+    root = Section(s.root, "", s.errors)
+    if root.has("env.name") and root.get("env.name") == "tau2" and root.has("env.user"):
+        stages = root.get("stages") if root.has("stages") else ()
+        user = root.get("env.user")
+        if any(stage_kind(x) == "policy_rl" for x in stages) and not (user == "scripted" or user.startswith("litellm:")):
+            root.fail("env.user", "τ² policy RL plays its episodes in env worker processes: use 'scripted' or "
+                                  "'litellm:<model>'")
+
+
 def _sft(s: Section) -> None:
-    """An SFT run's optimiser settings (filter.sft, wm_sft, warmstart)."""
+    """An SFT run's optimiser settings (filter.sft, wm_sft, expert_sft, warmstart)."""
     s.number("learning_rate", lo=0.0, lo_open=True)
     s.positive_int("epochs")
     s.positive_int("batch_size")
@@ -316,6 +361,11 @@ def _sft(s: Section) -> None:
         s.divides("micro_batch_size", batch, f"{s.name}.batch_size")
 
 
+def _expert_sft(s: Section) -> None:
+    _sft(s)
+    s.positive_int("steps", allow=(-1,))
+
+
 def _warmstart(s: Section) -> None:
     _sft(s)
     s.positive_int("steps", allow=(-1,))
@@ -323,6 +373,8 @@ def _warmstart(s: Section) -> None:
     s.one_of("corpus", ("walkthrough",))
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
+    s.one_of("schedule", SCHEDULES)
+    s.positive_int("policy_repeat")
     preset = Section(s.root, "model", []).typed("preset", str)
     presets = _presets() if preset else None
     vocab_size = s.typed("tokenizer_vocab_size", int)
@@ -375,7 +427,11 @@ def _eval(s: Section) -> None:
     s.positive_int("num_tasks", allow=(-1,))
     s.nonneg_int("num_generated_games")
     s.positive_int("max_live_episodes")
-    s.subset("models", ("base", *MODEL_STAGES))
+    models = s.typed("models", (tuple, list)) or ()
+    bad = [m for m in models if m != "base" and not is_model_stage(m)]
+    if bad:
+        s.fail("models", f"unknown model(s) {bad}: expected 'base' or a model stage (warmstart, rwml, wm_sft, "
+                         "policy_rl or an instance policy_rl@<init>)")
     models = s.typed("models", (tuple, list)) or ()
     if len(set(models)) != len(models):
         s.fail("models", "lists a model twice")
@@ -395,7 +451,8 @@ def _eval(s: Section) -> None:
 VALIDATORS: dict[str, Callable[[Section], None]] = {
     "": _run, "model": _model, "execution": _execution, "embedder": _embedder, "mesh": _mesh, "env": _env,
     "collect": _collect, "triplets": _triplets, "filter": _filter, "filter.sft": _sft, "rewards": _rewards,
-    "rwml": _rwml, "wm_sft": _sft, "warmstart": _warmstart, "optimizer": _optimizer,
+    "rwml": _rwml, "policy_rl": _policy_rl, "wm_sft": _sft, "expert_sft": _expert_sft, "warmstart": _warmstart,
+    "optimizer": _optimizer,
     "checkpoint": _checkpoint, "logging": _logging, "eval": _eval,
 }
 

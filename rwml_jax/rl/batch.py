@@ -140,3 +140,21 @@ def pad_logprobs(rows: Sequence[Any], width: int) -> np.ndarray:
         n = min(len(r), width)
         out[i, :n] = np.asarray(r, np.float32)[:n]
     return out
+
+
+def pad_rows(batch: Batch, rows: int) -> Batch:
+    """`batch` grown to `rows` rows (a few fixed shapes keep the jitted step from recompiling for every
+    multi-turn batch): the extra rows repeat row 0 with an empty completion mask and zero advantage, so they
+    add nothing to the loss, its token or sequence count, or the metrics."""
+    B = np.shape(batch["completion_mask"])[0]
+    if rows < B:
+        raise ValueError(f"cannot pad a batch of {B} rows to {rows}")
+    if rows == B:
+        return dict(batch)
+    out = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], rows - B, axis=0)]) for k, v in batch.items()}
+    out["completion_mask"][B:] = 0
+    if "advantages" in out:
+        out["advantages"][B:] = 0.0
+    if "old_logp" in out:
+        out["old_logp"][B:] = 0.0
+    return out

@@ -132,8 +132,8 @@ def loss_denominator(mask: jax.Array, loss_agg: str) -> jax.Array:
     """The denominator of the `loss_agg` aggregation over a whole batch: tokens or sequences (float32)."""
     if loss_agg == "token-mean":
         return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return jnp.asarray(mask.shape[0], jnp.float32)
+    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):  # rows with a token (not padding rows)
+        return jnp.maximum(jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32)), 1.0)
     raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
 
 

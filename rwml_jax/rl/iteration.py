@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from rwml_jax.rl import grpo
-from rwml_jax.rl.batch import Batch, pack, pad_logprobs, with_grpo_fields
+from rwml_jax.rl.batch import Batch, pack, pad_logprobs, pad_rows, with_grpo_fields
 
 
 class Completion(Protocol):
@@ -96,6 +96,23 @@ class Rollouts:
                    completion_ids=[c.ids for c in completions], old_logp=[c.logprobs for c in completions],
                    rewards=rewards, group_ids=np.repeat(np.arange(len(prompt_ids)), group_size))
 
+    @classmethod
+    def from_episodes(cls, turns: Sequence[Sequence[tuple[Sequence[int], Sequence[int], Any]]], rewards: Any,
+                      group_ids: Any) -> Rollouts:
+        """Multi-turn rollouts with a terminal reward and γ = 1: episode e has turns[e] = [(prompt_ids,
+        completion_ids, logprobs [len(completion_ids)]), ...], each turn its own prompt; rewards[e] and
+        group_ids[e] (e.g. its task) are the episode's. Every turn becomes a row carrying its episode's
+        reward, group and id e, so `advantages` gives all turns of an episode the episode's advantage
+        within its group, wherever the episodes of a group sit. Episodes without turns add no rows."""
+        rewards, group_ids = np.asarray(rewards, np.float64), np.asarray(group_ids)
+        if not (len(turns) == len(rewards) == len(group_ids)):
+            raise ValueError(f"{len(turns)} episodes, {len(rewards)} rewards, {len(group_ids)} group ids")
+        ep = np.array([e for e, ts in enumerate(turns) for _ in ts], np.int64)
+        rows = [t for ts in turns for t in ts]
+        return cls(prompt_ids=[list(p) for p, _, _ in rows], completion_ids=[list(c) for _, c, _ in rows],
+                   old_logp=[np.asarray(lp, np.float32) for _, _, lp in rows], rewards=rewards[ep],
+                   group_ids=group_ids[ep], episode_ids=ep)
+
     @property
     def num_rows(self) -> int:
         return len(self.prompt_ids)
@@ -135,10 +152,16 @@ def apply_update(step_fn: Callable[..., Any], state: Any, batch: Batch, ref_para
 
 def update_from_rollouts(step_fn: Callable[..., Any], state: Any, rollouts: Rollouts, advantages: Any, *,
                          pad_id: int, completion_len: int, prompt_len: int | None = None, prompt_multiple: int = 1,
-                         ref_params: Any = None) -> tuple[Any, dict[str, float]]:
-    """Pack `rollouts` with `advantages` [B] (`pack_rollouts`) and apply one update (`apply_update`)."""
+                         ref_params: Any = None, row_multiple: int = 1) -> tuple[Any, dict[str, float]]:
+    """Pack `rollouts` with `advantages` [B] (`pack_rollouts`) and apply one update (`apply_update`).
+
+    row_multiple > 1: the batch is padded (`rwml_jax.rl.batch.pad_rows`) to `row_multiple` x a power of
+    two rows, so batches of varying sizes (multi-turn episodes) compile a few step shapes only."""
     batch = pack_rollouts(rollouts, advantages, pad_id=pad_id, completion_len=completion_len, prompt_len=prompt_len,
                           prompt_multiple=prompt_multiple)
+    if row_multiple > 1:
+        chunks = -(-rollouts.num_rows // row_multiple)
+        batch = pad_rows(batch, row_multiple * (1 << max(0, chunks - 1).bit_length()))
     return apply_update(step_fn, state, batch, ref_params)
 
 

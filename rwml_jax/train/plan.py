@@ -353,6 +353,11 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             steps_total += steps
             add(f"  wm_sft: next-state SFT on the same ~{d['final']:,} triplets: {w.epochs} epoch(s) / batch "
                 f"{w.batch_size} = {steps:,} steps, lr {w.learning_rate:g}")
+        elif stage == "expert_sft":
+            x = config.expert_sft
+            what = "walkthroughs of the training games" if env == "alfworld" else "gold conversations of the training tasks"
+            add(f"  expert_sft: imitation SFT on the expert {what} ({d['num_tasks']:,} tasks): {x.epochs} epoch(s)"
+                + (f" (at most {x.steps} steps)" if x.steps > 0 else "") + f", batch {x.batch_size}, lr {x.learning_rate:g}")
         elif stage == "eval":
             e = config.eval
             what = (f"ALFWorld {', '.join(e.splits)}" if env == "alfworld"

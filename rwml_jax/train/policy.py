@@ -77,15 +77,21 @@ class PolicySampler:
         ids = [i for i in ids if i not in self.stop_token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate_fn(self, params: Any, *, temperature: float, top_p: float = 1.0, seed: int = 0):
-        """A rollout `generate_fn`: list of chat prompts -> list of {"text", "num_tokens"}; every call
-        draws a fresh seed from `seed`."""
+    def generate_fn(self, params: Any, *, temperature: float, top_p: float = 1.0, seed: int = 0,
+                    with_ids: bool = False):
+        """A rollout `generate_fn`: list of chat prompts -> list of {"text", "num_tokens"} (+ "prompt_ids",
+        "token_ids" and "logprobs" when `with_ids`: what policy RL trains on); every call draws a fresh
+        seed from `seed`."""
         calls = [0]
 
         def fn(prompts: list[Any]) -> list[dict[str, Any]]:
             calls[0] += 1
-            _, comps = self.sample(params, prompts, temperature=temperature, top_p=top_p,
-                                   seed=seed * 1_000_003 + calls[0])
-            return [{"text": c[0].text, "num_tokens": len(c[0].ids), "truncated": c[0].truncated} for c in comps]
+            ids, comps = self.sample(params, prompts, temperature=temperature, top_p=top_p,
+                                     seed=(seed * 1_000_003 + calls[0]) % 2**31)
+            out = [{"text": c[0].text, "num_tokens": len(c[0].ids), "truncated": c[0].truncated} for c in comps]
+            if with_ids:
+                for o, p, c in zip(out, ids, comps):
+                    o.update(prompt_ids=p, token_ids=c[0].ids, logprobs=c[0].logprobs.tolist())
+            return out
 
         return fn

@@ -13,17 +13,17 @@ import time
 from typing import Any
 
 from rwml_jax import storage
-from rwml_jax.config import STAGE_ORDER, save_config
+from rwml_jax.config import save_config
+from rwml_jax.config.stages import check_stage, stage_kind
 from rwml_jax.train.runtime import Runtime
-from rwml_jax.train.stage_io import Stage
+from rwml_jax.train.stage_io import Stage, upstream_stages_of
 
 log = logging.getLogger(__name__)
 
 
 def stage_module(name: str):
-    if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
-    return importlib.import_module(f"rwml_jax.train.stages.{name}")
+    """The module of stage `name` (an instance "policy_rl@rwml" runs the policy_rl module)."""
+    return importlib.import_module(f"rwml_jax.train.stages.{stage_kind(check_stage(name))}")
 
 
 def run_stages(config: Any, stages: tuple[str, ...] | None = None, *, force: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -36,13 +36,16 @@ def run_stages(config: Any, stages: tuple[str, ...] | None = None, *, force: tup
     save_config(config, rt.work_dir / "config.json")
 
     summaries: dict[str, Any] = {}
-    recomputed = False  # once a stage (re)computes its output, every later stage's output is stale
+    recomputed: set[str] = set()  # once a stage (re)computes its output, the outputs that read it are stale
     for s in stages:
         t0 = time.time()
         log.info("== stage %s ==", s)
-        forced = s in force or (recomputed and Stage(rt.work_dir, s).is_done())
-        recomputed = recomputed or forced or not Stage(rt.work_dir, s).is_done()
-        summaries[s] = stage_module(s).run(rt, force=forced)
+        stale = bool(recomputed.intersection(upstream_stages_of(config, s)))
+        forced = s in force or stage_kind(s) in force or (stale and Stage(rt.work_dir, s).is_done())
+        if forced or not Stage(rt.work_dir, s).is_done():
+            recomputed.add(s)
+        kw = {"name": s} if stage_kind(s) == "policy_rl" else {}  # the instance of an instanced stage
+        summaries[s] = stage_module(s).run(rt, force=forced, **kw)
         storage.sync(f"stage-{s}")  # every process has finished the stage before any reads its output
         log.info("stage %s finished in %.0f s: %s", s, time.time() - t0,
                  {k: v for k, v in summaries[s].items() if not isinstance(v, (list, dict))})

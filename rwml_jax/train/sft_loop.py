@@ -50,12 +50,15 @@ def train_sft(
     desc: str = "sft",
     on_step: Callable[[int, Any], None] | None = None,
     execution: Any = None,
+    schedule: str = "constant",
 ) -> tuple[Any, dict[str, float]]:
     """Train and return (final params, last metrics). `optimizer`: the config's optimizer section;
-    `execution`: a `platform.ExecutionConfig` (default: the platform's rules)."""
+    `execution`: a `platform.ExecutionConfig` (default: the platform's rules); `schedule`: the learning
+    rate after warm-up, constant or decaying to 0 over the run (cosine | linear)."""
     total = num_steps(len(examples), batch_size, epochs, max_steps)
     opt = OptimizerConfig(
         learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, max_grad_norm=1.0,
+        schedule=schedule, total_steps=total,
         **({} if optimizer is None else dict(b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
                                                    state_dtype=optimizer.state_dtype)),
     )

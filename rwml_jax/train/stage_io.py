@@ -53,6 +53,7 @@ from rwml_jax.config import (
     has_path,
     select,
 )
+from rwml_jax.config.stages import READS, check_stage, stage_instance, stage_kind
 
 T = TypeVar("T")
 
@@ -308,35 +309,57 @@ def provenance(config: ConfigDict, stage: str | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Stage dependencies
 # ------------------------------------------------------------------------------------------------
-def upstream_stages(stage: str, stages: Sequence[str]) -> list[str]:
+def upstream_stages(stage: str, stages: Sequence[str], policy_rl_init: str = "rwml") -> list[str]:
     """The stages of this run whose outputs `stage` reads: all earlier ones, except that wm_sft does not
-    read rwml's."""
-    if stage not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {stage!r}; stages: {STAGE_ORDER}")
-    before = STAGE_ORDER[: STAGE_ORDER.index(stage)]
-    return [s for s in before if s in stages and not (stage == "wm_sft" and s == "rwml")]
+    read rwml's, a stage in `READS` reads only those it lists, and a policy_rl stage reads only its start model's stage and that stage's upstream
+    (`policy_rl@base`: the warm start, when the run has one), so the arms of one work dir stay independent.
+    policy_rl_init: the start model of a plain `policy_rl` (config.policy_rl.init)."""
+    check_stage(stage)
+    kind = stage_kind(stage)
+    if kind == "policy_rl":
+        init = stage_instance(stage) or policy_rl_init
+        if init == "base":
+            return [s for s in ("warmstart",) if s in stages]
+        if init not in stages:
+            return []
+        return [*upstream_stages(init, stages), init]
+    before = STAGE_ORDER[: STAGE_ORDER.index(kind)]
+    return [s for s in stages if stage_kind(s) in before and not (kind == "wm_sft" and s == "rwml")
+            and (kind not in READS or s in READS[kind])]
 
 
 def stage_config_keys(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(CONFIG_KEYS, IGNORED_KEYS) that the module ``rwml_jax.train.stages.<stage>`` declares: the config
     keys or sections its own computation reads, and the patterns among them that do not change its output."""
-    if stage not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {stage!r}; stages: {STAGE_ORDER}")
+    check_stage(stage)
     # imported here: every stage module imports this one
-    mod = importlib.import_module(f"rwml_jax.train.stages.{stage}")
+    mod = importlib.import_module(f"rwml_jax.train.stages.{stage_kind(stage)}")
     return tuple(mod.CONFIG_KEYS), tuple(getattr(mod, "IGNORED_KEYS", ()))
 
 
 def stage_deps(config: ConfigDict, stage: str) -> dict[str, Any]:
-    """{dotted key: value} of every config value `stage`'s output depends on (its own and upstream)."""
-    stages = list(config.get("stages", STAGE_ORDER))
+    """{dotted key: value} of every config value `stage`'s output depends on (its own and upstream).
+    A `policy_rl@<init>` instance depends on `policy_rl.init` = its instance name, whatever the config says."""
     out: dict[str, Any] = {}
-    for s in [*upstream_stages(stage, stages), stage]:
+    for s in [*upstream_stages_of(config, stage), stage]:
         keys, ignored = stage_config_keys(s)
         ignored = RUN_IGNORED_KEYS + ignored
         values = select(config, [k for k in keys if has_path(config, k)])
         out.update({k: v for k, v in values.items() if not any(fnmatch.fnmatchcase(k, p) for p in ignored)})
+    if stage_kind(stage) == "policy_rl" and "policy_rl.init" in out:
+        out["policy_rl.init"] = policy_rl_init(config, stage)
     return dict(sorted(out.items()))
+
+
+def policy_rl_init(config: ConfigDict, stage: str) -> str:
+    """The start model of a policy_rl stage: its instance name, else `policy_rl.init`."""
+    return stage_instance(stage) or str(config.policy_rl.init)
+
+
+def upstream_stages_of(config: ConfigDict, stage: str) -> list[str]:
+    """`upstream_stages` of `stage` in `config`'s run (a plain `policy_rl` reads `policy_rl.init`)."""
+    init = str(config.policy_rl.init) if has_path(config, "policy_rl.init") else "rwml"
+    return upstream_stages(stage, list(config.get("stages", STAGE_ORDER)), init)
 
 
 def diff_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -364,8 +387,7 @@ class Stage:
 
     def __post_init__(self) -> None:
         self.work_dir = storage.as_path(self.work_dir, "work_dir")
-        if self.name not in STAGE_ORDER:
-            raise ValueError(f"unknown stage {self.name!r}; stages: {STAGE_ORDER}")
+        check_stage(self.name)
         self._t0: float | None = None
 
     @property
@@ -411,8 +433,7 @@ class Stage:
         return read_json(self.done_file)["run_id"] if self.is_done() else None
 
     def _upstream_ids(self, config: ConfigDict) -> dict[str, str | None]:
-        stages = list(config.get("stages", STAGE_ORDER))
-        return {s: Stage(self.work_dir, s).run_id() for s in upstream_stages(self.name, stages)
+        return {s: Stage(self.work_dir, s).run_id() for s in upstream_stages_of(config, self.name)
                 if Stage(self.work_dir, s).path.exists()}
 
     def _check(self, marker: dict[str, Any], config: ConfigDict, what: str) -> list[str]:

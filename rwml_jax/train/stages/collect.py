@@ -35,8 +35,10 @@ IGNORED_KEYS = ("env.num_workers", "env.step_timeout_s", "collect.max_live_episo
 log = logging.getLogger(__name__)
 
 
-def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict[str, Any]]:
-    """(tasks, env factory import path, factory kwargs) for the recipe's environment and split."""
+def training_tasks(rt: Runtime, stage: Stage, num_tasks: int | None = None) -> tuple[list[TaskSpec], str, dict[str, Any]]:
+    """(tasks, env factory import path, factory kwargs) for the recipe's environment and split: a seeded
+    choice of `num_tasks` of them (default `collect.num_tasks`; -1 = all); generated games go to
+    `<stage>/games`."""
     c = rt.config
     e = c.env
     if e.name == "alfworld":
@@ -63,8 +65,9 @@ def training_tasks(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
                   "user_temperature": e.user_temperature}
     else:
         raise ValueError(f"unknown env.name {e.name!r}; expected 'alfworld' or 'tau2'")
-    if c.collect.num_tasks >= 0 and c.collect.num_tasks < len(tasks):
-        pick = np.random.default_rng(c.seed).choice(len(tasks), c.collect.num_tasks, replace=False)
+    num_tasks = c.collect.num_tasks if num_tasks is None else num_tasks
+    if 0 <= num_tasks < len(tasks):
+        pick = np.random.default_rng(c.seed).choice(len(tasks), num_tasks, replace=False)
         tasks = [tasks[i] for i in sorted(pick)]
     if not tasks:
         raise ValueError(f"no training tasks found for env {e.name!r} (split {e.split!r}, data_dir {e.data_dir!r})")

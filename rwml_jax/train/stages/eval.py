@@ -1,7 +1,7 @@
 """Stage `eval`: agent success of the recipe's models, scored by the evaluation harness.
 
 The policies are the models named in `eval.models` ("base" = the recipe's start model, or a model stage:
-warmstart, rwml, wm_sft; e.g. ("warmstart", "rwml") for before / after), by default the model of the last
+warmstart, rwml, wm_sft, policy_rl or an instance policy_rl@<init>; e.g. ("warmstart", "rwml") for before / after), by default the model of the last
 model-producing stage before `eval` in `stages`; each is prompted and budgeted as in the collect stage
 (`collect.history_length`, `max_prompt_tokens`, `max_new_tokens`) and plays the same games or tasks:
 ALFWorld every split of `eval.splits`, τ² the test split of every `env.domains` domain. Each evaluation is
@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Any
 
-from rwml_jax.config import MODEL_STAGES
+from rwml_jax.config.stages import is_model_stage
 from rwml_jax.envs.alfworld_gen import generate_games
 from rwml_jax.evaluation import tasks as T
 from rwml_jax.evaluation.compare import compare_table, load_rows
@@ -52,7 +52,7 @@ def model_stages(config: Any) -> tuple[str, ...]:
         return tuple(config.eval.models)
     stages = list(config.stages)
     before = stages[: stages.index("eval")] if "eval" in stages else stages
-    made = [s for s in before if s in MODEL_STAGES]
+    made = [s for s in before if is_model_stage(s)]
     return (made[-1] if made else "base",)
 
 
@@ -66,7 +66,9 @@ def policy_dir(rt: Runtime, which: str) -> str:
     return os.fspath(path)
 
 
-def _alfworld_data(rt: Runtime, stage: Stage, split: str) -> str | None:
+def alfworld_eval_data(rt: Runtime, stage: Stage, split: str) -> str | None:
+    """The ALFWorld data folder of evaluation split `split` (generated games: made once into
+    `<stage>/games/<split>` with the eval seeds, the same games in every stage that evaluates)."""
     c = rt.config
     data = c.eval.data_dir or c.env.data_dir
     if data != "generated":
@@ -106,27 +108,9 @@ def _evaluate_model(rt: Runtime, stage: Stage, which: str) -> tuple[dict[str, An
     policy = PolicySampler(model_config, rt.tokenizer(), rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,
                            max_new_tokens=c.collect.max_new_tokens, weight_format=rt.execution(model_config).weight_format)
     gen = model_policy(policy.generate_fn(params, temperature=e.temperature, top_p=e.top_p, seed=c.seed))
-    limit = e.num_tasks if e.num_tasks >= 0 else None
-    common = dict(runs=e.runs, seed=c.seed, max_steps=e.max_steps, num_envs=e.max_live_episodes,
-                  num_workers=c.env.num_workers, history_length=c.collect.history_length,
-                  step_timeout=c.env.step_timeout_s)
     settings = {"policy": model_dir, "model_stage": which, "temperature": e.temperature, "top_p": e.top_p}
-    evals: dict[str, Any] = {}
-    if c.env.name == "alfworld":
-        for split in e.splits:
-            data = _alfworld_data(rt, stage, split)
-            tasks = T.alfworld_tasks(data, split, task_types=list(c.env.task_types) or None, limit=limit)
-            evals[split] = evaluate(tasks, gen, out=stage.file(f"{which}/{split}.json"), env="alfworld",
-                                    factory=T.ALFWORLD_FACTORY, factory_kwargs={"data_dir": data, "max_steps": e.max_steps},
-                                    settings={**settings, "split": split}, **common)
-    else:
-        tasks = T.tau2_tasks(list(c.env.domains), "test", limit=limit)
-        with serve_run_users(rt, [e.user]) as endpoints:
-            evals["tau2"] = evaluate(tasks, gen, out=stage.file(f"{which}/tau2.json"), env="tau2", factory=T.TAU2_FACTORY,
-                                     factory_kwargs={"user": e.user, "max_steps": e.max_steps, "endpoints": endpoints,
-                                                     "user_temperature": c.env.user_temperature,
-                                                     "max_messages": 10 * e.max_steps + 20, "max_errors": 10},
-                                     settings={**settings, "split": "test", "user": e.user}, **common)
+    evals = play(rt, stage, gen, which, limit=e.num_tasks if e.num_tasks >= 0 else None, runs=e.runs,
+                 settings=settings)
     summary: dict[str, Any] = {"policy": model_dir}
     for name, res in evals.items():
         o = res["scores"]["overall"]
@@ -137,6 +121,35 @@ def _evaluate_model(rt: Runtime, stage: Stage, which: str) -> tuple[dict[str, An
             summary[name]["invalid_tool_call_rate"] = o["invalid_tool_call_rate"]
     summary["world_model"] = _world_model_side(rt, policy, params, model_dir)
     return summary, [f"{which}/{n}.json" for n in evals]
+
+
+def play(rt: Runtime, stage: Stage, gen: Any, prefix: str, *, limit: int | None, runs: int,
+         settings: dict[str, Any], splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Play the rollout policy `gen` on the recipe's held-out tasks through the evaluation harness:
+    ALFWorld every split of `splits` (default `eval.splits`), τ² the test split of every `env.domains`
+    domain; the first `limit` tasks (None = all), `runs` runs, at most `eval.max_steps` steps. Results go
+    to `<stage>/<prefix>/<split>.json` (resumable); returns {split or "tau2": the harness's result}."""
+    c, e = rt.config, rt.config.eval
+    common = dict(runs=runs, seed=c.seed, max_steps=e.max_steps, num_envs=e.max_live_episodes,
+                  num_workers=c.env.num_workers, history_length=c.collect.history_length,
+                  step_timeout=c.env.step_timeout_s)
+    evals: dict[str, Any] = {}
+    if c.env.name == "alfworld":
+        for split in splits or e.splits:
+            data = alfworld_eval_data(rt, stage, split)
+            tasks = T.alfworld_tasks(data, split, task_types=list(c.env.task_types) or None, limit=limit)
+            evals[split] = evaluate(tasks, gen, out=stage.file(f"{prefix}/{split}.json"), env="alfworld",
+                                    factory=T.ALFWORLD_FACTORY, factory_kwargs={"data_dir": data, "max_steps": e.max_steps},
+                                    settings={**settings, "split": split}, **common)
+    else:
+        tasks = T.tau2_tasks(list(c.env.domains), "test", limit=limit)
+        with serve_run_users(rt, [e.user]) as endpoints:
+            evals["tau2"] = evaluate(tasks, gen, out=stage.file(f"{prefix}/tau2.json"), env="tau2", factory=T.TAU2_FACTORY,
+                                     factory_kwargs={"user": e.user, "max_steps": e.max_steps, "endpoints": endpoints,
+                                                     "user_temperature": c.env.user_temperature,
+                                                     "max_messages": 10 * e.max_steps + 20, "max_errors": 10},
+                                     settings={**settings, "split": "test", "user": e.user}, **common)
+    return evals
 
 
 def _world_model_side(rt: Runtime, policy: Any, params: Any, model_dir: str) -> dict[str, Any]:
