@@ -163,10 +163,10 @@ def alfworld_model(tmp_path_factory):
     return str(path)
 
 
-def alfworld_overrides(work: Path, model: str, *extra: str) -> list[str]:
+def alfworld_overrides(work: Path, model: str, *extra: str, stages: str = "policy_rl@base") -> list[str]:
     return [
         f"--config.work_dir={work}", f"--config.model.path={model}", "--config.model.dtype=float32",
-        "--config.model.compute_dtype=float32", "--config.execution.remat=none", "--config.stages=policy_rl@base",
+        "--config.model.compute_dtype=float32", "--config.execution.remat=none", f"--config.stages={stages}",
         "--config.env.data_dir=generated", "--config.env.num_generated_games=4", "--config.env.num_workers=2",
         "--config.policy_rl.steps=2", "--config.policy_rl.batch_tasks=2", "--config.policy_rl.group_size=2",
         "--config.policy_rl.max_episode_steps=2", "--config.policy_rl.max_new_tokens=8",
@@ -188,8 +188,16 @@ def test_policy_rl_arm_runs_and_is_reused_on_generated_alfworld(tmp_path, alfwor
     from rwml_jax.train.stage_io import Stage, read_jsonl
 
     work = tmp_path / "run"
-    config = load_config("rwml_alfworld", alfworld_overrides(work, alfworld_model))
-    summary = run_stages(config)["policy_rl@base"]
+    # the arm, then the eval stage playing the start model and the arm's model by name
+    config = load_config("rwml_alfworld", alfworld_overrides(
+        work, alfworld_model, "--config.eval.models=base,policy_rl@base",
+        "--config.eval.runs=1", "--config.eval.num_tasks=1", "--config.collect.max_new_tokens=8",
+        "--config.collect.max_prompt_tokens=256", stages="policy_rl@base,eval"))
+    summaries = run_stages(config)
+    summary = summaries["policy_rl@base"]
+    assert set(summaries["eval"]["models"]) == {"base", "policy_rl@base"}
+    assert summaries["eval"]["models"]["policy_rl@base"]["policy"] == str(work / "policy_rl@base" / "model")
+    assert "policy_rl@base" in summaries["eval"]["compare"]
     folder = work / "policy_rl@base"
     assert summary["init"] == "base" and summary["steps"] == 2 and summary["start_model"] == alfworld_model
     assert [e["step"] for e in read_jsonl(folder / "eval.jsonl")] == [0, 1, 2]
@@ -209,6 +217,11 @@ def test_policy_rl_arm_runs_and_is_reused_on_generated_alfworld(tmp_path, alfwor
     run_stages(config)
     assert os.path.getmtime(folder / "DONE.json") == mtime
     assert Stage(work, "policy_rl@base").status(config) == "done"
+    # another arm's settings do not touch this one; its own do
+    assert Stage(work, "policy_rl@base").status(load_config("rwml_alfworld", alfworld_overrides(
+        work, alfworld_model, "--config.policy_rl.init=rwml"))) == "done"
+    assert Stage(work, "policy_rl@base").status(load_config("rwml_alfworld", alfworld_overrides(
+        work, alfworld_model, "--config.policy_rl.learning_rate=2e-3"))) == "mismatch"
 
 
 def test_crashed_env_worker_mid_batch_marks_its_episode_and_the_step_goes_on(tmp_path, alfworld_model):
