@@ -14,6 +14,8 @@ import ml_collections
 
 # variant -> what it changes (README lists these)
 VARIANTS: dict[str, str] = {
+    "arms": "every arm of Table 1 in one work dir: base, WM-SFT, RWML, imitation (expert_sft), and policy RL "
+            "from the base, WM-SFT and RWML models (stage instances policy_rl@<init>), all evaluated and compared",
     "judge": "rwml trained on an LLM judge's reward (rewards.kind=judge; judge = the base model, served locally)",
     "wm_sft": "the WM-SFT baseline alone: next-state SFT on the final triplets, no GRPO",
     "no_filter": "no easy-sample filtering (filter.enabled=False)",
@@ -63,12 +65,16 @@ def apply(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Confi
             c.stages = tuple(s for s in c.stages if s != "wm_sft")
         elif v == "wm_sft":
             c.stages = tuple(s for s in c.stages if s != "rwml")
+            if c.policy_rl.init == "rwml":
+                c.policy_rl.init = "wm_sft"
         elif v == "no_filter":
             c.filter.enabled = False
         elif v == "keep_invalid":
             c.triplets.drop_invalid = False
         elif m:
             c.triplets.history_length = int(m.group(1))
+        elif v == "arms":
+            arms(c)
         elif v == "scripts":
             (scripts_tau2 if c.env.name == "tau2" else scripts_alfworld)(c)
         else:
@@ -77,3 +83,13 @@ def apply(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Confi
     c.name = f"{c.name}_{suffix}"
     c.work_dir = f"{c.work_dir}_{suffix}"
     return c
+
+
+def arms(c: ml_collections.ConfigDict) -> None:
+    """Every arm of the paper's Table 1 in one work dir: the RWML, WM-SFT and imitation (expert_sft) models,
+    policy RL from the base, WM-SFT and RWML models (stage instances policy_rl@<init>, one folder each), then
+    every model evaluated and compared."""
+    inits = ("base", "wm_sft", "rwml")
+    trained = [s for s in c.stages if s in ("collect", "triplets", "filter", "rwml")]
+    c.stages = (*trained, "wm_sft", "expert_sft", *[f"policy_rl@{i}" for i in inits], "eval")
+    c.eval.models = ("base", "wm_sft", "rwml", "expert_sft", *[f"policy_rl@{i}" for i in inits])

@@ -19,7 +19,8 @@ from configs import ablations, base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: None (the paper's recipe) or variants from configs/ablations.py, e.g. "judge", "scripts+history5"."""
+    """arg: None (RWML, then policy RL from the RWML model) or variants from configs/ablations.py, e.g. "arms"
+    (every arm of Table 1 in one work dir), "judge", "scripts+history5"."""
     c = base.get_config()
     c.name = "rwml_alfworld"
     c.work_dir = "runs/rwml_alfworld"
@@ -68,4 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.splits = ("valid_seen", "valid_unseen")
     c.eval.max_steps = 30
     c.eval.runs = 3
+
+    # Stage 3, policy RL on task success (paper: 300 steps, G = 8, at most 15 steps per training episode,
+    # from the RWML checkpoint for "RWML + Policy RL"); the rest are configs/base.py's verl-agent defaults.
+    c.stages = (*c.stages, "policy_rl")
+    c.policy_rl.init = "rwml"
+    c.policy_rl.steps = 300  # paper
+    c.policy_rl.group_size = 8  # paper
+    c.policy_rl.max_episode_steps = 15  # paper: 15 in training (30 in evaluation)
+    c.policy_rl.batch_tasks = 16  # verl-agent ALFWorld (paper silent)
     return ablations.apply(c, arg)

@@ -263,6 +263,26 @@ def iter_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[
                 yield _from_record(cls, json.loads(line))
 
 
+class StepRecords:
+    """A JSONL file of per-step records (`{"step": ..., ...}`, e.g. a stage's held-out evaluations) that a
+    resumed stage cuts back to its restored step."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def records(self, upto: int | None = None) -> list[dict[str, Any]]:
+        recs = read_jsonl(self.path) if self.path.exists() else []
+        return [r for r in recs if upto is None or r["step"] <= upto]
+
+    def truncate(self, step: int) -> None:
+        """Keep the records of steps <= `step` (none when `step` < 0)."""
+        if self.path.exists():
+            write_jsonl(self.path, self.records(step))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        append_jsonl(self.path, [record])
+
+
 # ------------------------------------------------------------------------------------------------
 # Provenance
 # ------------------------------------------------------------------------------------------------
