@@ -21,7 +21,10 @@ not results (micro-batch sizes, worker counts, the mesh, the execution options, 
 cadence) are ignored, so a run can be resumed on a different machine shape.
 
 All writes here are atomic: a temporary file in the same folder, fsync, then ``os.replace``. A reader sees
-the old file or the new one, never half of one.
+the old file or the new one, never half of one. A work_dir may be a bucket (``gs://``, `rwml_jax.storage`):
+there a file is written as one object, and an appended JSONL object is rewritten whole. In a multi-process
+run only the writer process (process 0) writes; `Stage.begin` and `Stage.finish` are barriers, so the
+other processes read a stage's files only once they are complete.
 """
 
 from __future__ import annotations
