@@ -21,10 +21,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--meshes", nargs="+", required=True, help="names from MESHES")
+    ap.add_argument("--hf-dir", default=None, help="also load this HF MoE folder straight into the "
+                    "expert2_fsdp2_tensor2 mesh and save its logits on a fixed batch")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [os.path.dirname(here), here]
 
     import jax
     import numpy as np
@@ -86,6 +89,23 @@ def main() -> int:
         results[f"{name}:loss"] = np.asarray(float(metrics["loss"]))
         for path, x in jax.tree_util.tree_flatten_with_path(sh.to_host(state.params))[0]:
             results[f"{name}/{jax.tree_util.keystr(path)}"] = x
+    if args.hf_dir:
+        from hf_fixtures import padded_batch
+
+        from rwml_jax import models
+
+        mesh = sh.make_mesh(1, 2, 2, expert=2)
+        config, params = models.load_pretrained(args.hf_dir, mesh=mesh)
+        gate = params["layers"]["moe"]["gate_kernel"]  # [Ls, X, E, Fm] over (-, expert, fsdp, tensor)
+        Ls, X, E, Fm = gate.shape
+        assert gate.addressable_shards[0].data.shape == (Ls, X // 2, E // 2, Fm // 2), gate.sharding
+        ids, mask = padded_batch(config.vocab_size, [9, 4, 6, 2], left=True)
+
+        def fwd(p, ids, mask):
+            with sh.tracing_context(mesh):
+                return models.forward(config, p, ids, mask)
+
+        results["loaded:logits"] = np.asarray(sh.to_host(jax.jit(fwd)(params, ids, mask)))
     np.savez(args.out, **results)
     return 0
 

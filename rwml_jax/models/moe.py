@@ -162,9 +162,9 @@ def experts(h: jax.Array, top_i: jax.Array, top_w: jax.Array, gate: jax.Array, u
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or all(n == 1 for n in mesh.shape.values()):
         return experts_local(h, top_i, top_w, gate, up, down)
-    ex, emb, mlp = (_names(a) for a in _mesh_axes(GATE_UP_AXES))
-    batch = _names(_mesh_axes(("activation_batch",))[0])
     size = {a: mesh.shape[a] for a in mesh.axis_names}
+    ex, emb, mlp = (tuple(n for n in _names(a) if n in size) for a in _mesh_axes(GATE_UP_AXES))
+    batch = tuple(n for n in _names(_mesh_axes(("activation_batch",))[0]) if n in size)
     shards = 1
     for a in batch:
         shards *= size[a]
