@@ -139,6 +139,36 @@ def test_padded_micro_batched_update_equals_the_plain_one(loss_agg):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5)  # vs steps of ~1e-2: summation-order noise only
 
 
+def test_policy_rl_config_arms_and_their_dependencies():
+    from rwml_jax.config import ConfigError, load_config
+    from rwml_jax.train.plan import describe_plan
+    from rwml_jax.train.stage_io import stage_deps, upstream_stages_of
+
+    c = load_config("rwml_alfworld:arms")
+    arms = [s for s in c.stages if s.startswith("policy_rl@")]
+    assert arms == ["policy_rl@base", "policy_rl@wm_sft", "policy_rl@rwml"] and c.stages[-1] == "eval"
+    assert (c.policy_rl.steps, c.policy_rl.group_size, c.policy_rl.max_episode_steps) == (300, 8, 15)
+    t = load_config("rwml_tau2")
+    assert t.stages[-1] == "policy_rl" and (t.policy_rl.steps, t.policy_rl.max_episode_steps) == (200, 30)
+    # each arm reads only its start model's chain, and depends on its own init whatever policy_rl.init says
+    assert upstream_stages_of(c, "policy_rl@base") == []
+    assert upstream_stages_of(c, "policy_rl@rwml") == ["collect", "triplets", "filter", "rwml"]
+    assert upstream_stages_of(c, "policy_rl@wm_sft") == ["collect", "triplets", "filter", "wm_sft"]
+    assert set(arms) <= set(upstream_stages_of(c, "eval"))
+    assert stage_deps(c, "policy_rl@wm_sft")["policy_rl.init"] == "wm_sft"
+    assert "rwml.learning_rate" not in stage_deps(c, "policy_rl@wm_sft")  # the RWML run is not its input
+    plan = describe_plan(c, num_devices=8)
+    assert all(f"{a}: policy RL on task success from the {a.split('@')[1]} model: 300 steps" in plan for a in arms)
+    assert "each policy_rl arm" in plan
+    with pytest.raises(ConfigError) as e:
+        load_config("rwml_alfworld", ["--config.policy_rl.init=scratch", "--config.policy_rl.group_size=1",
+                                      "--config.stages=collect,policy_rl@nope", "--config.eval.models=policy_rl@x"])
+    msg = str(e.value)
+    assert all(k in msg for k in ("policy_rl.init", "policy_rl.group_size", "stages=", "eval.models"))
+    with pytest.raises(ConfigError, match="pipeline order"):
+        load_config("rwml_alfworld", ["--config.stages=policy_rl@base,rwml"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The stage on generated ALFWorld games with a tiny random model
 # ---------------------------------------------------------------------------------------------------
