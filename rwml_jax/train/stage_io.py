@@ -1,6 +1,7 @@
 """Stage outputs on disk: atomic files, JSONL records, provenance, and DONE markers for reuse.
 
-Every pipeline stage owns ``<work_dir>/<stage>/``. Inside it:
+Every pipeline stage owns ``<work_dir>/<stage>/`` (an instance ``policy_rl@rwml`` owns
+``<work_dir>/policy_rl@rwml/``, see `rwml_jax.config.stages`). Inside it:
 
     STARTED.json   written when the stage starts: the config values it depends on, their hash, provenance
     DONE.json      written last, atomically: the same + timings, summary numbers, the upstream stages' ids
