@@ -17,7 +17,8 @@ import ml_collections
 from configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (RWML, then policy RL from the RWML model) or "arms" (every arm of Table 1, see `arms`)."""
     c = base.get_config()
     c.name = "rwml_alfworld"
     c.work_dir = "runs/rwml_alfworld"
@@ -62,4 +63,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.splits = ("valid_seen", "valid_unseen")
     c.eval.max_steps = 30
     c.eval.runs = 3
+
+    # Stage 3, policy RL on task success (paper: 300 steps, G = 8, at most 15 steps per training episode,
+    # from the RWML checkpoint for "RWML + Policy RL"); the rest are configs/base.py's verl-agent defaults.
+    c.stages = (*c.stages, "policy_rl")
+    c.policy_rl.init = "rwml"
+    c.policy_rl.steps = 300  # paper
+    c.policy_rl.group_size = 8  # paper
+    c.policy_rl.max_episode_steps = 15  # paper: 15 in training (30 in evaluation)
+    c.policy_rl.batch_tasks = 16  # verl-agent ALFWorld (paper silent)
+    return arms(c) if arg == "arms" else c
+
+
+def arms(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every arm of the paper's Table 1 in one work dir: policy RL from the base model, from WM-SFT and
+    from RWML (stage instances policy_rl@<init>, one folder each), then every model evaluated and compared.
+    The imitation row is the expert_sft model itself (policy_rl@expert_sft can be added as a further arm)."""
+    c.name = f"{c.name}_arms"
+    c.work_dir = f"{c.work_dir}_arms"
+    inits = ("base", "wm_sft", "rwml")
+    c.stages = (*[s for s in c.stages if s != "policy_rl"], *[f"policy_rl@{i}" for i in inits], "eval")
+    c.eval.models = ("base", "wm_sft", "rwml", "expert_sft", *[f"policy_rl@{i}" for i in inits])
     return c

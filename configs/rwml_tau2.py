@@ -14,9 +14,12 @@ from __future__ import annotations
 import ml_collections
 
 from configs import base
+from configs.rwml_alfworld import arms
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (RWML, then policy RL from the RWML model) or "arms" (every arm of Table 1, see
+    configs/rwml_alfworld.py's `arms`)."""
     c = base.get_config()
     c.name = "rwml_tau2"
     c.work_dir = "runs/rwml_tau2"
@@ -70,4 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.runs = 3
     c.eval.temperature = 0.1  # the authors' τ² scripts validate at 0.1
     c.eval.user = "litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507"
-    return c
+
+    # Stage 3, policy RL on task success (paper: 200 steps, G = 8, at most 30 steps with a strong user
+    # simulator, from the RWML checkpoint). The episodes play in env workers: env.user must be one they can
+    # reach ("litellm:<model>", e.g. the served local simulator above, or "scripted").
+    c.stages = (*c.stages, "policy_rl")
+    c.policy_rl.init = "rwml"
+    c.policy_rl.steps = 200  # paper
+    c.policy_rl.group_size = 8  # paper
+    c.policy_rl.max_episode_steps = 30  # paper (the authors' script: 20)
+    c.policy_rl.batch_tasks = 8  # the authors' τ² script: 8 tasks per step (paper silent)
+    c.policy_rl.max_new_tokens = 1024  # as collect: Qwen3 thinks before each tool call
+    c.policy_rl.max_prompt_tokens = 8192  # tool schemas + conversation
+    c.policy_rl.eval_every = 10  # the authors' τ² script
+    return arms(c) if arg == "arms" else c

@@ -238,10 +238,9 @@ def _rewards(s: Section) -> None:
     s.number("rouge_grid", lo=0.0, hi=1.0, lo_open=True)
 
 
-def _rwml(s: Section) -> None:
-    s.positive_int("epochs")
+def _grpo(s: Section) -> None:
+    """What the GRPO stages (rwml, policy_rl) share: optimiser, loss options, sampling, held-out evaluation."""
     s.number("learning_rate", lo=0.0, lo_open=True)
-    s.positive_int("batch_prompts")
     s.number("group_size", lo=2, integer=True)
     s.number("kl_coef", lo=0.0)
     s.one_of("kl_estimator", KL_ESTIMATORS)
@@ -254,11 +253,17 @@ def _rwml(s: Section) -> None:
     s.nonneg_int("warmup_steps")
     s.number("max_grad_norm", lo=0.0, lo_open=True)
     s.number("weight_decay", lo=0.0)
-    s.positive_int("max_steps", allow=(-1,))
     s.positive_int("eval_every")
     s.positive_int("eval_size", allow=(-1,))
-    s.positive_int("eval_samples")
     s.number("eval_temperature", lo=0.0)
+
+
+def _rwml(s: Section) -> None:
+    _grpo(s)
+    s.positive_int("epochs")
+    s.positive_int("batch_prompts")
+    s.positive_int("max_steps", allow=(-1,))
+    s.positive_int("eval_samples")
     bp, g = s.typed("batch_prompts", int), s.typed("group_size", int)
     if bp and g and bp > 0 and g > 0:
         s.divides("micro_batch_size", bp * g, "rwml.batch_prompts x rwml.group_size sequences")
@@ -270,35 +275,13 @@ def _policy_rl(s: Section) -> None:
     init = s.typed("init", str)
     if init and init != "base" and init not in STAGE_ORDER:
         s.fail("init", f"no stage {init!r} in this version (stages: {', '.join(STAGE_ORDER)})")
+    _grpo(s)
     s.positive_int("steps")
     s.positive_int("batch_tasks")
-    s.number("group_size", lo=2, integer=True)
-    s.number("learning_rate", lo=0.0, lo_open=True)
     s.positive_int("max_episode_steps")
     s.positive_int("num_tasks", allow=(-1,))
-    s.number("kl_coef", lo=0.0)
-    s.one_of("kl_estimator", KL_ESTIMATORS)
-    s.number("clip_eps_low", lo=0.0, hi=1.0)
-    s.number("clip_eps_high", lo=0.0)
-    s.one_of("loss_agg", LOSS_AGGS)
-    _sampling(s, greedy_ok=False)
-    s.positive_int("max_prompt_tokens")
-    s.positive_int("micro_batch_size")
-    s.nonneg_int("warmup_steps")
-    s.number("max_grad_norm", lo=0.0, lo_open=True)
-    s.number("weight_decay", lo=0.0)
-    s.positive_int("eval_every")
-    s.positive_int("eval_size", allow=(-1,))
     s.positive_int("eval_runs")
-    s.number("eval_temperature", lo=0.0)
     s.positive_int("max_live_episodes")
-    root = Section(s.root, "", s.errors)
-    if root.has("env.name") and root.get("env.name") == "tau2" and root.has("env.user"):
-        stages = root.get("stages") if root.has("stages") else ()
-        user = root.get("env.user")
-        if any(stage_kind(x) == "policy_rl" for x in stages) and not (user == "scripted" or user.startswith("litellm:")):
-            root.fail("env.user", "τ² policy RL plays its episodes in env worker processes: use 'scripted' or "
-                                  "'litellm:<model>'")
 
 
 def _sft(s: Section) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwml_jax.config.recipes import import_configs_module
-from rwml_jax.config.stages import MODEL_STAGES
+from rwml_jax.config.stages import INSTANCED, MODEL_STAGES
 from rwml_jax.models import hf_io
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.train.checkpoint import Checkpointer
@@ -35,6 +35,7 @@ EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # STAGE argument -> (stage folder, model folder inside it)
 MODEL_FOLDERS: dict[str, tuple[str, str]] = {
     **{s: (s, "model") for s in MODEL_STAGES}, "filter": ("filter", "filter_model"), "filter_model": ("filter", "filter_model"),
+    **{f"{s}@{i}": (f"{s}@{i}", "model") for s, inits in INSTANCED.items() if s in MODEL_STAGES for i in inits},
 }
 
 
@@ -64,13 +65,12 @@ class ExportSource:
 
 
 def parse_stage(work_dir: str | os.PathLike, spec: str) -> ExportSource:
-    """`spec`: a model stage ("warmstart", "rwml", "wm_sft", "filter" / "filter_model"), or "<stage>@<step>"."""
-    name, _, step = spec.partition("@")
+    """`spec`: a model stage ("warmstart", "rwml", "wm_sft", "filter" / "filter_model", "policy_rl" or an
+    instance "policy_rl@rwml"), or "<stage>@<step>" ("rwml@40", "policy_rl@rwml@300")."""
+    name, _, step = spec.rpartition("@") if spec.rpartition("@")[2].isdigit() else (spec, "", "")
     if name not in MODEL_FOLDERS:
         raise ExportError(f"unknown stage {name!r}: expected one of {', '.join(MODEL_FOLDERS)}, optionally "
                           f"with @STEP (a checkpoint step), e.g. rwml@40")
-    if step and not step.isdigit():
-        raise ExportError(f"bad checkpoint step {step!r} in {spec!r}: expected <stage>@<integer step>")
     return ExportSource(Path(work_dir), name, int(step) if step else None)
 
 

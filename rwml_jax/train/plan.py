@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwml_jax.config import ConfigDict, import_configs_module
+from rwml_jax.config.stages import stage_instance, stage_kind
 from rwml_jax.models.config import ModelConfig
 from rwml_jax.rl.shared_prompt import micro_batching
 from rwml_jax.train.stages.eval import model_stages
@@ -324,6 +325,18 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
             what = "walkthroughs of the training games" if env == "alfworld" else "gold conversations of the training tasks"
             add(f"  expert_sft: imitation SFT on the expert {what} ({d['num_tasks']:,} tasks): {x.epochs} epoch(s)"
                 + (f" (at most {x.steps} steps)" if x.steps > 0 else "") + f", batch {x.batch_size}, lr {x.learning_rate:g}")
+        elif stage_kind(stage) == "policy_rl":
+            p = config.policy_rl
+            steps_total += p.steps
+            eps = p.batch_tasks * p.group_size
+            turns = eps * p.max_episode_steps
+            held_out = "all" if p.eval_size < 0 else f"{p.eval_size:,}"
+            add(f"  {stage}: policy RL on task success from the {stage_instance(stage) or p.init} model: {p.steps:,} steps x "
+                f"{p.batch_tasks} tasks x G={p.group_size} = {eps} episodes/step of <= {p.max_episode_steps} turns")
+            add(f"        <= {turns:,} agent turns/step in micro-batches of {p.micro_batch_size}; <= "
+                f"{turns * (p.max_prompt_tokens + p.max_new_tokens):,} tokens/step; lr {p.learning_rate:g}, KL "
+                f"{p.kl_estimator} x {p.kl_coef} to the start model, clip [{1 - p.clip_eps_low:.2f}, "
+                f"{1 + p.clip_eps_high:.2f}], {p.loss_agg}; held-out success every {p.eval_every} steps on {held_out} tasks")
         elif stage == "eval":
             e = config.eval
             what = (f"ALFWorld {', '.join(e.splits)}" if env == "alfworld"
@@ -338,18 +351,23 @@ def describe_plan(config: ConfigDict, num_devices: int | None = None) -> str:
     if pol.num_params is None:
         add("Memory: unknown (model shape unknown; give a preset or a local folder)")
     else:
-        train_stage = "rwml" if "rwml" in stages else next((s for s in stages if s in ("wm_sft", "filter", "warmstart")), None)
-        m = memory_per_device(pol.num_params, config, shards, train=train_stage is not None,
-                              ref=train_stage == "rwml" and config.rwml.kl_coef > 0,
+        rl = next((s for s in stages if stage_kind(s) == "policy_rl"), None)
+        train_stage = "rwml" if "rwml" in stages else rl or next((s for s in stages if s in ("wm_sft", "filter", "warmstart")), None)
+        ref = ((train_stage == "rwml" and config.rwml.kl_coef > 0)
+               or (train_stage == rl and rl is not None and config.policy_rl.kl_coef > 0))
+        m = memory_per_device(pol.num_params, config, shards, train=train_stage is not None, ref=ref,
                               embedder_params=emb.num_params or 0)
         parts = ", ".join(f"{k} {_fmt_gib(v)}" for k, v in m.items() if k != "total")
         add(f"Memory per device (model state of the {train_stage or 'inference'} stage, sharded fsdp x tensor = "
             f"{shards} ways; activations and KV cache extra): {_fmt_gib(m['total'])} = {parts}")
         row = []
         for k in (1, 2, 4, 8, 16, 32, 64):
-            mk = memory_per_device(pol.num_params, config, k, train=train_stage is not None,
-                                   ref=train_stage == "rwml" and config.rwml.kl_coef > 0,
+            mk = memory_per_device(pol.num_params, config, k, train=train_stage is not None, ref=ref,
                                    embedder_params=emb.num_params or 0)
             row.append(f"{k}: {_fmt_gib(mk['total'])}")
         add(f"  per device by fsdp x tensor = {'; '.join(row)}")
+        if rl is not None and train_stage != rl:
+            mp = memory_per_device(pol.num_params, config, shards, train=True, ref=config.policy_rl.kl_coef > 0)
+            add(f"  each policy_rl arm (no embedder): {_fmt_gib(mp['total'])} = "
+                + ", ".join(f"{k} {_fmt_gib(v)}" for k, v in mp.items() if k != "total"))
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Stage outputs on disk: atomic files, JSONL records, provenance, and DONE markers for reuse.
 
-Every pipeline stage owns ``<work_dir>/<stage>/``. Inside it:
+Every pipeline stage owns ``<work_dir>/<stage>/`` (an instance ``policy_rl@rwml`` owns
+``<work_dir>/policy_rl@rwml/``, see `rwml_jax.config.stages`). Inside it:
 
     STARTED.json   written when the stage starts: the config values it depends on, their hash, provenance
     DONE.json      written last, atomically: the same + timings, summary numbers, the upstream stages' ids
@@ -244,6 +245,26 @@ def iter_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[
         for line in f:
             if line.endswith("\n") and line.strip():
                 yield _from_record(cls, json.loads(line))
+
+
+class StepRecords:
+    """A JSONL file of per-step records (`{"step": ..., ...}`, e.g. a stage's held-out evaluations) that a
+    resumed stage cuts back to its restored step."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def records(self, upto: int | None = None) -> list[dict[str, Any]]:
+        recs = read_jsonl(self.path) if self.path.exists() else []
+        return [r for r in recs if upto is None or r["step"] <= upto]
+
+    def truncate(self, step: int) -> None:
+        """Keep the records of steps <= `step` (none when `step` < 0)."""
+        if self.path.exists():
+            write_jsonl(self.path, self.records(step))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        append_jsonl(self.path, [record])
 
 
 # ------------------------------------------------------------------------------------------------

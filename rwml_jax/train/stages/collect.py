@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,10 @@ IGNORED_KEYS = ("env.num_workers", "env.step_timeout_s", "collect.max_live_episo
 log = logging.getLogger(__name__)
 
 
-def training_tasks(rt: Runtime, stage: Stage, num_tasks: int | None = None) -> tuple[list[TaskSpec], str, dict[str, Any]]:
+def training_tasks(rt: Runtime, games_dir: Path, num_tasks: int | None = None) -> tuple[list[TaskSpec], str, dict[str, Any]]:
     """(tasks, env factory import path, factory kwargs) for the recipe's environment and split: a seeded
-    choice of `num_tasks` of them (default `collect.num_tasks`; -1 = all); generated games go to
-    `<stage>/games`."""
+    choice of `num_tasks` of them (default `collect.num_tasks`; -1 = all); generated games (seeded by
+    `seed`: the same games wherever they are made) go to `games_dir`."""
     c = rt.config
     e = c.env
     if e.name == "alfworld":
@@ -43,7 +44,7 @@ def training_tasks(rt: Runtime, stage: Stage, num_tasks: int | None = None) -> t
         data_dir = e.data_dir
         if data_dir == "generated":
 
-            data_dir = os.fspath(stage.file("games"))
+            data_dir = os.fspath(games_dir)
             if not os.path.exists(os.path.join(data_dir, "generation.json")):
                 generate_games(data_dir, e.num_generated_games, seed=c.seed,
                                task_types=list(e.task_types) or None)
@@ -88,7 +89,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     stage = Stage(rt.work_dir, "collect")
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
-    tasks, factory, kwargs = training_tasks(rt, stage)
+    tasks, factory, kwargs = training_tasks(rt, stage.file("games"))
     source = rt.policy_source()
     model_config, params = rt.load_model(source)
     policy = PolicySampler(model_config, rt.tokenizer(), rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,

@@ -55,12 +55,13 @@ def model_stages(config: Any) -> tuple[str, ...]:
 
 
 def policy_dir(rt: Runtime, which: str) -> str:
+    """The model folder of `which`: "base" = the recipe's start model, else `<work_dir>/<which>/model`."""
     if which == "base":
         return rt.policy_source()
     path = rt.work_dir / which / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"eval: the {which!r} stage's model {path} does not exist: run that stage first "
-                                f"(or set eval.models)")
+        raise FileNotFoundError(f"the {which!r} stage's model {path} does not exist: run that stage first "
+                                f"(or set eval.models / policy_rl.init)")
     return os.fspath(path)
 
 

@@ -47,9 +47,9 @@ from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.plots import plot_reward_curve
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
-from rwml_jax.train.stage_io import Stage, append_jsonl, policy_rl_init, read_jsonl, write_jsonl
+from rwml_jax.train.stage_io import Stage, StepRecords, policy_rl_init
 from rwml_jax.train.stages.collect import training_tasks
-from rwml_jax.train.stages.eval import play
+from rwml_jax.train.stages.eval import play, policy_dir
 
 # Config keys (sections or leaves) this stage's output depends on; see rwml_jax.train.stage_io.stage_deps.
 CONFIG_KEYS = ("seed", "model", "env", "collect.history_length", "policy_rl", "optimizer", "eval.splits",
@@ -60,24 +60,14 @@ IGNORED_KEYS = ("env.num_workers", "env.step_timeout_s", "policy_rl.max_live_epi
 log = logging.getLogger(__name__)
 
 
-def start_model(rt: Runtime, init: str) -> str:
-    """The model folder policy RL starts from: "base" = the recipe's start model, else `<work_dir>/<init>/model`."""
-    if init == "base":
-        return rt.policy_source()
-    path = rt.work_dir / init / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"policy_rl starts from the {init!r} stage's model, but {path} does not exist: "
-                                f"run that stage first (or choose another policy_rl.init / instance)")
-    return os.fspath(path)
-
-
 def episode_source(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict[str, Any]]:
     """(training tasks, env factory, factory kwargs): ALFWorld train games (`env.split`), τ²'s train split
     with `env.user` ("scripted": the task's gold user turns; "litellm:<model>"), at most
-    `policy_rl.max_episode_steps` agent turns; `policy_rl.num_tasks` of them (-1 = all)."""
+    `policy_rl.max_episode_steps` agent turns; `policy_rl.num_tasks` of them (-1 = all). Generated
+    training games go to `<stage>/train_games` (the held-out ones to `<stage>/games/<split>`)."""
     c = rt.config
     p = c.policy_rl
-    tasks, factory, kwargs = training_tasks(rt, stage, p.num_tasks)
+    tasks, factory, kwargs = training_tasks(rt, stage.file("train_games"), p.num_tasks)
     if c.env.name == "tau2":
         factory = T.TAU2_FACTORY
         kwargs = {"user": c.env.user, "max_steps": p.max_episode_steps,
@@ -117,20 +107,12 @@ def episode_rollouts(trajectories: list[Trajectory], group_size: int) -> tuple[R
     return Rollouts.from_episodes(turns, rewards, groups), metrics
 
 
-class SuccessEval:
+class SuccessEval(StepRecords):
     """Held-out agent success of the stage's current parameters, appended to `<stage>/eval.jsonl` and logged."""
 
     def __init__(self, rt: Runtime, stage: Stage, policy: PolicySampler, logger: MetricsLogger):
+        super().__init__(stage.file("eval.jsonl"))
         self.rt, self.stage, self.policy, self.logger = rt, stage, policy, logger
-        self.path = stage.file("eval.jsonl")
-
-    def records(self, upto: int | None = None) -> list[dict[str, Any]]:
-        recs = read_jsonl(self.path) if self.path.exists() else []
-        return [r for r in recs if upto is None or r["step"] <= upto]
-
-    def truncate(self, step: int) -> None:
-        if self.path.exists():
-            write_jsonl(self.path, self.records(step))
 
     def __call__(self, step: int, params: Any) -> dict[str, Any]:
         c, p = self.rt.config, self.rt.config.policy_rl
@@ -143,7 +125,7 @@ class SuccessEval:
         o = res["scores"]["overall"]
         rec = {"step": step, "split": where, "success": o["success_mean"], "invalid_action_rate": o["invalid_action_rate"],
                "episodes": o["episodes"], "crashed": o["crashed"]}
-        append_jsonl(self.path, [rec])
+        self.append(rec)
         self.logger.scalars(step, {k: v for k, v in rec.items() if k not in ("step", "split")}, prefix="eval/")
         log.info("%s step %d: held-out success %.3f on %s (invalid actions %.2f)", self.stage.name, step,
                  rec["success"], where, rec["invalid_action_rate"])
@@ -158,7 +140,7 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
     init = policy_rl_init(c, name)
-    source = start_model(rt, init)
+    source = policy_dir(rt, init)
     model_config, start_params = rt.load_model(source)
     tokenizer = rt.tokenizer()
     execution = rt.execution(model_config)

@@ -32,7 +32,7 @@ from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.plots import plot_reward_curve
 from rwml_jax.train.policy import Completion, PolicySampler
 from rwml_jax.train.runtime import Runtime
-from rwml_jax.train.stage_io import Stage, append_jsonl, read_jsonl, write_jsonl
+from rwml_jax.train.stage_io import Stage, StepRecords
 from rwml_jax.train.stages.filter import final_train_set
 from rwml_jax.train.stages.triplets import load_split
 from rwml_jax.train.wm_eval import evaluate, reward_config, score
@@ -54,22 +54,14 @@ def eval_subset(rt: Runtime, size: int):
     return val
 
 
-class Evaluator:
+class Evaluator(StepRecords):
     """Held-out reward of a stage's model, appended to `<stage>/eval.jsonl` and logged."""
 
     def __init__(self, rt: Runtime, stage: Stage, policy: Any, logger: Any, section: Any):
+        super().__init__(stage.file("eval.jsonl"))
         self.rt, self.stage, self.policy, self.logger, self.section = rt, stage, policy, logger, section
         self.val = eval_subset(rt, section.eval_size)
         self.cfg = reward_config(rt.config)
-        self.path = stage.file("eval.jsonl")
-
-    def records(self, upto: int | None = None) -> list[dict[str, Any]]:
-        recs = read_jsonl(self.path) if self.path.exists() else []
-        return [r for r in recs if upto is None or r["step"] <= upto]
-
-    def truncate(self, step: int) -> None:
-        if self.path.exists():
-            write_jsonl(self.path, self.records(step))
 
     def __call__(self, step: int, params: Any) -> dict[str, Any]:
         s = self.section
@@ -77,7 +69,7 @@ class Evaluator:
                        temperature=s.eval_temperature, seed=self.rt.config.seed,
                        num_examples=self.rt.config.logging.num_sample_texts)
         examples = res.pop("examples")
-        append_jsonl(self.path, [{"step": step, **res}])
+        self.append({"step": step, **res})
         self.logger.scalars(step, {k: v for k, v in res.items() if isinstance(v, float)}, prefix="eval/")
         if examples:
             self.logger.samples_table(step, "eval/predictions", examples)
