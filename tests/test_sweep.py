@@ -97,7 +97,7 @@ def test_plan_keeps_python_values_and_shares_upstream_stage_folders(tmp_path):
     assert splits.stages["rwml"] == same.stages["rwml"] and splits.stages["eval"] != same.stages["eval"]
     # the tokenizer is in the model section every stage reads: that point shares nothing
     assert not set(tok.stages.values()) & {k for p in plan.points if p is not tok for k in p.stages.values()}
-    assert plan.runs_per_stage() == {"warmstart": 2, "collect": 2, "triplets": 3, "filter": 3, "rwml": 6, "eval": 7}
+    assert plan.runs_per_stage() == {"warmstart": 2, "collect": 2, "triplets": 3, "filter": 3, "rwml": 6, "policy_rl@rwml": 7, "eval": 7}
 
 
 def test_invalid_points_fail_the_whole_sweep_up_front_naming_each(tmp_path):

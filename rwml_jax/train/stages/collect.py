@@ -43,10 +43,8 @@ def training_tasks(rt: Runtime, games_dir: Path, num_tasks: int | None = None) -
     c = rt.config
     e = c.env
     if e.name == "alfworld":
-
         data_dir = e.data_dir
         if data_dir == "generated":
-
             data_dir = os.fspath(games_dir)
             if not os.path.exists(os.path.join(data_dir, "generation.json")):
                 generate_games(data_dir, e.num_generated_games, seed=c.seed,
@@ -93,7 +91,7 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
     stage = Stage(rt.work_dir, "collect")
     if stage.begin(c, force=force) == "done":
         return stage.read_done().get("summary", {})
-    tasks, factory, kwargs = training_tasks(rt, stage.file("games"))
+    tasks, factory, kwargs = training_tasks(rt, stage.local_folder("games"))
     source = rt.policy_source()
     model_config, params = rt.load_model(source)
     policy = PolicySampler(model_config, rt.tokenizer(), rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,

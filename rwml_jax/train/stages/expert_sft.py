@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def expert_turns(rt: Runtime, stage: Stage) -> tuple[list, dict[str, Any]]:
     """(policy turns of the expert trajectories of the training tasks, counts)."""
     c = rt.config
-    tasks, _, kwargs = training_tasks(rt, stage)
+    tasks, _, kwargs = training_tasks(rt, stage.local_folder("games"))
     workers = c.env.num_workers or os.cpu_count() or 1
     if c.env.name == "alfworld":
         # a walkthrough is as long as it is: the step limit must not cut it

@@ -69,7 +69,7 @@ def episode_source(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
     training games go to `<stage>/train_games` (the held-out ones to `<stage>/games/<split>`)."""
     c = rt.config
     p = c.policy_rl
-    tasks, factory, kwargs = training_tasks(rt, stage.file("train_games"), p.num_tasks)
+    tasks, factory, kwargs = training_tasks(rt, stage.local_folder("train_games"), p.num_tasks)
     if c.env.name == "tau2":
         factory = T.TAU2_FACTORY
         kwargs = {"user": c.env.user, "max_steps": p.max_episode_steps, "user_temperature": c.env.user_temperature,
