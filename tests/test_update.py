@@ -41,12 +41,14 @@ def models(tmp_path_factory):
     return pol_dir, build_hf_model(VARIANT, pol_dir, seed=0), ref_dir, build_hf_model(VARIANT, ref_dir, seed=1)
 
 
-def make_batch(B=8, P=7, C=6, layout="split", seed=0, vocab=160):
+def make_batch(B=8, P=7, C=6, layout="split", seed=0, vocab=160, tight=False):
+    """tight: a contiguous layout whose rows are only as long as the longest prompt + completion."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, vocab, rng.integers(1, P + 1)).tolist() for _ in range(B)]
     comps = [rng.integers(1, vocab, rng.integers(1, C + 1)).tolist() for _ in range(B)]
     comps[1] = []  # an empty completion contributes nothing and must not produce NaN
-    return bt.pack(prompts, comps, prompt_len=P, completion_len=C, layout=layout)
+    seq_len = max(len(p) + len(c) for p, c in zip(prompts, comps)) if tight else None
+    return bt.pack(prompts, comps, prompt_len=P, completion_len=C, layout=layout, seq_len=seq_len)
 
 
 def torch_completion_logp(model, batch):
@@ -102,6 +104,9 @@ def test_completion_logprobs_match_torch_in_every_layout(models):
             logp, ent = fn(params, batch, chunk)
             np.testing.assert_allclose(np.asarray(logp), want, rtol=1e-5, atol=2e-5, err_msg=f"{layout} chunk={chunk}")
             assert np.all(np.asarray(ent)[batch["completion_mask"] > 0] > 0)
+    tight = make_batch(layout="right", tight=True)  # the SFT loop's rows: shorter than prompt_len + completion_len
+    assert tight["input_ids"].shape[1] < 7 + 6
+    np.testing.assert_allclose(np.asarray(fn(params, tight, None)[0]), want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["grpo", "sft"])
@@ -350,6 +355,12 @@ def test_pack_layouts_and_errors():
         bt.pack([[1], [1, 2, 3, 4]], [[1], [1]], prompt_len=3)
     with pytest.raises(ValueError, match="row 0: empty prompt"):
         bt.pack([[]], [[1]])
+    short = bt.pack([[5, 6], [7]], [[8, 9, 10], [11]], prompt_len=3, completion_len=3, layout="right", seq_len=5)
+    np.testing.assert_array_equal(short["input_ids"], [[5, 6, 8, 9, 10], [7, 11, 0, 0, 0]])
+    with pytest.raises(ValueError, match="row 0: prompt \\+ completion has 5 tokens, more than seq_len=4"):
+        bt.pack([[5, 6], [7]], [[8, 9, 10], [11]], prompt_len=3, completion_len=3, layout="right", seq_len=4)
+    with pytest.raises(ValueError, match="layout='split' has T"):
+        bt.pack([[5]], [[8]], layout="split", seq_len=5)
     s = bt.from_sampler(np.array([[0, 3, 4]]), np.array([[0, 1, 1]]), np.array([[8, 9]]), np.array([[1, 0]]))
     np.testing.assert_array_equal(s["input_ids"], [[0, 3, 4, 8, 9]])
     np.testing.assert_array_equal(s["completion_start"], [3])

@@ -40,11 +40,14 @@ def pack(
     completion_len: int | None = None,
     layout: str = "split",
     pad_id: int = 0,
+    seq_len: int | None = None,
 ) -> Batch:
     """Pack token-id lists into a batch (see the module docstring for the arrays and layouts).
 
     prompt_len / completion_len: slots for prompts / completions (default: the longest). For the
-    contiguous layouts T = prompt_len + completion_len as well, so shapes do not depend on the layout.
+    contiguous layouts T = prompt_len + completion_len as well, so shapes do not depend on the layout,
+    unless `seq_len` sets T (>= every row's prompt + completion; rows of long prompts and short
+    completions, or the reverse, then share fewer padded slots).
     Raises ValueError naming the row when a prompt is empty or a sequence does not fit.
     """
     if layout not in LAYOUTS:
@@ -55,7 +58,9 @@ def pack(
         raise ValueError("cannot pack an empty batch")
     P = prompt_len if prompt_len is not None else max(len(p) for p in prompts)
     C = completion_len if completion_len is not None else max(1, max(len(c) for c in completions))
-    T = P + C
+    if seq_len is not None and layout == "split" and seq_len != P + C:
+        raise ValueError(f"layout='split' has T = prompt_len + completion_len = {P + C}; got seq_len={seq_len}")
+    T = P + C if seq_len is None else seq_len
     B = len(prompts)
     ids = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), np.int32)
@@ -69,6 +74,8 @@ def pack(
             raise ValueError(f"row {b}: prompt has {n_p} tokens, more than prompt_len={P}")
         if n_c > C:
             raise ValueError(f"row {b}: completion has {n_c} tokens, more than completion_len={C}")
+        if n_p + n_c > T:
+            raise ValueError(f"row {b}: prompt + completion has {n_p + n_c} tokens, more than seq_len={T}")
         if layout == "split":
             p0, c0 = P - n_p, P
         elif layout == "right":

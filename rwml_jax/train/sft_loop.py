@@ -70,6 +70,8 @@ def train_sft(
     # One padded shape for the whole stage: on CPU a recompile costs more than the padding.
     p_len = round_up(max(len(p) for p, _ in examples), 64)
     c_len = round_up(max(len(c) for _, c in examples), 16)
+    # rows are prompt + completion back to back: the longest row, not the longest prompt + the longest completion
+    seq_len = min(p_len + c_len, round_up(max(len(p) + len(c) for p, c in examples), 64))
     metrics: dict[str, float] = {}
     bar = progress(total, desc, initial=first)
     try:
@@ -77,7 +79,8 @@ def train_sft(
             t0 = time.perf_counter()
             prompts = [examples[i][0] for i in idx]
             comps = [examples[i][1] for i in idx]
-            batch = pack(prompts, comps, prompt_len=p_len, completion_len=c_len, layout="right", pad_id=pad_id)
+            batch = pack(prompts, comps, prompt_len=p_len, completion_len=c_len, layout="right", pad_id=pad_id,
+                         seq_len=seq_len)
             state, m = step_fn(state, batch)
             metrics = host_scalars(m)
             metrics["step_time_s"] = time.perf_counter() - t0
