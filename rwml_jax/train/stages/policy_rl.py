@@ -9,7 +9,9 @@ episodes of one task (`Rollouts.from_episodes`). Only the agent's sampled tokens
 observations are never in the completion mask); the sampler's log-probs are `old_logp`, the KL is to the
 start model, and the clip / KL / loss-aggregation options are the rwml stage's, through the shared
 `update_from_rollouts` and the sharded GRPO step. An episode whose env worker crashed is left out of the
-update (logged and counted in `crashed`); the step goes on with the others.
+update (logged and counted in `crashed`); the step goes on with the others. A step in which every group's
+episodes all won or all lost (no advantage anywhere) makes no update (counted in `no_signal`): its loss
+would be the KL term alone, which Adam would turn into learning-rate-sized steps.
 
 Instances: `policy_rl@<init>` (init = base | wm_sft | rwml | expert_sft) run in their own folders
 `<work_dir>/policy_rl@<init>`, so the arms of the paper's Table 1 live in one work dir; a plain
@@ -198,11 +200,17 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
                                  provenance={"stage": name, "step": step, "seed": c.seed})
                 t_roll = time.perf_counter() - t0
                 rollouts, metrics = episode_rollouts(result.trajectories, G)
+                adv = rollouts.advantages(normalize_std=p.normalize_std) if rollouts is not None else None
+                metrics["no_signal"] = float(adv is not None and not np.any(adv))
                 if rollouts is None:
                     log.warning("%s step %d: no episode survived to train on; the step makes no update", name, step)
+                elif metrics["no_signal"]:
+                    # every group won or lost alike: the loss is the KL term alone, whose tiny gradient
+                    # Adam would turn into learning-rate-sized steps; the step makes no update
+                    log.info("%s step %d: no group has a success signal; the step makes no update", name, step)
                 else:
                     state, m = update_from_rollouts(
-                        step_fn, state, rollouts, rollouts.advantages(normalize_std=p.normalize_std),
+                        step_fn, state, rollouts, adv,
                         pad_id=tokenizer.pad_token_id, completion_len=p.max_new_tokens, prompt_multiple=128,
                         ref_params=ref_params, row_multiple=micro)
                     metrics.update(m)
