@@ -265,7 +265,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- stage: warmstart (CPU demo only: a from-scratch model learns the text format) ----------------
     c.warmstart = ml_collections.ConfigDict()
-    c.warmstart.corpus = "walkthrough"  # what it trains on (see demo_cpu.py)
+    c.warmstart.corpus = "walkthrough"  # "walkthrough" (the games' own plans) or "explorer" (a scripted searcher)
     c.warmstart.probe_prob = 0.3  # chance of a plan-preserving side action before each expert step
     c.warmstart.policy_repeat = 1  # copies of each policy turn in the corpus (its short target vs next states)
     c.warmstart.num_games = 0  # generated games (disjoint from the collect tasks) the corpus comes from
@@ -278,6 +278,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmstart.micro_batch_size = 16
     c.warmstart.warmup_steps = 10
     c.warmstart.schedule = "constant"  # learning rate after warm-up: constant | cosine | linear (decay to 0)
+    # DAgger rounds after the SFT (corpus "explorer" only): the model plays the warm-start games greedily, the
+    # explorer labels every state it reached, and SFT goes on for dagger_steps on the corpus + those turns
+    c.warmstart.dagger_rounds = 0  # 0 = no DAgger
+    c.warmstart.dagger_steps = 0  # SFT steps after each round
 
     # ---- optimiser (AdamW, shared by every training stage) ---------------------------------------------
     c.optimizer = ml_collections.ConfigDict()

@@ -8,10 +8,14 @@ No pretrained weights can be downloaded here, so the demo builds its own small s
   engine; warm-start games, training games (collect, policy RL) and the held-out evaluation games come from
   disjoint seeds.
 - warmstart: a BPE tokenizer is trained on the warm-start corpus, then a ~1.1M-parameter Qwen3-architecture
-  model (preset "micro") is trained from scratch on it. The corpus is `warmstart.corpus = "walkthrough"`:
-  ReAct policy turns (each repeated `policy_repeat` times) and world-model next-state turns from the expert
-  walkthroughs of `warmstart.num_games` separate generated games, so the model knows the text format, plays
-  a little and knows a little about the dynamics.
+  model (preset "micro") is trained from scratch on it. The corpus is `warmstart.corpus = "explorer"`:
+  `warmstart.num_games` separate generated games played by a scripted searcher that acts only on what its
+  prompt shows (`rwml_jax.agent.explorer`; a walkthrough goes straight to the hidden object, which a model
+  cannot learn from its prompt), with side actions interleaved; its ReAct policy turns (each repeated
+  `policy_repeat` times) and world-model next-state turns, so the model knows the text format, plays a
+  little and knows a little about the dynamics.
+- Prompts carry no action history (`collect.history_length = 0`): a 1M model trained for minutes learns
+  more from ~200-token prompts than from ~280-token ones (docs/perf_log.md, 2026-12-03).
 - collect -> triplets -> filter -> rwml run through exactly the code paths and config system of the paper
   recipes, with small numbers; the reward embedder is the bundled all-MiniLM-L6-v2.
 - policy_rl@base and policy_rl@rwml: task-success GRPO from the warm start ("Policy RL") and from the RWML
@@ -63,10 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.collect.temperature = 1.0
     c.collect.max_new_tokens = 24  # an action, no long reasoning
     c.collect.max_prompt_tokens = 384
-    c.collect.history_length = 2
+    c.collect.history_length = 0  # the current observation only (the paper: 2; see the docstring)
     c.collect.max_live_episodes = 96
 
-    c.triplets.history_length = 2
+    c.triplets.history_length = 0
     c.triplets.val_fraction = 0.2  # more held-out triplets than the paper's 10 % for a steadier eval
     c.triplets.mask_tool_schema = False
     # the demo's measured numbers (README, docs/perf_log.md, docs/sweeps.md) come from the split by triplet;
@@ -103,14 +107,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.wm_sft.batch_size = 16
     c.wm_sft.micro_batch_size = 16
 
-    c.warmstart.corpus = "walkthrough"
-    c.warmstart.num_games = 128
-    c.warmstart.policy_repeat = 4  # the policy's ~10-token targets get a fair share of the loss
+    c.warmstart.corpus = "explorer"
+    c.warmstart.num_games = 192
+    c.warmstart.policy_repeat = 3  # the policy's ~10-token targets get a fair share of the loss
     c.warmstart.epochs = 10  # steps decide
-    c.warmstart.steps = 450
+    c.warmstart.steps = 1200
     c.warmstart.schedule = "cosine"
     c.warmstart.tokenizer_vocab_size = 2048  # = the "micro" preset's vocabulary
-    c.warmstart.seq_len = 384
+    c.warmstart.seq_len = 256
     c.warmstart.learning_rate = 3e-3
     c.warmstart.batch_size = 16
     c.warmstart.micro_batch_size = 16

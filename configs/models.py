@@ -59,6 +59,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=2, head_dim=32, intermediate_size=384, tie_word_embeddings=True,
         max_position_embeddings=2048,
     ),
+    "mini": dict(  # ~3.7M parameters: micro twice as wide (a CPU demo's policy that copies names from its prompt)
+        _QWEN3_COMMON, vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=32, intermediate_size=768, tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
     # ---- paper models (planning) --------------------------------------------------------------------
     "qwen2.5-7b-instruct": dict(  # 7.62B parameters (Qwen/Qwen2.5-7B-Instruct)
         model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", rms_norm_eps=1e-6,

@@ -129,7 +129,8 @@ def _print_summary(config: Any, summaries: dict[str, Any]) -> None:
         w = summaries["warmstart"]
         print(f"  warm start: {w.get('params', 0) / 1e6:.2f}M-parameter model trained from scratch on "
               f"{w.get('policy_turns')} policy + {w.get('world_model_turns')} world-model turns of "
-              f"{w.get('games')} generated games' expert walkthroughs")
+              f"{w.get('games')} generated games played by the {w.get('corpus', 'walkthrough')} "
+              f"({w.get('walkthrough_wins')} won)")
     if "collect" in summaries:
         s = summaries["collect"]
         print(f"  collect:    {s.get('episodes')} episodes, success {s.get('success_rate', 0):.2f}, "

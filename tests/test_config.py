@@ -175,6 +175,9 @@ def test_wrong_types_are_rejected_with_the_field_name():
     ("model.preset=tinny", r"did you mean 'tiny'"),
     ("mesh.fsdp=0", r"mesh\.fsdp=0"),
     ("env.data_dir=generated", r"env\.num_generated_games=0: env\.data_dir='generated' needs"),
+    ("warmstart.corpus=oracle", r"warmstart\.corpus='oracle': expected one of 'walkthrough', 'explorer'"),
+    ("warmstart.dagger_rounds=1", r"warmstart\.dagger_rounds=1: DAgger labels .* needs corpus='explorer'"),
+    ("warmstart.dagger_steps=5", r"warmstart\.dagger_steps=5: has no effect without dagger_rounds > 0"),
 ])
 def test_bad_values_are_rejected_naming_field_and_allowed_values(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -353,11 +353,20 @@ def _warmstart(s: Section) -> None:
     _sft(s)
     s.positive_int("steps", allow=(-1,))
     s.nonneg_int("num_games")
-    s.one_of("corpus", ("walkthrough",))
+    s.one_of("corpus", ("walkthrough", "explorer"))
     s.positive_int("seq_len")
     s.positive_int("tokenizer_vocab_size")
     s.one_of("schedule", SCHEDULES)
     s.positive_int("policy_repeat")
+    s.nonneg_int("dagger_rounds")
+    s.nonneg_int("dagger_steps")
+    if (s.typed("dagger_rounds", int) or 0) > 0:
+        if s.get("corpus") != "explorer":
+            s.fail("dagger_rounds", "DAgger labels the student's states with the explorer: needs corpus='explorer'")
+        if not s.typed("dagger_steps", int):
+            s.fail("dagger_steps", "must be >= 1 when dagger_rounds > 0")
+    elif (s.typed("dagger_steps", int) or 0) > 0:
+        s.fail("dagger_steps", "has no effect without dagger_rounds > 0")
     preset = Section(s.root, "model", []).typed("preset", str)
     presets = _presets() if preset else None
     vocab_size = s.typed("tokenizer_vocab_size", int)
