@@ -225,6 +225,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.policy_rl.clip_eps_high = 0.2  # ratio clip 1 + ε_high (verl-agent: 0.2)
     c.policy_rl.loss_agg = "token-mean"  # over every agent token of the batch (verl-agent default)
     c.policy_rl.normalize_std = True  # A = (r - mean) / std within a task's G episodes (GRPO)
+    c.policy_rl.skip_no_signal = False  # no update on a step whose groups all won or all lost (verl-agent: updates)
     c.policy_rl.temperature = 1.0  # rollout sampling temperature (verl-agent: 1.0)
     c.policy_rl.top_p = 1.0  # nucleus sampling mass of the rollouts (verl-agent: 1.0)
     c.policy_rl.max_new_tokens = 512  # tokens per agent turn (verl-agent: response length 512)

@@ -135,6 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.policy_rl.eval_every = 8  # held-out success before and after only (the eval stage scores the arms)
     c.policy_rl.eval_size = 8
     c.policy_rl.eval_temperature = 0.0
+    # a step without a mixed group would be the KL term alone, which Adam turns into lr-sized steps
+    c.policy_rl.skip_no_signal = True
 
     # Agent success of the four models on held-out generated games (two fresh sets standing in for ID / OOD),
     # side by side: warm start, RWML, Policy RL, RWML + Policy RL.

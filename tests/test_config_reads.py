@@ -40,7 +40,9 @@ def _demo_reads(tmp_path):
     config = load_config("demo_cpu:smoke", [f"--config.work_dir={tmp_path / 'demo'}",
                                             "--config.stages=warmstart,collect,triplets,filter,rwml,wm_sft,"
                                             "expert_sft,policy_rl@rwml,eval",
-                                            "--config.wm_sft.epochs=1", "--config.expert_sft.epochs=1"])
+                                            "--config.wm_sft.epochs=1", "--config.expert_sft.epochs=1",
+                                            # a DAgger round, so its keys are read (the demo runs none)
+                                            "--config.warmstart.dagger_rounds=1", "--config.warmstart.dagger_steps=2"])
     with record_reads(config) as reads:
         run_stages(config)
     return config, reads

@@ -10,8 +10,9 @@ observations are never in the completion mask); the sampler's log-probs are `old
 start model, and the clip / KL / loss-aggregation options are the rwml stage's, through the shared
 `update_from_rollouts` and the sharded GRPO step. An episode whose env worker crashed is left out of the
 update (logged and counted in `crashed`); the step goes on with the others. A step in which every group's
-episodes all won or all lost (no advantage anywhere) makes no update (counted in `no_signal`): its loss
-would be the KL term alone, which Adam would turn into learning-rate-sized steps.
+episodes all won or all lost (no advantage anywhere) is counted in `no_signal`; with
+`policy_rl.skip_no_signal` it makes no update (its loss would be the KL term alone, which Adam would turn
+into learning-rate-sized steps; verl-agent, the default, updates anyway).
 
 Instances: `policy_rl@<init>` (init = base | wm_sft | rwml | expert_sft) run in their own folders
 `<work_dir>/policy_rl@<init>`, so the arms of the paper's Table 1 live in one work dir; a plain
@@ -172,6 +173,7 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
                           kl_estimator=p.kl_estimator, loss_agg=p.loss_agg, micro_batch_size=micro)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=execution)
     ref_params = start_params if grpo_cfg.uses_reference else None
+    skip_no_signal = p.skip_no_signal
 
     state, cursor, first = loop.start(lambda: start_params)
     logger = MetricsLogger.for_stage(stage.path, c, resume_step=first or None)
@@ -204,7 +206,7 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
                 metrics["no_signal"] = float(adv is not None and not np.any(adv))
                 if rollouts is None:
                     log.warning("%s step %d: no episode survived to train on; the step makes no update", name, step)
-                elif metrics["no_signal"]:
+                elif metrics["no_signal"] and skip_no_signal:
                     # every group won or lost alike: the loss is the KL term alone, whose tiny gradient
                     # Adam would turn into learning-rate-sized steps; the step makes no update
                     log.info("%s step %d: no group has a success signal; the step makes no update", name, step)
