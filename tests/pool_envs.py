@@ -53,9 +53,13 @@ class CrashOnceAlfworldEnv:
 
     def step(self, action: str) -> StepResult:
         assert self.task is not None
-        if self.task.task_id == self.crash_task and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(9)
+        if self.task.task_id == self.crash_task:
+            try:  # created atomically: of two workers stepping the task at once, exactly one dies
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(9)
         return self.env.step(action)
 
     def close(self) -> None:
