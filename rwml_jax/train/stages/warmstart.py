@@ -113,10 +113,10 @@ def run(rt: Runtime, *, force: bool = False) -> dict[str, Any]:
 
     params, metrics = sft(stage.path, init_params, examples, w.steps, "warmstart")
     dagger, rounds = [], []
+    sampler = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,
+                            max_new_tokens=c.collect.max_new_tokens, weight_format=execution.weight_format)
     for r in range(1, w.dagger_rounds + 1):
         # the model's own greedy play, every state labelled by the explorer; SFT goes on with those turns added
-        sampler = PolicySampler(model_config, tokenizer, rt.mesh, max_prompt_tokens=c.collect.max_prompt_tokens,
-                                max_new_tokens=c.collect.max_new_tokens, weight_format=execution.weight_format)
         relabelled, counts = explorer_relabelled_turns(
             os.fspath(games_dir), [g.folder for g in games], sampler.generate_fn(params, temperature=0.0, seed=c.seed + r),
             num_workers=c.env.num_workers or os.cpu_count() or 1, history_length=c.collect.history_length,
