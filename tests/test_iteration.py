@@ -105,7 +105,7 @@ def toy_score(completions):
 class Tiny:
     """A 2-layer random model, its sampler and a GRPO step with a KL reference."""
 
-    def __init__(self, prompt_group_size: int = 0):
+    def __init__(self, prompt_group_size: int = 0, temperature: float = 1.0, learner_temperature: float | None = None):
         self.cfg = ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                qk_norm=True, tie_word_embeddings=True, rope_theta=1e6)
@@ -113,8 +113,10 @@ class Tiny:
         self.init = decoder.init_params_sharded(self.cfg, jax.random.key(0), self.mesh)
         self.ref = jax.tree.map(lambda x: x.copy(), self.init)
         opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, max_grad_norm=1.0))
-        self.step = make_grpo_step(self.cfg, GRPOConfig(kl_coef=0.05, kl_estimator="k3",
-                                                        prompt_group_size=prompt_group_size), opt, self.mesh)
+        self.temperature = temperature
+        learner = temperature if learner_temperature is None else learner_temperature
+        self.step = make_grpo_step(self.cfg, GRPOConfig(kl_coef=0.05, kl_estimator="k3", prompt_group_size=prompt_group_size,
+                                                        temperature=learner), opt, self.mesh)
         self.sampler = Sampler(self.cfg, max_new_tokens=REPLY, mesh=self.mesh)
 
     def state(self):
@@ -122,7 +124,7 @@ class Tiny:
                                   self.step.state_shardings)
 
     def sample(self, params, prompts, n, seed):
-        out = self.sampler.generate(params, prompts, max_new_tokens=REPLY, temperature=1.0, seed=seed,
+        out = self.sampler.generate(params, prompts, max_new_tokens=REPLY, temperature=self.temperature, seed=seed,
                                     stop_token_ids=STOPS, stop_at_eos=False, num_samples=n)
         return [Completion(r.token_ids, r.logprobs, "") for r in out]
 
@@ -183,6 +185,21 @@ def test_grpo_iteration_packs_rollouts_and_updates():
     after = host(state.params)
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
     assert all(changed), f"{sum(changed)} of {len(changed)} parameter arrays changed"
+
+
+def test_sampler_logprobs_are_the_trained_policy_at_the_rollout_temperature():
+    """Rollouts at temperature 1.6: the sampler's log-probs equal the learner's (the importance ratio starts
+    at 1) when the update trains softmax(logits / 1.6); a learner at temperature 1 sees another policy."""
+    kl = {}
+    for learner in (1.6, 1.0):
+        tiny = Tiny(temperature=1.6, learner_temperature=learner)
+        _, m, _ = grpo_iteration(tiny.state(), PROMPTS, sample=tiny.sample, score=toy_score, group_size=GROUP,
+                                 step_fn=tiny.step, pad_id=0, completion_len=REPLY, seed=3,
+                                 prompt_multiple=PROMPT_MULTIPLE, ref_params=tiny.ref)
+        kl[learner] = abs(m["sampler_kl"])
+        if learner == 1.6:
+            assert m["clip_frac"] == 0.0 and m["max_ratio"] == pytest.approx(1.0, abs=1e-4), m
+    assert kl[1.6] < 1e-5 and kl[1.0] > 1e-4, kl  # (a random model: near-uniform logits, a small gap)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared-prompts"])

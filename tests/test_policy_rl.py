@@ -389,11 +389,12 @@ def test_tau2_policy_rl_runs_a_few_steps_with_the_scripted_user(tmp_path, alfwor
 @pytest.mark.timeout(3600)
 def test_policy_rl_raises_success_on_generated_games(tmp_path):
     """A from-scratch 1M model warm-started (the demo's warmstart stage) on the expert walkthroughs of two
-    generated games (a pick and a look task; the warm start plays the games of `env.task_types`); sampled at
-    temperature 1.4 it wins about a third of its episodes on them (a fixed, seeded start with signal). Eight
-    policy-RL steps on those two games raise its success and lower its invalid-action rate (measured first
-    with a warm start on four games, two of them of other types: held-out success 0 -> 0.25 -> 0.375 of 8
-    episodes, invalid actions 0.81 -> 0.64, training success 0.375 -> 0.5 per 16 episodes)."""
+    generated games (a pick and a look task); sampled at temperature 1.2 it wins about 40 % of its
+    episodes on them (a fixed, seeded start with signal). Six policy-RL steps of 2 x 32 episodes on those
+    two games raise its success and lower its invalid-action rate, scored by the stage's own held-out
+    evaluation (2 x 16 episodes at the same temperature). Measured: held-out success 0.44 -> 0.63 -> 0.84,
+    invalid actions 0.57 -> 0.38, training success 0.47 -> 0.78. With 2 x 8 episodes per step the same
+    run does not learn: its updates are mostly noise, which Adam turns into full-size steps."""
     _alfworld()
     from rwml_jax.config import load_config
     from rwml_jax.train.run import run_stages
@@ -402,25 +403,25 @@ def test_policy_rl_raises_success_on_generated_games(tmp_path):
     games = work / "warmstart" / "games"
     config = load_config("demo_cpu:smoke", [
         f"--config.work_dir={work}", "--config.stages=warmstart,policy_rl", "--config.warmstart.num_games=2",
-        # the setting this test was measured with (the demo has since moved to the explorer, history 0)
+        # the warm start this test was measured with (the demo has since moved to the explorer, history 0)
         "--config.warmstart.corpus=walkthrough", "--config.collect.history_length=2", "--config.triplets.history_length=2",
-        "--config.policy_rl.skip_no_signal=False",
         "--config.warmstart.steps=200", "--config.warmstart.epochs=400", "--config.warmstart.probe_prob=0.0",
         "--config.warmstart.seq_len=384", f"--config.env.data_dir={games}", "--config.env.max_steps=8",
         "--config.env.task_types=pick_and_place_simple,look_at_obj_in_light",
         f"--config.eval.data_dir={games}", "--config.eval.splits=train", "--config.eval.max_steps=8",
-        "--config.policy_rl.init=base", "--config.policy_rl.steps=8", "--config.policy_rl.batch_tasks=2",
-        "--config.policy_rl.group_size=8", "--config.policy_rl.max_episode_steps=8",
+        "--config.policy_rl.init=base", "--config.policy_rl.steps=6", "--config.policy_rl.batch_tasks=2",
+        "--config.policy_rl.group_size=32", "--config.policy_rl.max_live_episodes=64",
+        "--config.policy_rl.max_episode_steps=8", "--config.policy_rl.skip_no_signal=False",
         "--config.policy_rl.max_new_tokens=24", "--config.policy_rl.max_prompt_tokens=384",
-        "--config.policy_rl.temperature=1.4", "--config.policy_rl.learning_rate=3e-4", "--config.policy_rl.kl_coef=0.0",
-        "--config.policy_rl.eval_size=-1", "--config.policy_rl.eval_runs=4", "--config.policy_rl.eval_temperature=1.4",
-        "--config.policy_rl.eval_every=4", "--config.policy_rl.micro_batch_size=32", "--config.checkpoint.every_steps=4",
+        "--config.policy_rl.temperature=1.2", "--config.policy_rl.learning_rate=3e-4", "--config.policy_rl.kl_coef=0.0",
+        "--config.policy_rl.eval_size=-1", "--config.policy_rl.eval_runs=16", "--config.policy_rl.eval_temperature=1.2",
+        "--config.policy_rl.eval_every=3", "--config.policy_rl.micro_batch_size=32", "--config.checkpoint.every_steps=3",
     ])
     summary = run_stages(config)["policy_rl"]
     rows = [json.loads(line) for line in open(work / "policy_rl" / "metrics.jsonl")]
     success = [r["train/success"] for r in rows if "train/success" in r]
-    assert len(success) == 8
-    assert np.mean(success[:2]) > 0.0, "the warm start must have some signal"
-    assert np.mean(success[-2:]) > np.mean(success[:2]), success
-    assert summary["success_after"] > summary["success_before"], summary
+    assert len(success) == 6
+    assert 0.05 < np.mean(success[:2]) < 0.8, f"the warm start must win some episodes and lose some: {success}"
+    assert np.mean(success[-2:]) > np.mean(success[:2]) + 0.1, success
+    assert summary["success_after"] > summary["success_before"] + 0.15, summary
     assert summary["invalid_after"] < summary["invalid_before"], summary

@@ -87,9 +87,9 @@ def test_greedy_matches_transformers_generate(hf_model):
     assert len(out[0].token_ids) <= N // 2 + 1
 
 
-def _forward_logprobs(config, params, prompt, completion):
+def _forward_logprobs(config, params, prompt, completion, temperature=1.0):
     logits = np.asarray(models.forward(config, params, np.asarray([prompt + completion])))[0]
-    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
     start = len(prompt) - 1
     return logp[start: start + len(completion)], logits[start: start + len(completion)]
 
@@ -104,12 +104,13 @@ def qwen3(tmp_path_factory):
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.3, top_k=7, top_p=0.8)],
                          ids=["greedy", "tempered-topk-topp"])
 def test_logprobs_equal_forward_log_softmax(qwen3, settings):
-    """Returned log-probs are log_softmax(forward logits) at the chosen tokens, whatever the sampling filter."""
+    """Returned log-probs are log_softmax(forward logits / temperature) at the chosen tokens (temperature 1
+    when greedy), whatever the top-k / top-p filter: the policy GRPO trains at the rollout temperature."""
     config, params = qwen3
     prompts = _prompts(config.vocab_size, seed=3)
     out = generate(config, params, prompts, max_new_tokens=10, seed=5, stop_at_eos=False, **settings)
     for i, p in enumerate(prompts):
-        logp, logits = _forward_logprobs(config, params, p, out[i].token_ids)
+        logp, logits = _forward_logprobs(config, params, p, out[i].token_ids, settings["temperature"] or 1.0)
         chosen = logp[np.arange(len(out[i].token_ids)), out[i].token_ids]
         assert out[i].logprobs.dtype == np.float32
         assert np.abs(chosen - out[i].logprobs).max() < 1e-4

@@ -51,14 +51,16 @@ def make_batch(B=8, P=7, C=6, layout="split", seed=0, vocab=160, tight=False):
     return bt.pack(prompts, comps, prompt_len=P, completion_len=C, layout=layout, seq_len=seq_len)
 
 
-def torch_completion_logp(model, batch):
-    """Reference: full-sequence logits from transformers, log_softmax, completion tokens picked by hand."""
+def torch_completion_logp(model, batch, temperature=1.0):
+    """Reference: full-sequence logits from transformers, log_softmax(logits / temperature), completion
+    tokens picked by hand."""
     import torch
 
     ids = torch.tensor(batch["input_ids"], dtype=torch.long)
     mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
     pos = torch.clamp(torch.cumsum(mask, -1) - 1, min=0)
-    logp_all = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    logp_all = torch.log_softmax(logits / temperature, -1)
     B, C = batch["completion_mask"].shape
     rows = []
     for b in range(B):
@@ -107,11 +109,16 @@ def test_completion_logprobs_match_torch_in_every_layout(models):
     tight = make_batch(layout="right", tight=True)  # the SFT loop's rows: shorter than prompt_len + completion_len
     assert tight["input_ids"].shape[1] < 7 + 6
     np.testing.assert_allclose(np.asarray(fn(params, tight, None)[0]), want, rtol=1e-5, atol=2e-5)
+    hot = torch_completion_logp(torch_pol, make_batch(), temperature=1.7).detach().numpy()
+    got = jax.jit(lambda p, b: completion_logprobs(cfg, p, b, chunk=2, temperature=1.7)[0])(params, make_batch())
+    np.testing.assert_allclose(np.asarray(got), hot, rtol=1e-5, atol=2e-5)
+    assert np.abs(hot - want).max() > 0.1  # the temperature is acted on
 
 
-@pytest.mark.parametrize("kind", ["grpo", "sft"])
+@pytest.mark.parametrize("kind", ["grpo", "grpo-tempered", "sft"])
 def test_update_gradient_and_loss_match_torch(models, kind, tmp_path):
-    """Loss and gradient of one update equal a PyTorch implementation of the same objective."""
+    """Loss and gradient of one update equal a PyTorch implementation of the same objective (GRPO also at a
+    rollout temperature of 1.4: every log-prob, the reference's included, of softmax(logits / 1.4))."""
     import torch
 
     pol_dir, torch_pol, ref_dir, torch_ref = models
@@ -119,14 +126,15 @@ def test_update_gradient_and_loss_match_torch(models, kind, tmp_path):
     batch = make_batch(B=8)
     mask = torch.tensor(batch["completion_mask"], dtype=torch.float32)
     torch_pol.zero_grad()
-    logp = torch_completion_logp(torch_pol, batch)
-    if kind == "grpo":
+    temperature = 1.4 if kind == "grpo-tempered" else 1.0
+    logp = torch_completion_logp(torch_pol, batch, temperature)
+    if kind.startswith("grpo"):
         rng = np.random.default_rng(1)
         adv = np.asarray(grpo.group_advantages(rng.integers(0, 2, 8).astype(np.float32), 4))
         old = (logp.detach().numpy() + rng.normal(0, 0.3, logp.shape)) * batch["completion_mask"]
         batch = bt.with_grpo_fields(batch, adv, old)
         with torch.no_grad():
-            ref_logp = torch_completion_logp(torch_ref, batch)
+            ref_logp = torch_completion_logp(torch_ref, batch, temperature)
         beta, eps_lo, eps_hi = 0.04, 0.2, 0.28
         ratio = torch.exp(logp - torch.tensor(batch["old_logp"]))
         A = torch.tensor(adv)[:, None]
@@ -134,8 +142,8 @@ def test_update_gradient_and_loss_match_torch(models, kind, tmp_path):
         d = ref_logp - logp
         per_token = pg + beta * (torch.exp(d) - d - 1)
         loss = (per_token * mask).sum() / mask.sum()
-        step = make_grpo_step(cfg, GRPOConfig(kl_coef=beta, clip_eps_low=eps_lo, clip_eps_high=eps_hi),
-                              optax.sgd(SGD_SCALE), sh.make_mesh())
+        step = make_grpo_step(cfg, GRPOConfig(kl_coef=beta, clip_eps_low=eps_lo, clip_eps_high=eps_hi,
+                                              temperature=temperature), optax.sgd(SGD_SCALE), sh.make_mesh())
         ref_params = load_pretrained(ref_dir)[1]
     else:
         loss = -(logp * mask).sum() / mask.sum()
@@ -151,7 +159,7 @@ def test_update_gradient_and_loss_match_torch(models, kind, tmp_path):
     np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
     assert_leaves_close(got, want, 1e-4, "gradient")
     assert int(state.step) == 1 and float(metrics["finite"]) == 1.0
-    if kind == "grpo":
+    if kind.startswith("grpo"):
         assert 0 < float(metrics["clip_frac"]) < 1 and float(metrics["ref_kl"]) > 0
     else:
         np.testing.assert_allclose(float(metrics["nll"]), loss.item(), rtol=1e-5)

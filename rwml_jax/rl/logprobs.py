@@ -29,8 +29,10 @@ def completion_positions(completion_start: jax.Array, completion_len: int, seq_l
     return jnp.clip(idx, 0, seq_len - 1)
 
 
-def _logits_lse(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _logits_lse(h: jax.Array, w: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
     logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [N, V] float32
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits, jax.nn.logsumexp(logits, axis=-1)
 
 
@@ -42,10 +44,10 @@ def _pick(logits: jax.Array, targets: jax.Array, gather: bool) -> jax.Array:
     return jnp.sum(jnp.where(vocab == targets[:, None], logits, 0.0), axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool, gather: bool,
-                   ordered: bool = False):
-    """log softmax(h w)[target] and the entropy of softmax(h w), row by row, in float32.
+                   ordered: bool = False, temperature: float = 1.0):
+    """log softmax(h w / temperature)[target] and the entropy of that softmax, row by row, in float32.
 
     h: [N, E], w: [E, V] (compute dtype), targets: [N] int32. Returns (logp [N], entropy [N]; zeros
     unless with_entropy). The entropy carries no gradient. The hand-written VJP turns the saved
@@ -53,12 +55,14 @@ def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy:
     matmuls, instead of the several [N, V] passes of the autodiff version. gather: pick the target
     logit with a gather (False: compare-and-reduce, for a vocabulary sharded over devices). ordered: the
     backward computes dh before dw, each on every thread (`platform.ExecutionConfig.ordered_head_grad`).
+    temperature: the policy is softmax(logits / temperature), the distribution a rollout at that
+    temperature samples from (1 = the model's own).
     """
-    return _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered)[0]
+    return _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered, temperature)[0]
 
 
-def _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered):
-    logits, lse = _logits_lse(h, w)
+def _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered, temperature):
+    logits, lse = _logits_lse(h, w, temperature)
     logp = _pick(logits, targets, gather) - lse
     if with_entropy:
         ent = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
@@ -67,12 +71,12 @@ def _token_logprobs_fwd(h, w, targets, with_entropy, gather, ordered):
     return (logp, ent), (h, w, targets, logits, lse)
 
 
-def _token_logprobs_bwd(with_entropy, gather, ordered, res, cotangents):
-    h, w, targets, logits, lse = res
+def _token_logprobs_bwd(with_entropy, gather, ordered, temperature, res, cotangents):
+    h, w, targets, logits, lse = res  # logits already divided by the temperature
     g, _ = cotangents  # the entropy is a metric: no gradient
     vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     onehot = (vocab == targets[:, None]).astype(jnp.float32)
-    dlogits = (g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
+    dlogits = ((g / temperature)[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
     dh = jax.lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if ordered:  # dw after dh, in w's [E, V] orientation (see `rwml_jax.platform`)
         dh, dlogits = jax.lax.optimization_barrier((dh, dlogits))
@@ -87,13 +91,13 @@ token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 def _logp_and_entropy(
     config: ModelConfig, params: Any, hidden: jax.Array, targets: jax.Array, with_entropy: bool,
-    gather: bool, ordered: bool,
+    gather: bool, ordered: bool, temperature: float,
 ) -> tuple[jax.Array, jax.Array | None]:
     """hidden [B, c, E], targets [B, c] -> (log p(target) [B, c] f32, entropy [B, c] f32 or None)."""
     B, c, E = hidden.shape
     h = hidden.reshape(B * c, E).astype(jnp.dtype(config.compute_dtype))
     logp, ent = token_logprobs(h, ParamWeights(config).head(params), targets.reshape(B * c).astype(jnp.int32),
-                               with_entropy, gather, ordered)
+                               with_entropy, gather, ordered, temperature)
     return logp.reshape(B, c), (jax.lax.stop_gradient(ent).reshape(B, c) if with_entropy else None)
 
 
@@ -107,18 +111,20 @@ def logprobs_from_hidden(
     with_entropy: bool = False,
     gather: bool = True,
     execution: platform.ExecutionConfig | None = None,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of `targets` [B, C] given the hidden states that predict them, hidden [B, C, E].
 
     chunk: completion positions per LM-head chunk (must divide C); None or 0 = all at once.
     gather: pick target logits with a gather (False when the vocabulary is sharded over devices).
     execution: the LM head's gradient order (default `platform.default_execution`).
+    temperature: log-probs and entropy of softmax(logits / temperature) (see `token_logprobs`).
     Returns (logp [B, C] float32, entropy [B, C] float32 (no gradient) or None).
     """
     B, C, E = hidden.shape
     ordered = (execution or platform.default_execution(config)).ordered_head_grad
     if not chunk or chunk >= C:
-        return _logp_and_entropy(config, params, hidden, targets, with_entropy, gather, ordered)
+        return _logp_and_entropy(config, params, hidden, targets, with_entropy, gather, ordered, temperature)
     if C % chunk:
         raise ValueError(f"logits chunk {chunk} does not divide the completion length {C}")
     n = C // chunk
@@ -128,7 +134,7 @@ def logprobs_from_hidden(
     @jax.checkpoint
     def one(h_t):
         h, t = h_t
-        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy, gather, ordered)
+        logp, ent = _logp_and_entropy(config, params, h, t, with_entropy, gather, ordered, temperature)
         return logp, (ent if ent is not None else jnp.zeros_like(logp))
 
     logp, ent = jax.lax.map(one, (hs, ts))
@@ -148,8 +154,9 @@ def completion_logprobs(
     gather: bool = True,
     execution: platform.ExecutionConfig | None = None,
     with_router: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Log-probs of each row's completion tokens under (config, params).
+    """Log-probs of each row's completion tokens under (config, params), of softmax(logits / temperature).
 
     batch: the row layout (`rwml_jax.rl.batch`): `input_ids` [B, T], `attention_mask` [B, T],
     `completion_start` [B], `completion_mask` [B, C]; or the grouped layout of GRPO groups sharing their
@@ -173,7 +180,7 @@ def completion_logprobs(
         # The hidden state at slot s - 1 predicts the token at slot s.
         h = jnp.take_along_axis(hidden, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # [B, C, E]
     logp, ent = logprobs_from_hidden(config, params, h, targets, chunk=chunk, with_entropy=with_entropy,
-                                     gather=gather, execution=execution)
+                                     gather=gather, execution=execution, temperature=temperature)
     logp, ent = masked(logp, ent, mask)
     return (logp, ent, stats) if with_router else (logp, ent)
 

@@ -76,6 +76,10 @@ class GRPOConfig:
       GRPO sampling produces; checked on every call), and micro_batch_size a multiple of G.
       0 or 1: every row runs its own prompt.
     router_aux_loss_coef: weight of a mixture-of-experts model's load-balancing loss (0 = off).
+    temperature: the rollouts' sampling temperature. The policy trained (its log-probs, the importance
+      ratio, the KL to the reference and the entropy) is softmax(logits / temperature), the distribution
+      the rollouts were drawn from, as verl's actor does; the sampler's `old_logp` must be taken at the
+      same temperature (`rwml_jax.sampling.filters.token_logprobs`).
     """
 
     clip_eps_low: float = 0.2
@@ -88,8 +92,11 @@ class GRPOConfig:
     with_entropy: bool = True
     prompt_group_size: int = 0
     router_aux_loss_coef: float = 0.0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}; the trained policy softmax(logits / T) needs T > 0")
         if self.loss_agg not in grpo.LOSS_AGGS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; expected one of {grpo.LOSS_AGGS}")
         if self.kl_estimator not in grpo.KL_ESTIMATORS:
@@ -121,6 +128,7 @@ class Loss:
     uses_reference: bool = False
     prompt_group_size: int = 0
     router_aux_loss_coef: float = 0.0
+    temperature: float = 1.0  # the policy is softmax(logits / temperature) (see GRPOConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,6 +213,7 @@ class UpdateStep:
         self._with_entropy = loss.with_entropy
         self._lr = learning_rate
         self._aux_coef = loss.router_aux_loss_coef
+        self._temperature = float(loss.temperature)
         if self._aux_coef < 0:
             raise ValueError(f"router_aux_loss_coef={self._aux_coef}; expected >= 0")
         # Fused q/k/v and gate/up matmuls concatenate weights; only without tensor parallelism.
@@ -224,13 +233,13 @@ class UpdateStep:
         ref_logp = rows.get("ref_logp")
         if ref_logp is None and ref_params is not None:
             ref_logp, _ = completion_logprobs(cfg, ref_params, mb, chunk=self._logits_chunk, fuse=self._fuse, gather=self._fuse,
-                                   execution=self.execution)
+                                              execution=self.execution, temperature=self._temperature)
             ref_logp = jax.lax.stop_gradient(ref_logp)
 
         def loss_fn(p):
             logp, ent, router = completion_logprobs(cfg, p, mb, chunk=self._logits_chunk, with_entropy=self._with_entropy,
                                                     fuse=self._fuse, gather=self._fuse, execution=self.execution,
-                                                    with_router=True)
+                                                    with_router=True, temperature=self._temperature)
             num, sums = self._loss_terms(logp, ent, rows, ref_logp)
             loss = num / den
             if router is not None:
@@ -404,6 +413,7 @@ def make_grpo_step(model_config: ModelConfig, grpo_config: GRPOConfig, optimizer
         uses_reference=grpo_config.uses_reference,
         prompt_group_size=grpo_config.prompt_group_size,
         router_aux_loss_coef=grpo_config.router_aux_loss_coef,
+        temperature=grpo_config.temperature,
     )
     return UpdateStep(model_config, optimizer, mesh, loss, **step_options)
 
@@ -415,9 +425,11 @@ def make_logprob_fn(
     rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES,
     logits_chunk: int | None = None,
     execution: platform.ExecutionConfig | None = None,
+    temperature: float = 1.0,
 ) -> Callable[[Any, Batch], jax.Array]:
-    """A jitted `fn(params, batch) -> logp [B, C]` (e.g. reference log-probs for several epochs over
-    one batch, or sampler-free `old_logp`). The batch is placed like the update's."""
+    """A jitted `fn(params, batch) -> logp [B, C]` of softmax(logits / temperature) (e.g. reference
+    log-probs for several epochs over one batch, or sampler-free `old_logp`). The batch is placed like
+    the update's."""
     param_sh = decoder.param_shardings(model_config, mesh, rules)
     execution = execution or platform.resolve(model_config, mesh.devices.flat)
     batch_sh = NamedSharding(mesh, PartitionSpec(sh.batch_axes(mesh)))
@@ -426,7 +438,7 @@ def make_logprob_fn(
         with sh.tracing_context(mesh, rules):
             single = mesh.shape["tensor"] == 1
             logp, _ = completion_logprobs(model_config, params, batch, chunk=logits_chunk, fuse=single, gather=single,
-                                          execution=execution)
+                                          execution=execution, temperature=temperature)
             return logp
 
     jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)

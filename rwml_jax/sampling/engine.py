@@ -221,7 +221,7 @@ class Sampler:
         B = logits.shape[0]
         step = state.step
         tok = filters.sample(logits, filters.row_keys(seed, step, B), mode, temperature, top_p)
-        logp = filters.token_logprobs(logits, tok)
+        logp = filters.token_logprobs(logits, tok, temperature)
         live = ~state.done
         zero = jnp.zeros((), jnp.int32)
         window = stop.push_window(state.window, tok)

@@ -4,8 +4,9 @@ All functions are pure and run inside the jitted prefill / decode step. Shapes: 
 
 The *sampling* distribution is the policy's softmax after temperature, then top-k, then top-p (the order
 Hugging Face `generate` applies them). The *returned* log-prob is always that of the chosen token under the
-unmodified policy, `log_softmax(logits)[token]` at temperature 1 without truncation: the quantity the GRPO
-importance ratio compares against the trainer's recomputed log-probs.
+tempered policy without truncation, `log_softmax(logits / temperature)[token]` (temperature 1 when greedy):
+the quantity the GRPO importance ratio compares against the trainer's recomputed log-probs, which are
+taken at the rollout temperature (`rwml_jax.rl.update.GRPOConfig.temperature`, as verl's actor does).
 
 Randomness is per row: row `r` at step `t` draws one uniform from `fold_in(fold_in(key(seed), t), r)`, so a
 row's tokens depend only on (seed, its index, its prompt), not on the batch padding bucket, the other rows, or
@@ -141,9 +142,10 @@ def sample(
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log_softmax(logits)[token] [B] float32 under the unmodified policy (temperature 1, no filter)."""
-    logits = logits.astype(jnp.float32)
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: jax.Array | float = 1.0) -> jax.Array:
+    """log_softmax(logits / temperature)[token] [B] float32: the tempered policy without the top-k / top-p
+    filters (temperature 1 for greedy decoding)."""
+    logits = logits.astype(jnp.float32) / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return chosen - lse

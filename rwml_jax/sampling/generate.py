@@ -75,8 +75,8 @@ def generate(
 
     Returns a `GenerationOutput`: per row (index / iterate) a `GenerationResult` with `token_ids` ending
     with the stop token or the token that completed a stop string (included; `finish_reason` says which,
-    or "length"), `logprobs` of those tokens under the unmodified policy (temperature 1, no top-k / top-p:
-    the GRPO importance-ratio denominator), `text` (decoded, special tokens skipped, cut before a stop
+    or "length"), `logprobs` of those tokens under the tempered policy softmax(logits / temperature) (no top-k /
+    top-p; temperature 1 when greedy: the GRPO importance-ratio denominator), `text` (decoded, special tokens skipped, cut before a stop
     string); plus padded batch arrays `tokens`, `logprobs`, `lengths`.
     """
     sampler = (pool if pool is not None else SamplerPool(size=1)).get(

@@ -18,7 +18,7 @@ LENGTH = FinishReason.LENGTH.label
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """One row: generated ids (ending with the stop token / the token completing a stop string, included),
-    their log-probs under the unmodified policy (float32 [n]), the decoded text (None without a tokenizer;
+    their log-probs under the tempered policy without top-k / top-p (float32 [n]), the decoded text (None without a tokenizer;
     special tokens skipped, cut before a stop string) and why it ended."""
 
     token_ids: list[int]

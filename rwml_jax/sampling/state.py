@@ -31,7 +31,7 @@ class DecodeState:
     cache: the per-layer KV cache of `rwml_jax.models.decoder` (k: L x [B, K, D, S], v: L x [B, K, S, D],
       mask [B, S], pos [B], index [])
     tokens: [B, N] int32, the generated ids (-1 after a row's end)
-    logprobs: [B, N] float32, their log-probs under the unmodified policy (0 after a row's end)
+    logprobs: [B, N] float32, their log-probs under the tempered policy (0 after a row's end)
     window: [B, W] int32, the last W tokens of each row (stop strings)
     last: [B] int32, each row's latest token (the next step's input)
     done: [B] bool; reason: [B] int32 (`FinishReason`); lengths: [B] int32 tokens generated

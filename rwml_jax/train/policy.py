@@ -22,7 +22,7 @@ Message = dict[str, Any]
 @dataclasses.dataclass
 class Completion:
     """One sampled reply: `ids` [n] (ending with the stop token when one was produced), `logprobs` [n]
-    float32 under the unmodified policy, `text` decoded without special tokens, `truncated`: cut at the
+    float32 under the tempered policy (softmax(logits / temperature), no top-p), `text` decoded without special tokens, `truncated`: cut at the
     token budget before any stop (a thinking model that ran out of room)."""
 
     ids: list[int]

@@ -170,7 +170,8 @@ def run(rt: Runtime, *, force: bool = False, name: str = "policy_rl") -> dict[st
     shards = batch_size_multiple(rt.mesh)
     micro = -(-p.micro_batch_size // shards) * shards
     grpo_cfg = GRPOConfig(clip_eps_low=p.clip_eps_low, clip_eps_high=p.clip_eps_high, kl_coef=p.kl_coef,
-                          kl_estimator=p.kl_estimator, loss_agg=p.loss_agg, micro_batch_size=micro)
+                          kl_estimator=p.kl_estimator, loss_agg=p.loss_agg, micro_batch_size=micro,
+                          temperature=p.temperature)
     step_fn = make_grpo_step(model_config, grpo_cfg, loop.optimizer, rt.mesh, execution=execution)
     ref_params = start_params if grpo_cfg.uses_reference else None
     skip_no_signal = p.skip_no_signal

@@ -113,7 +113,7 @@ def update_config(r: Any, mesh: Any) -> GRPOConfig:
         share, micro = micro_batching(r.batch_prompts, G, r.micro_batch_size, batch_size_multiple(mesh))
     return GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high, kl_coef=r.kl_coef,
                       kl_estimator=r.kl_estimator, loss_agg=r.loss_agg, micro_batch_size=micro, prompt_group_size=share,
-                      router_aux_loss_coef=r.router_aux_loss_coef)
+                      router_aux_loss_coef=r.router_aux_loss_coef, temperature=r.temperature)
 
 
 def training_judge(rt: Runtime) -> JudgeReward | None:
