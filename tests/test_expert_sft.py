@@ -61,7 +61,7 @@ def test_tau2_gold_conversations_become_sft_turns_of_real_tasks():
     pytest.importorskip("tau2", reason="needs the tau2 package")
     from rwml_jax.envs.base import TaskSpec
     from rwml_jax.envs.tau2_env import list_task_ids, load_tasks
-    from rwml_jax.envs.tau2_replay import gold_script
+    from rwml_jax.envs.tau2_gold import gold_script
 
     tasks = [TaskSpec("tau2", "train", tid, options=(("domain", d),))
              for d in ("airline", "retail", "telecom") for tid in list_task_ids(d, "train")[:1]]

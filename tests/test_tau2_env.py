@@ -21,8 +21,9 @@ from tau2.registry import registry  # noqa: E402
 from rwml_jax.envs.base import TaskSpec, TextEnv  # noqa: E402
 from rwml_jax.envs.metrics import group_by_task, pass_hat_k, pass_hat_k_task, pass_hat_ks  # noqa: E402
 from rwml_jax.envs.tau2_env import Tau2Env, list_task_ids, load_tasks, task_splits  # noqa: E402
+from rwml_jax.envs.tau2_gold import gold_script  # noqa: E402
 from rwml_jax.envs.tau2_parse import format_tool_call, parse_turn  # noqa: E402
-from rwml_jax.envs.tau2_replay import gold_script, replay_task, replay_tau2  # noqa: E402
+from rwml_jax.envs.tau2_replay import replay_task, replay_tau2  # noqa: E402
 from rwml_jax.envs.tau2_users import LiteLLMUser, LocalModelUser, ScriptedUser  # noqa: E402
 
 GREETING = "Hi! How can I help you today?"

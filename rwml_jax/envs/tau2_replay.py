@@ -23,30 +23,10 @@ from typing import Any
 from rwml_jax.envs import TAU2_DOMAINS
 from rwml_jax.envs.base import TaskSpec
 from rwml_jax.envs.tau2_env import Tau2Env, load_tasks, task_splits
-from rwml_jax.envs.tau2_parse import format_tool_call
+from rwml_jax.envs.tau2_gold import gold_script
 from rwml_jax.envs.tau2_users import ScriptedUser
 
 REPLAY_SPLIT = "base"  # every task of the domain (train ∪ test)
-USER_OPENER = "Hi, I need some help."
-
-
-def gold_script(task: Any) -> tuple[list[str], list[str]]:
-    """(agent turns, user turns) that replay ``task``'s gold actions and communicate its required info."""
-    criteria = task.evaluation_criteria
-    actions = (criteria.actions or []) if criteria is not None else []
-    agent_turns: list[str] = []
-    user_turns = [USER_OPENER]
-    for a in actions:
-        if a.requestor == "assistant":
-            agent_turns.append(format_tool_call(a.name, a.arguments))
-        else:
-            agent_turns.append(f"Please perform this action on your side: {a.name}.")
-            user_turns += [format_tool_call(a.name, a.arguments), "Done."]
-    info = (criteria.communicate_info or []) if criteria is not None else []
-    closing = "Here is what you need to know: " + " ; ".join(info) + "." if info else "Is there anything else?"
-    agent_turns.append(closing)
-    user_turns.append("###STOP###")
-    return agent_turns, user_turns
 
 
 def replay_task(domain: str, task: Any, split: str = REPLAY_SPLIT) -> dict[str, Any]:

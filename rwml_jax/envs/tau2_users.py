@@ -45,6 +45,7 @@ from tau2.user.base import STOP, BaseUser, UserError, UserState, ValidUserInputM
 from tau2.user.user_simulator import UserSimulator  # noqa: E402
 from tau2.utils.llm_utils import to_litellm_messages  # noqa: E402
 
+from rwml_jax.envs.tau2_gold import gold_script  # noqa: E402
 from rwml_jax.envs.tau2_parse import format_tools_prompt, parse_turn  # noqa: E402
 from rwml_jax.envs.user_server import RemoteGenerate  # noqa: E402
 from rwml_jax.envs.user_spec import parse_user_spec  # noqa: E402
@@ -216,8 +217,6 @@ class GoldScriptUser:
     """τ² user factory: the user turns of the task's gold conversation (offline, deterministic)."""
 
     def make(self, task: Task, environment: Environment) -> BaseUser:
-        from rwml_jax.envs.tau2_replay import gold_script
-
         return ScriptedUser(gold_script(task)[1]).make(task, environment)
 
 

@@ -1,7 +1,7 @@
 """Reference policies that make the harness checkable, as rollout ``generate_fn(prompts, contexts)``s.
 
 * `expert`: ALFWorld's walkthrough of the game (from its game.tw-pddl), one command per turn; τ²'s gold
-  actions of the task (`rwml_jax.envs.tau2_replay.gold_script`: the gold tool calls, requests for the
+  actions of the task (`rwml_jax.envs.tau2_gold.gold_script`: the gold tool calls, requests for the
   user-side actions, and the closing message with the required information). Named `gold` on τ².
 * `random`: ALFWorld: a random admissible command; τ²: a call of a random tool of the domain with
   arguments drawn from its schema's types. Seeded per (seed, run seed, task, step), so an episode's
@@ -21,6 +21,7 @@ from typing import Any
 
 from rwml_jax.agent.rollout import TurnContext
 from rwml_jax.envs.alfworld_data import load_game_json
+from rwml_jax.envs.tau2_gold import gold_script
 from rwml_jax.envs.tau2_parse import format_tool_call
 
 REFERENCE_POLICIES = ("expert", "gold", "random")
@@ -43,7 +44,6 @@ def _walkthrough(gamefile: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=512)
 def gold_turns(domain: str, split: str, task_id: str) -> tuple[str, ...]:
     from rwml_jax.envs.tau2_env import load_tasks
-    from rwml_jax.envs.tau2_replay import gold_script
 
     return tuple(gold_script(load_tasks(domain, split)[task_id])[0])
 

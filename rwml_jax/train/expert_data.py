@@ -8,7 +8,7 @@
 * `explorer_relabelled_turns` (DAgger): a student plays ALFWorld games and the explorer labels every state it
   visits, so the student also learns to carry on from its own mistakes.
 * τ²: `gold_conversation_turns` plays the tasks' gold conversations (the evaluation's `gold` policy against
-  the scripted gold user, `rwml_jax.envs.tau2_replay.gold_script`) through the real τ² adapter and keeps
+  the scripted gold user, `rwml_jax.envs.tau2_gold.gold_script`) through the real τ² adapter and keeps
   each agent turn's prompt (system prompt + tools + the conversation so far, as the rollout builds it)
   -> `<think> </think>` + the gold turn (a tool call, a message to the user, the closing message).
 * `encode_turns`: (chat messages, target text) turns -> (prompt ids, completion ids) examples of
